@@ -1,0 +1,274 @@
+//! Randomized schedules of the real engine under shuttle: the unsubscribe-versus-notify race,
+//! ordering under concurrent notifiers, and overflow accounting.
+//!
+//! Run with `RUSTFLAGS="--cfg shuttle" cargo test -p herald-core --test shuttle`
+//! (`scripts/test` does). Without that flag this file compiles to nothing.
+#![cfg(shuttle)]
+
+use shuttle::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use shuttle::sync::{Arc, Mutex, mpsc};
+use shuttle::thread;
+
+use herald_core::{
+    Delivery, Event, EventMask, Extended, Flow, Hub, HubOptions, Notification, Scope,
+    SubscribeOptions, Watermark,
+};
+
+const ITERATIONS: usize = 3_000;
+
+/// Explores `f` under random schedules and under PCT (which favours the rare interleavings
+/// that need a few preemptions at the right places).
+fn explore(f: impl Fn() + Send + Sync + 'static) {
+    let f = std::sync::Arc::new(f);
+    let g = f.clone();
+    shuttle::check_random(move || f(), ITERATIONS);
+    shuttle::check_pct(move || g(), ITERATIONS, 3);
+}
+
+fn hub() -> Hub {
+    Hub::new(HubOptions {
+        workers: 2,
+        ..Default::default()
+    })
+}
+
+fn numbered(key: &str, n: u32) -> Notification {
+    let mut e = Notification::new(
+        key,
+        Event::Extended(Extended {
+            event: n,
+            data: Default::default(),
+        }),
+    );
+    e.watermark = Some(Watermark(u64::from(n)));
+    e
+}
+
+fn number(n: &Notification) -> u32 {
+    match &n.event {
+        Event::Extended(e) => e.event,
+        _ => unreachable!(),
+    }
+}
+
+/// A sink that records every event number it sees.
+fn recording(log: Arc<Mutex<Vec<u32>>>) -> impl Fn(Delivery<'_>) -> Flow + Send + Sync {
+    move |d| {
+        if let Delivery::Events(e) = d {
+            log.lock().unwrap().extend(e.iter().map(number));
+        }
+        Flow::Continue
+    }
+}
+
+#[test]
+fn unsubscribe_racing_notify_never_calls_the_sink_afterwards() {
+    explore(|| {
+        let hub = hub();
+        let unsubscribed = Arc::new(AtomicBool::new(false));
+        let late_calls = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicBool::new(false));
+        struct OnDrop(Arc<AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (u, late, guard) = (
+            unsubscribed.clone(),
+            late_calls.clone(),
+            OnDrop(dropped.clone()),
+        );
+        let id = hub
+            .subscribe(
+                Scope::Exact("k".into()),
+                EventMask::ALL,
+                move |_: Delivery<'_>| {
+                    let _keep = &guard;
+                    if u.load(Ordering::SeqCst) {
+                        late.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Flow::Continue
+                },
+                SubscribeOptions::default(),
+            )
+            .unwrap();
+        let h = hub.clone();
+        let producer = thread::spawn(move || {
+            for i in 0..3 {
+                h.notify(numbered("k", i)).unwrap();
+            }
+        });
+        let h = hub.clone();
+        let (u, d) = (unsubscribed.clone(), dropped.clone());
+        let canceller = thread::spawn(move || {
+            h.unsubscribe(id).unwrap();
+            u.store(true, Ordering::SeqCst);
+            // The hub released its reference when unsubscribe returned.
+            assert!(
+                d.load(Ordering::SeqCst),
+                "sink still referenced after unsubscribe"
+            );
+        });
+        producer.join().unwrap();
+        canceller.join().unwrap();
+        drop(hub);
+        assert_eq!(late_calls.load(Ordering::SeqCst), 0);
+    });
+}
+
+#[test]
+fn concurrent_notifiers_give_every_subscriber_the_same_order() {
+    explore(|| {
+        let hub = hub();
+        let exact_log = Arc::new(Mutex::new(Vec::new()));
+        let subtree_log = Arc::new(Mutex::new(Vec::new()));
+        hub.subscribe(
+            Scope::Exact("m/k".into()),
+            EventMask::ALL,
+            recording(exact_log.clone()),
+            SubscribeOptions::default(),
+        )
+        .unwrap();
+        hub.subscribe(
+            Scope::Subtree("m".into()),
+            EventMask::ALL,
+            recording(subtree_log.clone()),
+            SubscribeOptions::default(),
+        )
+        .unwrap();
+        let producers: Vec<_> = [0u32, 100]
+            .into_iter()
+            .map(|base| {
+                let h = hub.clone();
+                thread::spawn(move || {
+                    for i in 0..3 {
+                        h.notify(numbered("m/k", base + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        drop(hub); // joins the delivery threads after they drained every queue
+        let a = exact_log.lock().unwrap().clone();
+        let b = subtree_log.lock().unwrap().clone();
+        assert_eq!(a.len(), 6, "exactly once: {a:?}");
+        assert_eq!(a, b, "two subscribers saw different orders");
+        for base in [0, 100] {
+            let mine: Vec<u32> = a
+                .iter()
+                .copied()
+                .filter(|n| n / 100 == base / 100)
+                .collect();
+            assert_eq!(
+                mine,
+                vec![base, base + 1, base + 2],
+                "a producer's order broke"
+            );
+        }
+    });
+}
+
+#[test]
+fn unsubscribe_from_inside_the_sink_while_others_notify() {
+    explore(|| {
+        let hub = hub();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let id_cell: Arc<Mutex<Option<herald_core::ConnectionId>>> = Arc::default();
+        let (h, c, cell) = (hub.clone(), calls.clone(), id_cell.clone());
+        let id = hub
+            .subscribe(
+                Scope::Exact("k".into()),
+                EventMask::ALL,
+                move |_: Delivery<'_>| {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    if let Some(id) = cell.lock().unwrap().take() {
+                        h.unsubscribe(id).unwrap();
+                    }
+                    Flow::Continue
+                },
+                SubscribeOptions::default(),
+            )
+            .unwrap();
+        *id_cell.lock().unwrap() = Some(id);
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let h = hub.clone();
+                thread::spawn(move || {
+                    for i in 0..2 {
+                        h.notify(numbered("k", p * 10 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        // The sink holds a hub handle until it unsubscribes, so drain explicitly.
+        hub.shutdown(std::time::Duration::from_secs(30));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "called after it unsubscribed itself"
+        );
+    });
+}
+
+#[test]
+fn overflow_accounts_for_every_event_and_keeps_order() {
+    explore(|| {
+        let hub = hub();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        hub.subscribe(
+            Scope::Exact("k".into()),
+            EventMask::ALL,
+            move |d: Delivery<'_>| {
+                let item = match d {
+                    Delivery::Events(e) => Ok(e.iter().map(number).collect::<Vec<_>>()),
+                    Delivery::Overflow(o) => Err(*o),
+                };
+                tx.lock().unwrap().send(item).unwrap();
+                Flow::Continue
+            },
+            SubscribeOptions::default().with_queue_capacity(2),
+        )
+        .unwrap();
+        let h = hub.clone();
+        let producer = thread::spawn(move || {
+            for i in 1..=6 {
+                h.notify(numbered("k", i)).unwrap();
+            }
+        });
+        producer.join().unwrap();
+        drop(hub);
+        let mut delivered = Vec::new();
+        let mut missed = 0;
+        let mut last = 0;
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Ok(nums) => {
+                    for n in nums {
+                        assert!(n > last, "order broke: {n} after {last}");
+                        last = n;
+                        delivered.push(n);
+                    }
+                }
+                Err(o) => {
+                    assert_eq!(
+                        o.resume_after,
+                        (last > 0).then_some(Watermark(u64::from(last)))
+                    );
+                    missed += o.missed_events;
+                }
+            }
+        }
+        assert_eq!(
+            delivered.len() as u64 + missed,
+            6,
+            "lost without a signal: {delivered:?}"
+        );
+    });
+}
