@@ -15,6 +15,7 @@ use crate::key::Key;
 /// A position in the event log. Watermarks increase strictly within one log and are never
 /// reused; resuming "after W" yields every later event exactly once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Watermark(pub u64);
 
 impl fmt::Display for Watermark {
@@ -25,6 +26,7 @@ impl fmt::Display for Watermark {
 
 /// Microseconds since the Unix epoch, when the event happened (as the producer saw it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -41,6 +43,7 @@ impl Timestamp {
 /// The kind of an event. The discriminants are MAPI's `fnev*` event-mask bits; connection state
 /// is Herald's own bit, outside the range MAPI defines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[repr(u32)]
 pub enum EventKind {
     /// `fnevCriticalError`: a serious error, such as a store going away.
@@ -123,6 +126,7 @@ impl fmt::Display for EventKind {
 
 /// A set of event kinds, with MAPI's numeric mask values.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct EventMask(u32);
 
 impl EventMask {
@@ -216,6 +220,7 @@ impl fmt::Debug for EventMask {
 
 /// MAPI object types (`ulObjType`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[repr(u32)]
 pub enum ObjectType {
     /// Unknown or not applicable (MAPI's zero).
@@ -283,6 +288,7 @@ pub const PR_INSTANCE_KEY: PropTag = 0x0FF6_0102;
 
 /// A property value (MAPI's `SPropValue`), as carried in table rows and status objects.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PropValue {
     /// The property tag.
     pub tag: PropTag,
@@ -310,6 +316,7 @@ impl PropValue {
 
 /// The data of a property value, by MAPI property type.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PropData {
     /// `PT_NULL`.
     Null,
@@ -345,6 +352,7 @@ pub enum PropData {
 
 /// One event, as delivered to a sink.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Notification {
     /// The notification key: which object the event is about. Subscribers of this key (or of a
     /// subtree containing it) receive the event.
@@ -416,6 +424,7 @@ pub enum InvalidEvent {
 
 /// What happened, with the fields of that kind of event.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Event {
     /// `fnevCriticalError` (`ERROR_NOTIFICATION`).
     CriticalError(CriticalError),
@@ -465,6 +474,7 @@ impl Event {
 
 /// `ERROR_NOTIFICATION` with its `MAPIERROR`.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CriticalError {
     /// The error's SCODE.
     pub scode: u32,
@@ -480,6 +490,7 @@ pub struct CriticalError {
 
 /// `NEWMAIL_NOTIFICATION`: the notification key is the new message.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NewMail {
     /// The receive folder the message arrived in.
     pub parent: Key,
@@ -491,6 +502,7 @@ pub struct NewMail {
 
 /// `OBJECT_NOTIFICATION` for created, deleted, modified and search-complete events.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ObjectChange {
     /// The object's type.
     pub object_type: ObjectType,
@@ -506,6 +518,7 @@ pub struct ObjectChange {
 
 /// `OBJECT_NOTIFICATION` for moved and copied events, the only ones with old ids.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Relocation {
     /// The object as it is now; its key is the notification key.
     pub object: ObjectChange,
@@ -517,6 +530,7 @@ pub struct Relocation {
 
 /// `ulTableEvent`: enumerated values, not flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[repr(u32)]
 pub enum TableEvent {
     /// `TABLE_CHANGED`: re-read the table; instance keys and bookmarks stay valid.
@@ -569,6 +583,7 @@ impl TableEvent {
 
 /// `TABLE_NOTIFICATION`. Build it with the constructors, which apply MAPI's presence rules.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TableChange {
     /// Which table event.
     pub event: TableEvent,
@@ -646,6 +661,7 @@ impl TableChange {
 
 /// `STATUS_OBJECT_NOTIFICATION`: the notification key is the status object.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StatusObjectChange {
     /// The properties that changed, with their new values.
     pub props: Vec<PropValue>,
@@ -653,6 +669,7 @@ pub struct StatusObjectChange {
 
 /// `MAPIOFFLINE_NOTIFY_TYPE`: where in a state transition a notification comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[repr(u32)]
 pub enum StateChangePhase {
     /// `MAPIOFFLINE_NOTIFY_TYPE_STATECHANGE_START`: the state is about to change.
@@ -672,6 +689,7 @@ pub const STATE_ONLINE: u32 = 0x0000_0002;
 
 /// `MAPIOFFLINE_NOTIFY`: a connection went online or offline.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ConnectionStateChange {
     /// Which phase of the transition this is.
     pub phase: StateChangePhase,
@@ -687,6 +705,7 @@ pub struct ConnectionStateChange {
 
 /// `EXTENDED_NOTIFICATION`: a provider-defined event code with opaque parameters.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Extended {
     /// `ulEvent`: the provider's event code.
     pub event: u32,

@@ -168,6 +168,7 @@ impl fmt::Debug for Key {
 
 /// What a subscription listens to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Scope {
     /// Exactly one key, compared byte for byte (MAPI's advise on one source).
     Exact(Key),
@@ -190,6 +191,41 @@ impl Scope {
             Scope::Exact(k) => k == key,
             Scope::Subtree(root) => key.is_within(root),
         }
+    }
+}
+
+/// A subscription's selection: a scope and an event mask. The hub indexes subscriptions by
+/// scope; this is the same rule for one event, for code that filters events itself (replay
+/// from the log, for one).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Filter {
+    /// Which keys.
+    pub scope: Scope,
+    /// Which kinds.
+    pub mask: crate::EventMask,
+}
+
+impl Filter {
+    /// Whether the event is selected: its kind is in the mask and its key (or, for a move or
+    /// copy, its old key) is in the scope.
+    pub fn matches(&self, n: &crate::Notification) -> bool {
+        self.mask.contains(n.kind())
+            && (self.scope.matches(&n.key) || n.old_key().is_some_and(|k| self.scope.matches(k)))
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_bytes())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Bytes::deserialize(d).map(Key)
     }
 }
 

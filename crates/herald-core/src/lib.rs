@@ -64,6 +64,6 @@ pub use hub::{
     NOTIFY_SYNC, NotifyError, NotifyOutcome, ShutdownReport, SinkRef, SubscribeError,
     SubscribeOptions, UnsubscribeError,
 };
-pub use key::{Key, PATH_SEPARATOR, Scope};
+pub use key::{Filter, Key, PATH_SEPARATOR, Scope};
 pub use sink::{Batch, CALLBACK_DISCONTINUE, Delivery, Flow, Overflow, OwnedDelivery, Sink};
 pub use subscription::ConnectionId;

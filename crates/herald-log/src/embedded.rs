@@ -1,0 +1,924 @@
+//! The embedded log: one redb file, one writer thread doing group commits.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use herald_core::{Batch, Hub, Notification, Timestamp, Watermark};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use crate::record;
+use crate::{
+    AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, ReadError,
+};
+
+const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const IDEMPOTENCY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("idempotency");
+/// Idempotency keys by the time they were recorded, to forget them in order.
+const IDEMPOTENCY_BY_TIME: TableDefinition<'_, (u64, &str), ()> =
+    TableDefinition::new("idempotency_by_time");
+const SUBSCRIPTIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("subscriptions");
+const ACKS: TableDefinition<'_, &str, u64> = TableDefinition::new("acks");
+
+const META_NEXT: &str = "next";
+const META_FIRST: &str = "first";
+const META_BYTES: &str = "bytes";
+const META_FORMAT: &str = "format";
+const FILE_FORMAT: u64 = 1;
+
+/// The log file's name inside the data directory.
+pub(crate) const LOG_FILE: &str = "events.redb";
+
+/// How long buffered appends may wait for a durable commit.
+const BUFFERED_FLUSH: Duration = Duration::from_secs(1);
+/// How often retention runs at most (unless a limit is badly exceeded).
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+/// How many events one retention pass removes at most, so appends never wait long.
+const RETENTION_PASS: usize = 100 * 1024;
+/// How many expired idempotency keys one retention pass forgets at most.
+const IDEMPOTENCY_PASS: usize = 10 * 1024;
+
+/// How much history the log keeps. `None` means no limit of that kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Events appended longer ago than this are removed.
+    pub max_age: Option<Duration>,
+    /// The oldest events are removed while the records exceed this many bytes.
+    pub max_bytes: Option<u64>,
+    /// The oldest events are removed while there are more than this many.
+    pub max_events: Option<u64>,
+}
+
+impl Retention {
+    fn is_unlimited(&self) -> bool {
+        self.max_age.is_none() && self.max_bytes.is_none() && self.max_events.is_none()
+    }
+}
+
+/// How the embedded log is set up.
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// How much history to keep.
+    pub retention: Retention,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// The most events one group commit takes.
+    pub max_group_events: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            retention: Retention {
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+                max_bytes: None,
+                max_events: None,
+            },
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            max_group_events: 64 * 1024,
+        }
+    }
+}
+
+/// A durable subscription as stored: the server's own description of it, and the last
+/// watermark its subscriber acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    /// The subscription's id.
+    pub id: String,
+    /// Its description, in the server's format.
+    pub spec: Vec<u8>,
+    /// The last watermark acknowledged (0 if none).
+    pub acked: Watermark,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+struct AppendJob {
+    batch: Vec<Notification>,
+    records: Vec<Vec<u8>>,
+    idempotency: Option<(String, u32)>,
+    durability: Durability,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+enum Command {
+    Append(AppendJob),
+    PutSubscription {
+        id: String,
+        spec: Vec<u8>,
+        reply: Reply<()>,
+    },
+    DeleteSubscription {
+        id: String,
+        reply: Reply<bool>,
+    },
+    Ack {
+        id: String,
+        watermark: Watermark,
+        reply: Reply<bool>,
+    },
+    Flush {
+        reply: Reply<()>,
+    },
+}
+
+impl Command {
+    fn events(&self) -> usize {
+        match self {
+            Command::Append(job) => job.records.len(),
+            _ => 1,
+        }
+    }
+
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Command::Append(job) => job.durability == Durability::Durable,
+            _ => true,
+        }
+    }
+}
+
+/// The embedded, on-disk event log. Cheap to clone; every clone is the same log. The writer
+/// thread stops when the last clone is dropped or [`EmbeddedLog::close`] is called.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: PathBuf,
+    hub: Hub,
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `dir`, publishing every durable batch to `hub`.
+    pub fn open(dir: &Path, options: LogOptions, hub: Hub) -> Result<EmbeddedLog, LogError> {
+        std::fs::create_dir_all(dir).map_err(|source| LogError::Directory {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(LOG_FILE);
+        let db = Database::builder()
+            .set_repair_callback(|session| {
+                tracing::warn!(
+                    progress = session.progress(),
+                    "repairing the log after an unclean shutdown"
+                );
+            })
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked { path: path.clone() },
+                other => LogError::Corrupt {
+                    path: path.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+        let db = Arc::new(db);
+        let state = WriterState::load(&db, &path)?;
+        tracing::info!(
+            path = %path.display(),
+            first = state.first,
+            next = state.next,
+            bytes = state.bytes,
+            "event log open"
+        );
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            hub: hub.clone(),
+            options,
+            state,
+            last_retention: Instant::now() - RETENTION_EVERY,
+            unsynced_since: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("herald-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| storage(format!("starting the writer thread: {e}")))?;
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                hub,
+                commands: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), LogError> {
+        let guard = self
+            .inner
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        guard
+            .as_ref()
+            .ok_or(LogError::Closed)?
+            .send(cmd)
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Validates and encodes a batch on the caller's thread, then hands it to the writer.
+    fn submit(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> Result<oneshot::Receiver<Result<Appended, AppendError>>, AppendError> {
+        if batch.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        let now = Timestamp::now();
+        let mut records = Vec::with_capacity(batch.len());
+        let mut fingerprint = Fingerprint(crc32fast::Hasher::new());
+        for (index, n) in batch.iter().enumerate() {
+            n.validate()
+                .map_err(|reason| AppendError::InvalidEvent { index, reason })?;
+            records.push(record::encode(n, now).map_err(storage)?);
+            if options.idempotency_key.is_some() {
+                // Keys and events, not timestamps: a retry is stamped anew but is the same.
+                postcard::to_io(&(&n.key, &n.event), &mut fingerprint).map_err(storage)?;
+            }
+        }
+        let crc = fingerprint.0;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Append(AppendJob {
+            batch,
+            records,
+            idempotency: options.idempotency_key.map(|k| (k, crc.finalize())),
+            durability: options.durability,
+            reply,
+        }))?;
+        Ok(rx)
+    }
+
+    /// [`EventLog::append`] for threads outside an async runtime.
+    pub fn append_blocking(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> Result<Appended, AppendError> {
+        self.submit(batch, options)?
+            .blocking_recv()
+            .map_err(|_| AppendError::Log(LogError::Closed))?
+    }
+
+    /// [`EventLog::read`] for threads outside an async runtime.
+    pub fn read_blocking(
+        &self,
+        after: Watermark,
+        limit: usize,
+    ) -> Result<Vec<Notification>, ReadError> {
+        let rerr = |e: LogError| ReadError::Log(e.to_string());
+        let txn = self.inner.db.begin_read().map_err(|e| rerr(storage(e)))?;
+        let bounds = bounds_in(&txn).map_err(rerr)?;
+        bounds.check(after)?;
+        let events = txn.open_table(EVENTS).map_err(|e| rerr(storage(e)))?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for entry in events
+            .range(after.0 + 1..)
+            .map_err(|e| rerr(storage(e)))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| rerr(storage(e)))?;
+            let watermark = Watermark(k.value());
+            let n = record::decode(v.value(), watermark)
+                .map_err(|source| rerr(LogError::Record { watermark, source }))?;
+            out.push(n);
+        }
+        Ok(out)
+    }
+
+    /// Waits until everything submitted so far is durable.
+    pub fn flush_blocking(&self) -> Result<(), LogError> {
+        self.request(|reply| Command::Flush { reply })?
+            .blocking_recv()
+            .map_err(|_| LogError::Closed)?
+    }
+
+    /// Stores (or replaces) a durable subscription's description; durable when it returns.
+    pub async fn put_subscription(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::PutSubscription { id, spec, reply })
+            .await
+    }
+
+    /// Removes a durable subscription and its acknowledgement; returns whether it existed.
+    pub async fn delete_subscription(&self, id: &str) -> Result<bool, LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::DeleteSubscription { id, reply })
+            .await
+    }
+
+    /// Records that the subscriber of `id` has everything up to `watermark` (an older
+    /// watermark than the stored one is ignored). Returns whether the subscription exists.
+    pub async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::Ack {
+            id,
+            watermark,
+            reply,
+        })
+        .await
+    }
+
+    /// Every stored durable subscription, by id.
+    pub fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let subs = match txn.open_table(SUBSCRIPTIONS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let acks = txn.open_table(ACKS).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in subs.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let id = k.value().to_owned();
+            let acked = acks
+                .get(id.as_str())
+                .map_err(storage)?
+                .map_or(0, |a| a.value());
+            out.push(SubscriptionRecord {
+                id,
+                spec: v.value().to_vec(),
+                acked: Watermark(acked),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after everything submitted so far is durable. Later calls fail with
+    /// [`LogError::Closed`].
+    pub fn close(&self) -> Result<(), LogError> {
+        let flushed = self.flush_blocking();
+        self.inner
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+        flushed
+    }
+
+    fn request<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<oneshot::Receiver<Result<T, LogError>>, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        Ok(rx)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, LogError> {
+        self.request(make)?.await.map_err(|_| LogError::Closed)?
+    }
+}
+
+impl EventLog for EmbeddedLog {
+    async fn append(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> Result<Appended, AppendError> {
+        self.submit(batch, options)?
+            .await
+            .map_err(|_| AppendError::Log(LogError::Closed))?
+    }
+
+    async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {
+        // A page read is a short, CPU-bound walk of an ordered table: done inline.
+        self.read_blocking(after, limit)
+    }
+
+    fn bounds(&self) -> Result<LogBounds, LogError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        bounds_in(&txn)
+    }
+
+    fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+}
+
+fn bounds_in(txn: &redb::ReadTransaction) -> Result<LogBounds, LogError> {
+    let meta = txn.open_table(META).map_err(storage)?;
+    let get = |k: &str| -> Result<u64, LogError> {
+        Ok(meta.get(k).map_err(storage)?.map_or(0, |v| v.value()))
+    };
+    let next = get(META_NEXT)?.max(1);
+    let first = get(META_FIRST)?.max(1);
+    Ok(LogBounds {
+        first: Watermark(first),
+        last: Watermark(next - 1),
+    })
+}
+
+/// The writer's view of the log's counters, kept in step with `meta`.
+#[derive(Clone, Copy)]
+struct WriterState {
+    next: u64,
+    first: u64,
+    bytes: u64,
+}
+
+impl WriterState {
+    /// Reads the counters, creating the tables on first use and checking the file format.
+    fn load(db: &Database, path: &Path) -> Result<WriterState, LogError> {
+        let corrupt = |e: &dyn std::fmt::Display| LogError::Corrupt {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let txn = db.begin_write().map_err(|e| corrupt(&e))?;
+        let state = {
+            let mut meta = txn.open_table(META).map_err(|e| corrupt(&e))?;
+            let events = txn.open_table(EVENTS).map_err(|e| corrupt(&e))?;
+            txn.open_table(IDEMPOTENCY).map_err(|e| corrupt(&e))?;
+            txn.open_table(IDEMPOTENCY_BY_TIME)
+                .map_err(|e| corrupt(&e))?;
+            txn.open_table(SUBSCRIPTIONS).map_err(|e| corrupt(&e))?;
+            txn.open_table(ACKS).map_err(|e| corrupt(&e))?;
+            let get =
+                |meta: &redb::Table<'_, &str, u64>, k: &str| -> Result<Option<u64>, LogError> {
+                    Ok(meta.get(k).map_err(|e| corrupt(&e))?.map(|v| v.value()))
+                };
+            match get(&meta, META_FORMAT)? {
+                None => {
+                    meta.insert(META_FORMAT, FILE_FORMAT)
+                        .map_err(|e| corrupt(&e))?;
+                }
+                Some(FILE_FORMAT) => {}
+                Some(other) => {
+                    return Err(corrupt(&format!(
+                        "file format {other} is not one this version reads ({FILE_FORMAT})"
+                    )));
+                }
+            }
+            let next = get(&meta, META_NEXT)?.unwrap_or(1).max(1);
+            let first = get(&meta, META_FIRST)?.unwrap_or(1).max(1);
+            let bytes = get(&meta, META_BYTES)?.unwrap_or(0);
+            // The counters and the table are written in one transaction; check they agree.
+            let last_key = events
+                .last()
+                .map_err(|e| corrupt(&e))?
+                .map(|(k, _)| k.value());
+            if let Some(last) = last_key {
+                if last >= next {
+                    return Err(corrupt(&format!(
+                        "event {last} is beyond the recorded next watermark {next}"
+                    )));
+                }
+            }
+            WriterState { next, first, bytes }
+        };
+        txn.commit().map_err(|e| corrupt(&e))?;
+        Ok(state)
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    hub: Hub,
+    options: LogOptions,
+    state: WriterState,
+    last_retention: Instant,
+    /// When the oldest commit not yet fsynced was made.
+    unsynced_since: Option<Instant>,
+}
+
+/// What one command did inside a group commit, answered after the commit.
+enum Outcome {
+    Appended(Appended),
+    Conflict(String),
+    Done,
+    Found(bool),
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            let first = match self.unsynced_since {
+                // Buffered commits wait at most BUFFERED_FLUSH for a durable one.
+                Some(since) => {
+                    match rx.recv_timeout(BUFFERED_FLUSH.saturating_sub(since.elapsed())) {
+                        Ok(c) => c,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.sync();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                },
+            };
+            let mut group = vec![first];
+            let mut events = group[0].events();
+            while events < self.options.max_group_events {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        events += c.events();
+                        group.push(c);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+            self.retain();
+        }
+        if self.unsynced_since.is_some() {
+            self.sync();
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    /// Makes every earlier buffered commit durable with an empty durable commit.
+    fn sync(&mut self) {
+        let synced = self
+            .db
+            .begin_write()
+            .map_err(storage)
+            .and_then(|t| t.commit().map_err(storage));
+        match synced {
+            Ok(()) => self.unsynced_since = None,
+            Err(e) => tracing::error!(error = %e, "log sync failed"),
+        }
+    }
+
+    fn commit(&mut self, group: Vec<Command>) {
+        let fsync = group.iter().any(Command::needs_fsync);
+        let before = self.state;
+        let result = self.write(&group, fsync);
+        let outcomes = match result {
+            Ok(outcomes) => {
+                if fsync {
+                    self.unsynced_since = None;
+                } else if self.unsynced_since.is_none() {
+                    self.unsynced_since = Some(Instant::now());
+                }
+                outcomes
+            }
+            Err(e) => {
+                self.state = before;
+                tracing::error!(error = %e, "log commit failed");
+                for cmd in group {
+                    let msg = e.to_string();
+                    match cmd {
+                        Command::Append(job) => {
+                            let _ = job
+                                .reply
+                                .send(Err(AppendError::Log(LogError::Storage(msg))));
+                        }
+                        Command::PutSubscription { reply, .. } | Command::Flush { reply } => {
+                            let _ = reply.send(Err(LogError::Storage(msg)));
+                        }
+                        Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. } => {
+                            let _ = reply.send(Err(LogError::Storage(msg)));
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        // Durable now: publish in watermark order, then answer.
+        for (cmd, outcome) in group.into_iter().zip(outcomes) {
+            match (cmd, outcome) {
+                (Command::Append(job), Outcome::Appended(appended)) => {
+                    if !appended.replayed {
+                        let mut batch = job.batch;
+                        for (n, w) in batch.iter_mut().zip(appended.watermarks()) {
+                            n.watermark = Some(w);
+                        }
+                        if let Err(e) = self.hub.notify(Batch::from(batch)) {
+                            tracing::warn!(error = %e, "publishing a durable batch failed");
+                        }
+                    }
+                    let _ = job.reply.send(Ok(appended));
+                }
+                (Command::Append(job), Outcome::Conflict(key)) => {
+                    let _ = job
+                        .reply
+                        .send(Err(AppendError::IdempotencyConflict { key }));
+                }
+                (Command::PutSubscription { reply, .. } | Command::Flush { reply }, _) => {
+                    let _ = reply.send(Ok(()));
+                }
+                (
+                    Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. },
+                    Outcome::Found(found),
+                ) => {
+                    let _ = reply.send(Ok(found));
+                }
+                (Command::Append(job), _) => {
+                    let _ = job
+                        .reply
+                        .send(Err(AppendError::Log(storage("internal: no outcome"))));
+                }
+                (Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. }, _) => {
+                    let _ = reply.send(Err(storage("internal: no outcome")));
+                }
+            }
+        }
+    }
+
+    /// Writes the group in one transaction and commits it.
+    fn write(&mut self, group: &[Command], fsync: bool) -> Result<Vec<Outcome>, LogError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        if !fsync {
+            txn.set_durability(redb::Durability::None)
+                .map_err(storage)?;
+        }
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut events = txn.open_table(EVENTS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut idem = txn.open_table(IDEMPOTENCY).map_err(storage)?;
+            let mut idem_by_time = txn.open_table(IDEMPOTENCY_BY_TIME).map_err(storage)?;
+            let mut subs = txn.open_table(SUBSCRIPTIONS).map_err(storage)?;
+            let mut acks = txn.open_table(ACKS).map_err(storage)?;
+            let now = Timestamp::now().0;
+            for cmd in group {
+                let outcome = match cmd {
+                    Command::Append(job) => {
+                        let count = job.records.len() as u32;
+                        let seen = match &job.idempotency {
+                            Some((key, _)) => idem
+                                .get(key.as_str())
+                                .map_err(storage)?
+                                .map(|v| IdempotencyEntry::decode(v.value())),
+                            None => None,
+                        };
+                        match (seen, &job.idempotency) {
+                            (Some(Some(entry)), Some((key, crc))) => {
+                                if entry.crc == *crc && entry.count == count {
+                                    Outcome::Appended(Appended {
+                                        first: Watermark(entry.first),
+                                        count,
+                                        replayed: true,
+                                    })
+                                } else {
+                                    Outcome::Conflict(key.clone())
+                                }
+                            }
+                            (seen, idempotency) => {
+                                if let Some(None) = seen {
+                                    tracing::warn!("unreadable idempotency entry replaced");
+                                }
+                                let first = self.state.next;
+                                for (i, r) in job.records.iter().enumerate() {
+                                    events
+                                        .insert(first + i as u64, r.as_slice())
+                                        .map_err(storage)?;
+                                    self.state.bytes += r.len() as u64;
+                                }
+                                self.state.next += u64::from(count);
+                                if let Some((key, crc)) = idempotency {
+                                    let entry = IdempotencyEntry {
+                                        first,
+                                        count,
+                                        crc: *crc,
+                                        at: now,
+                                    };
+                                    idem.insert(key.as_str(), entry.encode().as_slice())
+                                        .map_err(storage)?;
+                                    idem_by_time
+                                        .insert((now, key.as_str()), ())
+                                        .map_err(storage)?;
+                                }
+                                Outcome::Appended(Appended {
+                                    first: Watermark(first),
+                                    count,
+                                    replayed: false,
+                                })
+                            }
+                        }
+                    }
+                    Command::PutSubscription { id, spec, .. } => {
+                        subs.insert(id.as_str(), spec.as_slice()).map_err(storage)?;
+                        Outcome::Done
+                    }
+                    Command::DeleteSubscription { id, .. } => {
+                        let existed = subs.remove(id.as_str()).map_err(storage)?.is_some();
+                        acks.remove(id.as_str()).map_err(storage)?;
+                        Outcome::Found(existed)
+                    }
+                    Command::Ack { id, watermark, .. } => {
+                        if subs.get(id.as_str()).map_err(storage)?.is_some() {
+                            let old = acks
+                                .get(id.as_str())
+                                .map_err(storage)?
+                                .map_or(0, |v| v.value());
+                            if watermark.0 > old {
+                                acks.insert(id.as_str(), watermark.0).map_err(storage)?;
+                            }
+                            Outcome::Found(true)
+                        } else {
+                            Outcome::Found(false)
+                        }
+                    }
+                    Command::Flush { .. } => Outcome::Done,
+                };
+                outcomes.push(outcome);
+            }
+            meta.insert(META_NEXT, self.state.next).map_err(storage)?;
+            meta.insert(META_BYTES, self.state.bytes).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(outcomes)
+    }
+
+    /// Removes what the retention limits no longer allow, at most once a second unless a
+    /// limit is exceeded by more than a tenth.
+    fn retain(&mut self) {
+        let r = self.options.retention;
+        let held = self.state.next - self.state.first;
+        let badly_over = r.max_bytes.is_some_and(|m| self.state.bytes > m + m / 10)
+            || r.max_events.is_some_and(|m| held > m + m / 10);
+        if self.last_retention.elapsed() < RETENTION_EVERY && !badly_over {
+            return;
+        }
+        self.last_retention = Instant::now();
+        let before = self.state;
+        if let Err(e) = self.trim(&r) {
+            self.state = before;
+            tracing::error!(error = %e, "log retention failed");
+        }
+    }
+
+    fn trim(&mut self, r: &Retention) -> Result<(), LogError> {
+        let now = Timestamp::now().0;
+        let age_cutoff = r
+            .max_age
+            .map(|a| now.saturating_sub(a.as_micros().min(u128::from(u64::MAX)) as u64));
+        let ttl_cutoff = now.saturating_sub(
+            self.options
+                .idempotency_ttl
+                .as_micros()
+                .min(u128::from(u64::MAX)) as u64,
+        );
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        // Removals need not be fsynced: if lost in a crash they are simply done again.
+        txn.set_durability(redb::Durability::None)
+            .map_err(storage)?;
+        let mut removed = 0;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            if !r.is_unlimited() {
+                while removed < RETENTION_PASS {
+                    let held = self.state.next - self.state.first;
+                    let over_size = r.max_bytes.is_some_and(|m| self.state.bytes > m)
+                        || r.max_events.is_some_and(|m| held > m);
+                    let Some((k, v)) = events.first().map_err(storage)? else {
+                        break;
+                    };
+                    let w = k.value();
+                    let len = v.value().len() as u64;
+                    let too_old = match age_cutoff {
+                        Some(cut) => record::appended_at(v.value()).map_or(true, |t| t.0 < cut),
+                        None => false,
+                    };
+                    drop((k, v));
+                    if !over_size && !too_old {
+                        break;
+                    }
+                    events.remove(w).map_err(storage)?;
+                    self.state.bytes = self.state.bytes.saturating_sub(len);
+                    self.state.first = w + 1;
+                    removed += 1;
+                }
+                if removed > 0 {
+                    meta.insert(META_FIRST, self.state.first).map_err(storage)?;
+                    meta.insert(META_BYTES, self.state.bytes).map_err(storage)?;
+                }
+            }
+            let mut idem = txn.open_table(IDEMPOTENCY).map_err(storage)?;
+            let mut by_time = txn.open_table(IDEMPOTENCY_BY_TIME).map_err(storage)?;
+            let expired: Vec<(u64, String)> = by_time
+                .range(..(ttl_cutoff, ""))
+                .map_err(storage)?
+                .take(IDEMPOTENCY_PASS)
+                .map(|e| {
+                    e.map(|(k, _)| {
+                        let (at, key) = k.value();
+                        (at, key.to_owned())
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            for (at, key) in &expired {
+                by_time.remove((*at, key.as_str())).map_err(storage)?;
+                // The key may have been recorded again later; forget only this recording.
+                let current = idem
+                    .get(key.as_str())
+                    .map_err(storage)?
+                    .and_then(|v| IdempotencyEntry::decode(v.value()));
+                if current.is_some_and(|e| e.at == *at) {
+                    idem.remove(key.as_str()).map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        if removed > 0 {
+            self.unsynced_since.get_or_insert_with(Instant::now);
+            tracing::debug!(
+                removed,
+                first = self.state.first,
+                "retention trimmed the log"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A CRC-32 that postcard can write into.
+struct Fingerprint(crc32fast::Hasher);
+
+impl std::io::Write for Fingerprint {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An idempotency key's memory: the batch it appended and when.
+struct IdempotencyEntry {
+    first: u64,
+    count: u32,
+    crc: u32,
+    at: u64,
+}
+
+impl IdempotencyEntry {
+    fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.first.to_le_bytes());
+        b[8..12].copy_from_slice(&self.count.to_le_bytes());
+        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
+        b[16..].copy_from_slice(&self.at.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<IdempotencyEntry> {
+        let b: &[u8; 24] = b.try_into().ok()?;
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
+        Some(IdempotencyEntry {
+            first: u64_at(0),
+            count: u32_at(8),
+            crc: u32_at(12),
+            at: u64_at(16),
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! Resume after a watermark: catch up from the log, then follow the hub, with no gap and no
+//! duplicate (see `docs/design/log.md`, "Resume into the hub").
+
+use herald_core::{
+    Batch, Filter, Notification, OwnedDelivery, Receiver, SubscribeError, SubscribeOptions,
+    Watermark,
+};
+
+use crate::{EventLog, LogError, ReadError};
+
+/// How a follower reads and queues.
+#[derive(Clone, Copy, Debug)]
+pub struct FollowOptions {
+    /// Events read from the log per page while catching up.
+    pub page: usize,
+    /// Capacity, in events, of the live queue filled while catching up. When it overflows the
+    /// follower reads the log again instead: it costs reads, never events.
+    pub queue_capacity: usize,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        FollowOptions {
+            page: 512,
+            queue_capacity: herald_core::DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+}
+
+/// Why a follower stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FollowError {
+    /// The position cannot be resumed from (expired, or ahead of the log).
+    #[error(transparent)]
+    Position(#[from] ReadError),
+    /// The hub refused the live subscription.
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The live subscription was closed (unsubscribed, or the hub shut down).
+    #[error("the live subscription was closed")]
+    Closed,
+}
+
+enum Phase {
+    /// Reading the log after the cursor.
+    CatchUp,
+    /// Taking live batches from the hub.
+    Live,
+}
+
+/// Every event selected by a filter after a watermark, exactly once and in order: first from
+/// the log, then live from the hub.
+pub struct Follower<L> {
+    log: L,
+    filter: Filter,
+    cursor: Watermark,
+    live: Receiver,
+    phase: Phase,
+    options: FollowOptions,
+}
+
+impl<L> std::fmt::Debug for Follower<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("filter", &self.filter)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: EventLog + Clone> Follower<L> {
+    /// Starts following `filter` after watermark `after` (0: from the start of the log).
+    /// Fails at once if that position has expired or is ahead of the log.
+    pub fn start(
+        log: &L,
+        filter: Filter,
+        after: Watermark,
+        options: FollowOptions,
+    ) -> Result<Self, FollowError> {
+        // Subscribe before reading: everything published from now on is queued.
+        let live = log.hub().subscribe_receiver(
+            filter.scope.clone(),
+            filter.mask,
+            SubscribeOptions::default().with_queue_capacity(options.queue_capacity),
+        )?;
+        log.bounds()?.check(after)?;
+        Ok(Follower {
+            log: log.clone(),
+            filter,
+            cursor: after,
+            live,
+            phase: Phase::CatchUp,
+            options,
+        })
+    }
+
+    /// The watermark of the last event read (handed out or skipped by the filter).
+    pub fn cursor(&self) -> Watermark {
+        self.cursor
+    }
+
+    /// The next events, in order; waits for live ones once caught up.
+    pub async fn next(&mut self) -> Result<Batch, FollowError> {
+        loop {
+            match self.phase {
+                Phase::CatchUp => {
+                    let page = self.log.read(self.cursor, self.options.page).await?;
+                    let Some(last) = page.last().and_then(|n| n.watermark) else {
+                        self.phase = Phase::Live;
+                        continue;
+                    };
+                    self.cursor = last;
+                    let selected: Vec<Notification> = page
+                        .into_iter()
+                        .filter(|n| self.filter.matches(n))
+                        .collect();
+                    if !selected.is_empty() {
+                        return Ok(Batch::from(selected));
+                    }
+                }
+                Phase::Live => match self.live.recv().await {
+                    None => return Err(FollowError::Closed),
+                    Some(OwnedDelivery::Overflow(_)) => self.phase = Phase::CatchUp,
+                    Some(OwnedDelivery::Events(batch)) => {
+                        if let Some(out) = self.after_cursor(batch) {
+                            return Ok(out);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// The part of a live batch after the cursor (events read from the log already may come
+    /// again live), moving the cursor.
+    fn after_cursor(&mut self, batch: Batch) -> Option<Batch> {
+        let cursor = self.cursor;
+        let fresh = |n: &Notification| n.watermark.is_some_and(|w| w > cursor);
+        let out = if batch.iter().all(fresh) {
+            batch
+        } else {
+            let kept: Vec<Notification> = batch.iter().filter(|n| fresh(n)).cloned().collect();
+            if kept.is_empty() {
+                return None;
+            }
+            Batch::from(kept)
+        };
+        if let Some(w) = out.last_watermark() {
+            self.cursor = w;
+        }
+        Some(out)
+    }
+}

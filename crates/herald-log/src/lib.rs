@@ -1,0 +1,232 @@
+//! Herald's durable event log: every event gets a watermark when it is durably appended, is
+//! published to the hub in watermark order, and can be read again after any watermark still
+//! held, so a subscriber that was away resumes exactly where it stopped.
+//!
+//! [`EmbeddedLog`] is the default implementation: one directory, one redb file, group commit.
+//! [`Follower`] turns "resume after W" into a gap-free, duplicate-free stream that continues
+//! with live events.
+//!
+//! ```
+//! use herald_core::{Event, EventMask, Filter, Hub, Notification, ObjectChange, Scope, Watermark};
+//! use herald_log::{AppendOptions, EmbeddedLog, EventLog, Follower, LogOptions};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let log = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
+//! let done = log
+//!     .append(
+//!         vec![Notification::new("alice/inbox/m1", Event::ObjectCreated(ObjectChange::default()))],
+//!         AppendOptions::default(),
+//!     )
+//!     .await
+//!     .unwrap();
+//! assert_eq!(done.first, Watermark(1));
+//!
+//! let filter = Filter { scope: Scope::Subtree("alice".into()), mask: EventMask::ALL };
+//! let mut follower = Follower::start(&log, filter, Watermark(0), Default::default()).unwrap();
+//! let batch = follower.next().await.unwrap();
+//! assert_eq!(batch[0].watermark, Some(Watermark(1)));
+//! # });
+//! ```
+
+mod embedded;
+mod follow;
+mod record;
+
+use std::future::Future;
+
+use herald_core::{Hub, InvalidEvent, Notification, Watermark};
+
+pub use embedded::{EmbeddedLog, LogOptions, Retention, SubscriptionRecord};
+
+/// The log file's name inside the data directory.
+pub const LOG_FILE: &str = embedded::LOG_FILE;
+pub use follow::{FollowError, FollowOptions, Follower};
+pub use record::RecordError;
+
+/// Whether an append waits for the disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledged only once fsynced: survives `kill -9` and power loss. The default.
+    #[default]
+    Durable,
+    /// Acknowledged once written to the log's memory; made durable by the next durable commit
+    /// or within a second. A crash can lose the last second of such appends.
+    Buffered,
+}
+
+/// How to append.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppendOptions {
+    /// A producer-chosen key that makes a retry safe: a second append with the same key and
+    /// the same batch returns the first one's watermarks and appends nothing.
+    pub idempotency_key: Option<String>,
+    /// When the append is acknowledged.
+    pub durability: Durability,
+}
+
+/// What an append did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The watermark of the batch's first event; the others follow contiguously.
+    pub first: Watermark,
+    /// How many events the batch had.
+    pub count: u32,
+    /// The idempotency key had been seen: nothing new was appended.
+    pub replayed: bool,
+}
+
+impl Appended {
+    /// The watermark of each event of the batch, in order.
+    pub fn watermarks(&self) -> impl Iterator<Item = Watermark> + use<> {
+        let first = self.first.0;
+        (0..u64::from(self.count)).map(move |i| Watermark(first + i))
+    }
+}
+
+/// The range of watermarks a log holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogBounds {
+    /// The oldest watermark still held (the next one to be assigned when the log is empty).
+    pub first: Watermark,
+    /// The last watermark assigned (0 when nothing was ever appended).
+    pub last: Watermark,
+}
+
+impl LogBounds {
+    /// Whether reading after `after` is possible without a gap.
+    pub fn check(&self, after: Watermark) -> Result<(), ReadError> {
+        if after.0.saturating_add(1) < self.first.0 {
+            Err(ReadError::Expired {
+                after,
+                oldest_available: self.first,
+            })
+        } else if after > self.last {
+            Err(ReadError::Ahead {
+                after,
+                last: self.last,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Why an append was refused. Nothing was appended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The batch has no events.
+    #[error("the batch is empty")]
+    Empty,
+    /// An event breaks the model's rules.
+    #[error("event {index} is invalid: {reason}")]
+    InvalidEvent {
+        /// Its position in the batch.
+        index: usize,
+        /// What is wrong.
+        reason: InvalidEvent,
+    },
+    /// The idempotency key was used before for a different batch.
+    #[error("idempotency key {key:?} was already used for a different batch")]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+    },
+    /// The log could not store the batch.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Why a read returned nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Events after `after` were removed by retention: resuming would skip them.
+    #[error("watermark {after} has expired: the oldest event still held is {oldest_available}")]
+    Expired {
+        /// The watermark asked for.
+        after: Watermark,
+        /// The oldest watermark the log still holds.
+        oldest_available: Watermark,
+    },
+    /// The log has not reached this watermark: it comes from another log (or a wiped one).
+    #[error("watermark {after} is ahead of the log, whose last watermark is {last}")]
+    Ahead {
+        /// The watermark asked for.
+        after: Watermark,
+        /// The last watermark assigned.
+        last: Watermark,
+    },
+    /// The log could not be read.
+    #[error("{0}")]
+    Log(String),
+}
+
+/// A storage failure, with the file or operation it concerns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// The data directory could not be created or used.
+    #[error("data directory {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The log file is damaged or not a log file.
+    #[error("log file {path} is damaged or is not a Herald log: {reason}")]
+    Corrupt {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the store reported.
+        reason: String,
+    },
+    /// Another process has the log open.
+    #[error("log file {path} is in use by another process")]
+    Locked {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// A read or write failed.
+    #[error("log storage: {0}")]
+    Storage(String),
+    /// A stored record does not decode.
+    #[error("record {watermark}: {source}")]
+    Record {
+        /// Its watermark.
+        watermark: Watermark,
+        /// Why.
+        source: RecordError,
+    },
+    /// The log was closed.
+    #[error("the log is closed")]
+    Closed,
+}
+
+/// An append-only, watermarked, durable log of events that publishes each durable batch to a
+/// hub. Implemented on disk by [`EmbeddedLog`]; a NATS JetStream implementation can take the
+/// same place.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends `batch`; resolves once it is stored as `options.durability` asks, with the
+    /// watermarks given to its events. The batch is then published to [`EventLog::hub`].
+    fn append(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> impl Future<Output = Result<Appended, AppendError>> + Send;
+
+    /// Up to `limit` events after watermark `after`, in order.
+    fn read(
+        &self,
+        after: Watermark,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Notification>, ReadError>> + Send;
+
+    /// The watermarks the log holds now.
+    fn bounds(&self) -> Result<LogBounds, LogError>;
+
+    /// The hub every durable batch is published to, in watermark order: the log's tail.
+    fn hub(&self) -> &Hub;
+}
