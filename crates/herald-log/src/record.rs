@@ -135,3 +135,25 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use herald_core::Watermark;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn every_event_round_trips(n in herald_testkit::arb::logged_notification(), at in any::<u64>()) {
+            let w = n.watermark.unwrap();
+            let bytes = encode(&n, Timestamp(at)).unwrap();
+            prop_assert_eq!(appended_at(&bytes).unwrap(), Timestamp(at));
+            prop_assert_eq!(decode(&bytes, w).unwrap(), n);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes, Watermark(1));
+        }
+    }
+}
