@@ -1,19 +1,15 @@
-//! `herald`: Herald's notification server.
+//! `herald`: Herald's notification server and its command-line client.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use herald_core::{
-    Event, EventKind, Extended, Hub, HubOptions, Notification, OwnedDelivery, Scope,
-    SubscribeOptions,
-};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use herald_server::cli::{Client, TailQuery, event_from_fields};
+use herald_server::config::{Config, Overrides};
+use herald_server::{AppState, run};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-
-/// The key under which the server publishes its own lifecycle events.
-const SYSTEM_KEY: &str = "herald/system";
-/// `Extended` event code for "the server started".
-const EVENT_STARTED: u32 = 1;
 
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Herald, the notification server")]
@@ -22,81 +18,234 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "HERALD_SERVER",
+        default_value = "http://127.0.0.1:8470",
+        global = true
+    )]
+    server: String,
+    /// API key, if the server requires one.
+    #[arg(long, env = "HERALD_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server on its embedded defaults until SIGINT or SIGTERM.
+    /// Run the server (defaults: 127.0.0.1:8470, data in ./herald-data) until SIGINT or SIGTERM.
     Serve {
-        /// Delivery threads for asynchronous sinks (default: one per CPU).
-        #[arg(long, env = "HERALD_WORKERS")]
-        workers: Option<usize>,
+        /// A TOML configuration file.
+        #[arg(long, env = "HERALD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (wins over HERALD_LISTEN and the file).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory (wins over HERALD_DATA_DIR and the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Publish one event: `herald publish alice/inbox/m1 new_mail -f message_class=IPM.Note`.
+    Publish {
+        /// The object's key.
+        key: String,
+        /// The kind (new_mail, object_created, object_moved, …).
+        kind: String,
+        /// A field of the event, name=value (repeatable).
+        #[arg(short, long = "field")]
+        fields: Vec<String>,
+        /// Make a retry safe.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print events on a key as they come, resuming across reconnects.
+    Tail {
+        /// The key.
+        key: String,
+        /// Include everything below the key.
+        #[arg(long)]
+        subtree: bool,
+        /// Comma-separated kinds.
+        #[arg(long)]
+        kinds: Option<String>,
+        /// Resume after this watermark.
+        #[arg(long)]
+        after: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List durable subscriptions.
+    Subs {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show the server's health and figures.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { workers } => serve(workers),
+fn init_tracing(format: &str, filter: &str) {
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 
-fn serve(workers: Option<usize>) -> anyhow::Result<()> {
-    let mut options = HubOptions::default();
-    if let Some(w) = workers {
-        options.workers = w;
-    }
-    let hub = Hub::new(options);
-    self_check(&hub).context("engine self-check failed")?;
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "herald ready");
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(shutdown_signal())?;
-
-    tracing::info!("shutting down");
-    let report = hub.shutdown(Duration::from_secs(10));
-    tracing::info!(
-        drained = report.drained,
-        unpaired = report.unpaired.len(),
-        "herald stopped"
-    );
-    Ok(())
-}
-
-/// Publishes a "started" event through the hub and waits for it to come back, so "ready" means
-/// the engine really delivers.
-fn self_check(hub: &Hub) -> anyhow::Result<()> {
-    let mut rx = hub.subscribe_receiver(
-        Scope::Exact(SYSTEM_KEY.into()),
-        EventKind::Extended.into(),
-        SubscribeOptions::default(),
-    )?;
-    hub.notify(Notification::new(
-        SYSTEM_KEY,
-        Event::Extended(Extended {
-            event: EVENT_STARTED,
-            data: Default::default(),
-        }),
-    ))?;
-    match rx.recv_timeout(Duration::from_secs(5)) {
-        Ok(OwnedDelivery::Events(batch)) if batch.len() == 1 => Ok(()),
-        Ok(other) => bail!("unexpected delivery {other:?}"),
-        Err(e) => bail!("the started event did not come back: {e}"),
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let config = Config::load(config.as_deref(), &Overrides { listen, data_dir })
+                .context("loading the configuration")?;
+            init_tracing(&config.logging.format, &config.logging.filter);
+            runtime.block_on(serve(config))
+        }
+        other => {
+            init_tracing("text", "warn");
+            runtime.block_on(client_command(other))
+        }
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let data_dir = config.data_dir.clone();
+    let state = AppState::open(config, shutdown.clone())
+        .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    run(listener, state).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn client_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Publish {
+            key,
+            kind,
+            fields,
+            idempotency_key,
+            client,
+        } => {
+            let c = Client::new(&client.server, client.token)?;
+            let event = event_from_fields(&key, &kind, &fields)?;
+            let r = c.publish(event, idempotency_key.as_deref()).await?;
+            if client.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let w = r.watermarks.first().copied().unwrap_or(0);
+                println!(
+                    "published at watermark {w}{}",
+                    if r.replayed { " (replayed)" } else { "" }
+                );
+            }
+        }
+        Command::Tail {
+            key,
+            subtree,
+            kinds,
+            after,
+            client,
+        } => {
+            let c = Client::new(&client.server, client.token)?;
+            let mut out = std::io::stdout();
+            let query = TailQuery {
+                key,
+                subtree,
+                kinds,
+                after,
+            };
+            tokio::select! {
+                r = c.tail(&query, client.json, &mut out) => r?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Command::Subs { client } => {
+            let c = Client::new(&client.server, client.token)?;
+            let subs = c.subs().await?;
+            if client.json {
+                for s in subs {
+                    println!("{}", serde_json::to_string(&s)?);
+                }
+            } else if subs.is_empty() {
+                println!("no durable subscriptions");
+            } else {
+                println!(
+                    "{:<38} {:<6} {:>10} {:>8} {:<8} filter",
+                    "id", "kind", "acked", "lag", "pending"
+                );
+                for s in subs {
+                    let filter = match (&s.filter.key, &s.filter.subtree) {
+                        (Some(k), _) => k.clone(),
+                        (_, Some(t)) => format!("{t}/…"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{:<38} {:<6} {:>10} {:>8} {:<8} {filter}",
+                        s.id, "poll", s.acked, s.lag, s.pending
+                    );
+                }
+            }
+        }
+        Command::Status { client } => {
+            let c = Client::new(&client.server, client.token)?;
+            let s = c.status().await?;
+            if client.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("herald {} up {}s", s.version, s.uptime_seconds);
+                println!("log: watermarks {}..={}", s.log_first, s.log_last);
+                println!(
+                    "subscriptions: {} live, {} durable",
+                    s.engine_subscriptions, s.durable_subscriptions
+                );
+                println!("queue overflows: {}", s.queue_overflows);
+            }
+        }
+        Command::Serve { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }

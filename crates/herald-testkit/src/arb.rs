@@ -25,24 +25,34 @@ fn object_type() -> impl Strategy<Value = ObjectType> {
     (0u32..=12).prop_map(|v| ObjectType::from_u32(v).unwrap_or_default())
 }
 
-/// Any property value.
+/// Any property value, its tag's property type matching its data (as MAPI requires).
 pub fn prop_value() -> impl Strategy<Value = PropValue> {
     let data = prop_oneof![
-        Just(PropData::Null),
-        any::<i16>().prop_map(PropData::I16),
-        any::<i32>().prop_map(PropData::I32),
-        any::<i64>().prop_map(PropData::I64),
-        any::<bool>().prop_map(PropData::Bool),
-        (-1e9f64..1e9).prop_map(PropData::F64),
-        any::<u64>().prop_map(PropData::SysTime),
-        text().prop_map(PropData::String),
-        prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| PropData::Binary(Bytes::from(b))),
-        any::<[u8; 16]>().prop_map(PropData::Guid),
-        any::<u32>().prop_map(PropData::Error),
-        prop::collection::vec(any::<i32>(), 0..4).prop_map(PropData::MultiI32),
-        prop::collection::vec(text(), 0..3).prop_map(PropData::MultiString),
+        Just((0x0001u32, PropData::Null)),
+        any::<i16>().prop_map(|v| (0x0002, PropData::I16(v))),
+        any::<i32>().prop_map(|v| (0x0003, PropData::I32(v))),
+        any::<i64>().prop_map(|v| (0x0014, PropData::I64(v))),
+        any::<bool>().prop_map(|v| (0x000B, PropData::Bool(v))),
+        (-1e9f64..1e9).prop_map(|v| (0x0005, PropData::F64(v))),
+        any::<u64>().prop_map(|v| (0x0040, PropData::SysTime(v))),
+        text().prop_map(|v| (0x001F, PropData::String(v))),
+        prop::collection::vec(any::<u8>(), 0..16)
+            .prop_map(|b| (0x0102, PropData::Binary(Bytes::from(b)))),
+        any::<[u8; 16]>().prop_map(|g| (0x0048, PropData::Guid(g))),
+        any::<u32>().prop_map(|v| (0x000A, PropData::Error(v))),
+        prop::collection::vec(any::<i32>(), 0..4).prop_map(|v| (0x1003, PropData::MultiI32(v))),
+        prop::collection::vec(text(), 0..3).prop_map(|v| (0x101F, PropData::MultiString(v))),
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 0..3).prop_map(|v| {
+            (
+                0x1102,
+                PropData::MultiBinary(v.into_iter().map(Bytes::from).collect()),
+            )
+        }),
     ];
-    (1u32.., data).prop_map(|(tag, value)| PropValue { tag, value })
+    (1u32..0xFFFF, data).prop_map(|(id, (pt, value))| PropValue {
+        tag: (id << 16) | pt,
+        value,
+    })
 }
 
 fn object_change() -> impl Strategy<Value = ObjectChange> {

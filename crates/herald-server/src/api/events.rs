@@ -1,0 +1,164 @@
+//! `POST /v1/events`: the producer API.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use herald_core::Timestamp;
+use herald_log::{AppendOptions, EventLog};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::json::EventJson;
+use crate::metrics::names;
+
+/// A batch of events to append, in order.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The events; the batch is appended atomically and delivered in this order.
+    pub events: Vec<EventJson>,
+}
+
+/// The watermarks the batch got, once it is durable.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct PublishResponse {
+    /// One watermark per event, in order.
+    pub watermarks: Vec<u64>,
+    /// Whether this answers a retry of an earlier request with the same `Idempotency-Key`
+    /// (nothing new was appended).
+    pub replayed: bool,
+}
+
+/// The most bytes an `Idempotency-Key` may have.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Appends a batch of events; answers only once they are durable.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "produce",
+    request_body = PublishRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: a retry with the same key and batch appends nothing and gets the same watermarks")),
+    responses(
+        (status = 200, description = "Durably appended", body = PublishResponse),
+        (status = 400, description = "A field is invalid; `error.field` names it", body = crate::error::ErrorBody),
+        (status = 413, description = "The body is larger than `limits.max_body_bytes`", body = crate::error::ErrorBody),
+        (status = 422, description = "The idempotency key was used for a different batch", body = crate::error::ErrorBody),
+        (status = 503, description = "The log cannot store it now", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PublishRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = append(&state, &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) if e.status().is_client_error() => "rejected",
+        Err(_) => "failed",
+    };
+    metrics::counter!(names::APPEND_REQUESTS, "outcome" => outcome).increment(1);
+    let (resp, replayed) = result?;
+    metrics::histogram!(names::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
+    let mut r = (StatusCode::OK, Json(resp)).into_response();
+    if replayed {
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(r)
+}
+
+async fn append(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Json<PublishRequest>, JsonRejection>,
+) -> Result<(PublishResponse, bool), ApiError> {
+    let Json(req) = body.map_err(|e| match e {
+        JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than limits.max_body_bytes ({} bytes)",
+                    state.config().limits.max_body_bytes
+                ),
+            )
+            .with_field("body")
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        ),
+        other => ApiError::field("body", other.body_text()),
+    })?;
+    let limits = &state.config().limits;
+    if req.events.is_empty() {
+        return Err(ApiError::field("events", "must hold at least one event"));
+    }
+    if req.events.len() > limits.max_batch_events {
+        return Err(ApiError::field(
+            "events",
+            format!(
+                "{} events is more than limits.max_batch_events ({})",
+                req.events.len(),
+                limits.max_batch_events
+            ),
+        ));
+    }
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "Idempotency-Key",
+                        format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+                    )
+                })?;
+            Some(k.to_owned())
+        }
+    };
+    let now = Timestamp::now();
+    let batch = req
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.to_notification(now, limits.max_key_bytes)
+                .map_err(|fe| ApiError::field_in(&format!("events[{i}]"), fe))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = batch.len() as u64;
+    let appended = state
+        .log()
+        .append(
+            batch,
+            AppendOptions {
+                idempotency_key,
+                ..Default::default()
+            },
+        )
+        .await?;
+    if !appended.replayed {
+        metrics::counter!(names::EVENTS_APPENDED).increment(n);
+    }
+    Ok((
+        PublishResponse {
+            watermarks: appended.watermarks().map(|w| w.0).collect(),
+            replayed: appended.replayed,
+        },
+        appended.replayed,
+    ))
+}

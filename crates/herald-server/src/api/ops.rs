@@ -1,0 +1,93 @@
+//! Operations: health, readiness, metrics, status, the OpenAPI document.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use herald_log::EventLog;
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::AppState;
+use crate::metrics::names;
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operate", responses((status = 200, description = "Alive", body = String)))]
+pub(super) async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the log can be read and the server is not shutting down.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operate",
+    responses((status = 200, description = "Ready", body = String), (status = 503, description = "Not ready", body = String))
+)]
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.shutdown().is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
+    }
+    match state.log().bounds() {
+        Ok(_) => (StatusCode::OK, "ready".to_owned()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("log unavailable: {e}"),
+        ),
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operate",
+    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"))
+)]
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let hub = state.log().hub().stats();
+    metrics::counter!(names::QUEUE_OVERFLOWS).absolute(hub.overflows);
+    metrics::gauge!(names::DURABLE_SUBSCRIPTIONS).set(state.durables().list().len() as f64);
+    metrics::gauge!(names::LOG_LAST_WATERMARK).set(state.log_last() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics().render(),
+    )
+}
+
+/// The server's health and figures.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct StatusResponse {
+    /// The server's version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// The oldest watermark the log holds.
+    pub log_first: u64,
+    /// The last watermark assigned.
+    pub log_last: u64,
+    /// Live engine subscriptions (streams, sockets, watchers).
+    pub engine_subscriptions: usize,
+    /// Durable subscriptions.
+    pub durable_subscriptions: usize,
+    /// Subscriber queue overflows since start.
+    pub queue_overflows: u64,
+}
+
+/// Health and figures, for `herald status`.
+#[utoipa::path(get, path = "/v1/status", tag = "operate", responses((status = 200, description = "Status", body = StatusResponse)))]
+pub(super) async fn status(State(state): State<AppState>) -> Json<StatusResponse> {
+    let bounds = state.log().bounds().ok();
+    let hub = state.log().hub().stats();
+    Json(StatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: state.uptime().as_secs(),
+        log_first: bounds.map_or(0, |b| b.first.0),
+        log_last: bounds.map_or(0, |b| b.last.0),
+        engine_subscriptions: hub.subscriptions,
+        durable_subscriptions: state.durables().list().len(),
+        queue_overflows: hub.overflows,
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operate", responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub(super) async fn openapi() -> impl IntoResponse {
+    Json(super::ApiDoc::openapi())
+}

@@ -1,0 +1,172 @@
+//! `GET /v1/stream`: Server-Sent Events.
+//!
+//! Each event's `id:` is its watermark and its `event:` its kind, so a browser's EventSource
+//! resumes without gap or duplicate through `Last-Event-ID`. A subscriber slower than the
+//! producers never loses events: its queue overflowing makes it read the log instead. A
+//! position that cannot be resumed (older than retention, or ahead of the log) is told as a
+//! named event, `expired` or `reset`, and the stream ends; so does a server shutdown
+//! (`shutdown`).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use herald_core::{Notification, Watermark};
+use herald_log::{EmbeddedLog, EventLog, FollowError, FollowOptions, Follower, ReadError};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use utoipa::IntoParams;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::json::EventJson;
+use crate::metrics::{ConnectionGauge, delivered};
+use crate::subscriptions::FilterJson;
+
+/// What to stream.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct StreamQuery {
+    /// Exactly this key.
+    key: Option<String>,
+    /// This key and everything below it.
+    subtree: Option<String>,
+    /// Comma-separated kinds (default: all).
+    kinds: Option<String>,
+    /// Resume after this watermark (`Last-Event-ID` takes precedence). Without either, the
+    /// stream starts with the next event.
+    after: Option<u64>,
+    /// An API key, for clients that cannot send an Authorization header.
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+/// Streams events as Server-Sent Events.
+#[utoipa::path(
+    get,
+    path = "/v1/stream",
+    tag = "subscribe",
+    params(StreamQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this watermark")),
+    responses(
+        (status = 200, description = "`text/event-stream`: one SSE event per Herald event (`id:` watermark, `event:` kind, `data:` the event as JSON); named events `expired`, `reset` and `shutdown` end the stream; comments keep it alive", content_type = "text/event-stream"),
+        (status = 400, description = "An invalid filter or position", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn stream(
+    State(state): State<AppState>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let limits = &state.config().limits;
+    let filter = FilterJson {
+        key: q.key,
+        subtree: q.subtree,
+        kinds: q.kinds,
+    }
+    .to_filter(limits.max_key_bytes)
+    .map_err(|e| ApiError::field_in("", e))?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::field("Last-Event-ID", "must be a watermark (an integer)")
+                })?,
+        ),
+    };
+    let after = match last_event_id.or(q.after) {
+        Some(w) => Watermark(w),
+        None => state.log().bounds().map_err(ApiError::internal)?.last,
+    };
+    let options = FollowOptions {
+        queue_capacity: limits.queue_capacity,
+        ..Default::default()
+    };
+    let start = Follower::start(state.log(), filter, after, options);
+    let keepalive = KeepAlive::new()
+        .interval(limits.keepalive)
+        .text("keep-alive");
+    let stream = events(start, state.shutdown().clone());
+    Ok(Sse::new(stream).keep_alive(keepalive).into_response())
+}
+
+struct StreamState {
+    follower: Option<Follower<EmbeddedLog>>,
+    pending: VecDeque<Notification>,
+    ending: Option<SseEvent>,
+    shutdown: CancellationToken,
+    _gauge: ConnectionGauge,
+}
+
+fn final_event(e: &FollowError) -> SseEvent {
+    let (name, body) = match e {
+        FollowError::Position(ReadError::Expired {
+            oldest_available, ..
+        }) => (
+            "expired",
+            serde_json::json!({"code": "watermark_expired", "message": e.to_string(), "oldest_available": oldest_available.0}),
+        ),
+        FollowError::Position(ReadError::Ahead { last, .. }) => (
+            "reset",
+            serde_json::json!({"code": "watermark_ahead", "message": e.to_string(), "last": last.0}),
+        ),
+        other => (
+            "error",
+            serde_json::json!({"code": "internal", "message": other.to_string()}),
+        ),
+    };
+    SseEvent::default().event(name).data(body.to_string())
+}
+
+fn to_sse(n: &Notification) -> SseEvent {
+    let json = serde_json::to_string(&EventJson::from_notification(n)).unwrap_or_default();
+    SseEvent::default()
+        .id(n.watermark.map_or(0, |w| w.0).to_string())
+        .event(n.kind().name())
+        .data(json)
+}
+
+fn events(
+    start: Result<Follower<EmbeddedLog>, FollowError>,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let (follower, ending) = match start {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(final_event(&e))),
+    };
+    let state = StreamState {
+        follower,
+        pending: VecDeque::new(),
+        ending,
+        shutdown,
+        _gauge: ConnectionGauge::open("sse"),
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(n) = s.pending.pop_front() {
+                delivered("sse", &n);
+                return Some((Ok(to_sse(&n)), s));
+            }
+            if let Some(end) = s.ending.take() {
+                s.follower = None;
+                return Some((Ok(end), s));
+            }
+            let follower = s.follower.as_mut()?;
+            tokio::select! {
+                next = follower.next() => match next {
+                    Ok(batch) => s.pending.extend(batch.iter().cloned()),
+                    Err(e) => s.ending = Some(final_event(&e)),
+                },
+                () = s.shutdown.cancelled() => {
+                    s.ending = Some(SseEvent::default().event("shutdown").data(r#"{"code":"shutdown","message":"the server is shutting down; reconnect with Last-Event-ID"}"#));
+                }
+            }
+        }
+    })
+}

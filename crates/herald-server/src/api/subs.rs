@@ -1,0 +1,290 @@
+//! Durable subscriptions and long-poll (MS-OXCMAPIHTTP `NotificationWait` semantics): create,
+//! wait until something is pending, fetch pages of events, delete.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use herald_core::Watermark;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::json::EventJson;
+use crate::subscriptions::{Durable, DurableError, FilterJson, Transport};
+
+/// A new durable subscription.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSubscription {
+    /// Exactly this key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// This key and everything below it.
+    #[serde(default)]
+    pub subtree: Option<String>,
+    /// Comma-separated kinds (default: all).
+    #[serde(default)]
+    pub kinds: Option<String>,
+    /// `poll` (long-poll `wait` + `events`).
+    pub transport: String,
+    /// Start after this watermark (default: with the next event).
+    #[serde(default)]
+    pub after: Option<u64>,
+}
+
+/// A durable subscription as the API shows it.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct SubscriptionView {
+    /// Its id.
+    pub id: String,
+    /// Its filter.
+    pub filter: FilterJson,
+    /// Its transport.
+    pub transport: Transport,
+    /// Creation time, microseconds since the Unix epoch.
+    pub created_at: u64,
+    /// The last watermark the subscriber acknowledged.
+    pub acked: u64,
+    /// The newest matching watermark seen.
+    pub latest: u64,
+    /// Whether events are waiting after the acknowledged watermark.
+    pub pending: bool,
+    /// Lag: the log's last watermark minus the acknowledged one.
+    pub lag: u64,
+}
+
+/// The answer of `wait`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct WaitResponse {
+    /// Whether events are waiting.
+    pub pending: bool,
+}
+
+/// A page of events.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct EventsPage {
+    /// Matching events after `after`, in order.
+    pub events: Vec<EventJson>,
+    /// Where to continue: pass it as `after` next time (which also acknowledges it).
+    pub next_after: u64,
+    /// Whether more events are already waiting.
+    pub more: bool,
+}
+
+fn view(state: &AppState, d: &Durable) -> SubscriptionView {
+    let last = state.log_last();
+    SubscriptionView {
+        id: d.id.clone(),
+        filter: d.spec.filter.clone(),
+        transport: d.spec.transport,
+        created_at: d.spec.created_at,
+        acked: d.acked().0,
+        latest: d.latest().0,
+        pending: d.pending(),
+        lag: last.saturating_sub(d.acked().0),
+    }
+}
+
+impl From<DurableError> for ApiError {
+    fn from(e: DurableError) -> Self {
+        match e {
+            DurableError::NotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "subscription_not_found",
+                e.to_string(),
+            ),
+            DurableError::Field(f) => ApiError::field_in("", f),
+            DurableError::Position(p) => ApiError::position(&p),
+            DurableError::Log(l) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable",
+                l.to_string(),
+            ),
+        }
+    }
+}
+
+/// Creates a durable subscription.
+#[utoipa::path(
+    post, path = "/v1/subscriptions", tag = "subscribe",
+    request_body = CreateSubscription,
+    responses(
+        (status = 201, description = "Created (and stored)", body = SubscriptionView),
+        (status = 400, description = "Invalid field", body = crate::error::ErrorBody),
+        (status = 410, description = "`after` is older than the log holds", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<CreateSubscription>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::field("body", e.body_text()))?;
+    let transport = match req.transport.as_str() {
+        "poll" => Transport::Poll,
+        other => {
+            return Err(ApiError::field(
+                "transport",
+                format!("unknown transport {other:?}; this server offers: poll"),
+            ));
+        }
+    };
+    let filter = FilterJson {
+        key: req.key,
+        subtree: req.subtree,
+        kinds: req.kinds,
+    };
+    let d = state
+        .durables()
+        .create(filter, transport, req.after.map(Watermark))
+        .await?;
+    metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
+        .set(state.durables().list().len() as f64);
+    Ok((StatusCode::CREATED, Json(view(&state, &d))).into_response())
+}
+
+/// Lists durable subscriptions.
+#[utoipa::path(
+    get, path = "/v1/subscriptions", tag = "subscribe",
+    responses((status = 200, description = "Every durable subscription", body = Vec<SubscriptionView>))
+)]
+pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<SubscriptionView>> {
+    Json(
+        state
+            .durables()
+            .list()
+            .iter()
+            .map(|d| view(&state, d))
+            .collect(),
+    )
+}
+
+/// Shows one durable subscription.
+#[utoipa::path(
+    get, path = "/v1/subscriptions/{id}", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 200, description = "The subscription", body = SubscriptionView),
+        (status = 404, description = "Unknown or expired", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let d = state.durables().get(&id)?;
+    Ok(Json(view(&state, &d)))
+}
+
+/// Ends a durable subscription.
+#[utoipa::path(
+    delete, path = "/v1/subscriptions/{id}", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "Unknown or expired", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.durables().delete(&id).await?;
+    metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
+        .set(state.durables().list().len() as f64);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long to wait.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(super) struct WaitQuery {
+    /// Longest wait: seconds (`30`) or a duration (`30s`, `2m`); default 30 s, capped at
+    /// `limits.max_wait`.
+    timeout: Option<String>,
+}
+
+/// Long-polls: returns as soon as events are pending, or at the timeout.
+#[utoipa::path(
+    get, path = "/v1/subscriptions/{id}/wait", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id"), WaitQuery),
+    responses(
+        (status = 200, description = "Whether events are pending", body = WaitResponse),
+        (status = 404, description = "Unknown or expired", body = crate::error::ErrorBody),
+        (status = 410, description = "The subscription fell behind retention", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn wait(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<WaitResponse>, ApiError> {
+    let max = state.config().limits.max_wait;
+    let timeout = match q.timeout.as_deref() {
+        None => Duration::from_secs(30),
+        Some(t) => t
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .or_else(|_| humantime::parse_duration(t))
+            .map_err(|_| ApiError::field("timeout", "seconds, or a duration such as 30s or 2m"))?,
+    }
+    .min(max);
+    let d = state.durables().get(&id)?;
+    if let Some(oldest) = state.durables().expired_position(&d) {
+        return Err(ApiError::position(&herald_log::ReadError::Expired {
+            after: d.acked(),
+            oldest_available: oldest,
+        }));
+    }
+    let pending = state
+        .durables()
+        .wait(&id, timeout, state.shutdown())
+        .await?;
+    Ok(Json(WaitResponse { pending }))
+}
+
+/// Which events to fetch.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(super) struct EventsQuery {
+    /// Fetch after this watermark, acknowledging it (default: the acknowledged watermark).
+    after: Option<u64>,
+    /// Most events to return (default 100, capped at `limits.max_page`).
+    limit: Option<usize>,
+}
+
+/// Fetches events after a watermark, acknowledging that watermark.
+#[utoipa::path(
+    get, path = "/v1/subscriptions/{id}/events", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id"), EventsQuery),
+    responses(
+        (status = 200, description = "A page of events", body = EventsPage),
+        (status = 400, description = "`after` is ahead of the log", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown or expired", body = crate::error::ErrorBody),
+        (status = 410, description = "`after` is older than the log holds", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let limit = q
+        .limit
+        .unwrap_or(100)
+        .clamp(1, state.config().limits.max_page);
+    let (events, next, more) = state
+        .durables()
+        .fetch(&id, q.after.map(Watermark), limit)
+        .await?;
+    for n in &events {
+        crate::metrics::delivered("poll", n);
+    }
+    Ok(Json(EventsPage {
+        events: events.iter().map(EventJson::from_notification).collect(),
+        next_after: next.0,
+        more,
+    }))
+}

@@ -1,0 +1,220 @@
+//! The command-line client: `herald publish`, `tail`, `subs`, `status`. Human-readable output
+//! by default, one JSON object per line with `--json`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::api::{PublishRequest, PublishResponse, StatusResponse, SubscriptionView};
+use crate::json::EventJson;
+
+/// Where the server is and how to authenticate.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// Base URL, e.g. `http://127.0.0.1:8470`.
+    pub server: String,
+    /// API key, if the server requires one.
+    pub token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for `server`.
+    pub fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Client {
+            server: server.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.server));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = r
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    let e = v.get("error")?;
+                    let field = e.get("field").and_then(|f| f.as_str());
+                    let message = e.get("message")?.as_str()?;
+                    Some(match field {
+                        Some(f) => format!("{f}: {message}"),
+                        None => message.to_owned(),
+                    })
+                })
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            bail!("the server answered {status}: {msg}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Publishes one event; returns its watermark.
+    pub async fn publish(
+        &self,
+        event: EventJson,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<PublishResponse> {
+        let mut r = self
+            .request(reqwest::Method::POST, "/v1/events")
+            .json(&PublishRequest {
+                events: vec![event],
+            });
+        if let Some(k) = idempotency_key {
+            r = r.header("Idempotency-Key", k);
+        }
+        self.json(r).await
+    }
+
+    /// The server's status.
+    pub async fn status(&self) -> anyhow::Result<StatusResponse> {
+        self.json(self.request(reqwest::Method::GET, "/v1/status"))
+            .await
+    }
+
+    /// Durable subscriptions.
+    pub async fn subs(&self) -> anyhow::Result<Vec<SubscriptionView>> {
+        self.json(self.request(reqwest::Method::GET, "/v1/subscriptions"))
+            .await
+    }
+
+    /// Streams events to `out` until interrupted, reconnecting after errors and resuming after
+    /// the last watermark printed. Returns when the server says the position expired.
+    pub async fn tail(
+        &self,
+        query: &TailQuery,
+        json: bool,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<()> {
+        let mut last = query.after;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let mut params: Vec<(&str, String)> = Vec::new();
+            if query.subtree {
+                params.push(("subtree", query.key.clone()));
+            } else {
+                params.push(("key", query.key.clone()));
+            }
+            if let Some(k) = &query.kinds {
+                params.push(("kinds", k.clone()));
+            }
+            let mut r = self
+                .request(reqwest::Method::GET, "/v1/stream")
+                .query(&params);
+            if let Some(w) = last {
+                r = r.header("Last-Event-ID", w.to_string());
+            }
+            let resp = match r.send().await {
+                Ok(resp) if resp.status().is_success() => resp,
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    bail!("the server answered {status}: {text}");
+                }
+                Err(e) => {
+                    eprintln!("herald tail: {e}; reconnecting in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(250);
+            let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
+            while let Some(item) = events.next().await {
+                let ev = match item {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        eprintln!("herald tail: stream broke ({e}); resuming");
+                        break;
+                    }
+                };
+                match ev.event.as_str() {
+                    "expired" | "reset" => {
+                        bail!("the position can no longer be resumed: {}", ev.data);
+                    }
+                    "shutdown" | "error" => {
+                        eprintln!(
+                            "herald tail: server said {}: {}; resuming",
+                            ev.event, ev.data
+                        );
+                        break;
+                    }
+                    _ => {}
+                }
+                let event: EventJson = match serde_json::from_str(&ev.data) {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                };
+                last = event.watermark.or(last);
+                if json {
+                    writeln!(out, "{}", ev.data)?;
+                } else {
+                    writeln!(out, "{}", human(&event))?;
+                }
+                out.flush()?;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+/// What `herald tail` follows.
+#[derive(Clone, Debug)]
+pub struct TailQuery {
+    /// The key.
+    pub key: String,
+    /// Whether to follow everything below it too.
+    pub subtree: bool,
+    /// Comma-separated kinds.
+    pub kinds: Option<String>,
+    /// Resume after this watermark.
+    pub after: Option<u64>,
+}
+
+/// One line describing an event, for people.
+pub fn human(e: &EventJson) -> String {
+    let mut s = format!("{:>8}  {:<22} {}", e.watermark.unwrap_or(0), e.kind, e.key);
+    if let Some(old) = &e.old_key {
+        s.push_str(&format!("  (from {old})"));
+    }
+    if let Some(c) = &e.message_class {
+        s.push_str(&format!("  {c}"));
+    }
+    s
+}
+
+/// Builds an event from `key`, `kind` and `name=value` fields (values are JSON when they
+/// parse as JSON, strings otherwise).
+pub fn event_from_fields(key: &str, kind: &str, fields: &[String]) -> anyhow::Result<EventJson> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("key".into(), key.into());
+    obj.insert("kind".into(), kind.into());
+    for f in fields {
+        let (name, value) = f
+            .split_once('=')
+            .with_context(|| format!("field {f:?} is not name=value"))?;
+        let value = serde_json::from_str(value)
+            .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+        obj.insert(name.to_owned(), value);
+    }
+    serde_json::from_value(serde_json::Value::Object(obj))
+        .context("the fields do not make an event")
+}

@@ -1,0 +1,283 @@
+//! Server configuration: defaults, then a TOML file, then `HERALD_*` environment variables,
+//! then command-line flags, each layer winning over the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything `herald serve` can be told.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (`HERALD_LISTEN`, `--listen`).
+    pub listen: SocketAddr,
+    /// Directory holding the event log (`HERALD_DATA_DIR`, `--data-dir`).
+    pub data_dir: PathBuf,
+    /// How much history the log keeps.
+    pub retention: RetentionConfig,
+    /// Request and connection limits.
+    pub limits: Limits,
+    /// Durable subscriptions.
+    pub subscriptions: SubscriptionsConfig,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// Log output.
+    pub logging: LoggingConfig,
+    /// How long a graceful shutdown waits for connections to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8470)),
+            data_dir: PathBuf::from("herald-data"),
+            retention: RetentionConfig::default(),
+            limits: Limits::default(),
+            subscriptions: SubscriptionsConfig::default(),
+            auth: AuthConfig::default(),
+            logging: LoggingConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Retention limits of the log; a limit left out is no limit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Events older than this are removed (default 7 days).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// The oldest events are removed beyond this many bytes of records.
+    pub max_bytes: Option<u64>,
+    /// The oldest events are removed beyond this many events.
+    pub max_events: Option<u64>,
+    /// How long an `Idempotency-Key` is remembered (default 24 hours).
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_bytes: None,
+            max_events: None,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Limits on what clients may send and hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /v1/events` (400 beyond it).
+    pub max_batch_events: usize,
+    /// Longest key, in bytes.
+    pub max_key_bytes: usize,
+    /// Per-subscriber queue, in events, before the subscriber resyncs from the log.
+    pub queue_capacity: usize,
+    /// Longest long-poll wait a client may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most events one page of `GET …/events` returns.
+    pub max_page: usize,
+    /// Interval of SSE keep-alive comments and WebSocket pings.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Most subscriptions on one WebSocket connection.
+    pub max_ws_subscriptions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_batch_events: 1000,
+            max_key_bytes: 1024,
+            queue_capacity: 4096,
+            max_wait: Duration::from_secs(120),
+            max_page: 1000,
+            keepalive: Duration::from_secs(15),
+            max_ws_subscriptions: 256,
+        }
+    }
+}
+
+/// Durable subscriptions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscriptionsConfig {
+    /// A subscription nobody polls or fetches for this long is removed, like an EWS pull
+    /// subscription past its timeout.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for SubscriptionsConfig {
+    fn default() -> Self {
+        SubscriptionsConfig {
+            idle_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// API keys. With none configured the API is open (the default listens on loopback only).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens that may use the API.
+    pub keys: Vec<String>,
+}
+
+/// How logs are written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter (`info`, `herald=debug`, …); `HERALD_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: "text".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Values given on the command line (absent ones do not override).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The top-level keys the environment may set; other `HERALD_*` variables (such as
+/// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
+const ENV_KEYS: [&str; 8] = [
+    "listen",
+    "data_dir",
+    "retention",
+    "limits",
+    "subscriptions",
+    "auth",
+    "logging",
+    "shutdown_timeout",
+];
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (if given; it must exist), then the
+    /// environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(Box::new(figment::Error::from(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                ))));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig.merge(Env::prefixed("HERALD_").split("__").filter(|k| {
+            let top = k.as_str().split('.').next().unwrap_or_default();
+            ENV_KEYS.iter().any(|n| top.eq_ignore_ascii_case(n))
+        }))
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .map_err(Box::new)
+    }
+
+    /// The log's options for this configuration.
+    pub fn log_options(&self) -> herald_log::LogOptions {
+        herald_log::LogOptions {
+            retention: herald_log::Retention {
+                max_age: self.retention.max_age,
+                max_bytes: self.retention.max_bytes,
+                max_events: self.retention.max_events,
+            },
+            idempotency_ttl: self.retention.idempotency_ttl,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+// figment's Jail takes closures returning its (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(None, &Overrides::default()).map_err(|e| *e)?;
+            assert_eq!(c.listen, "127.0.0.1:8470".parse().unwrap());
+            assert_eq!(c.data_dir, PathBuf::from("herald-data"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn flags_win_over_env_which_wins_over_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                listen = "127.0.0.1:1111"
+                data_dir = "from-file"
+                [limits]
+                max_batch_events = 7
+                [retention]
+                max_age = "2h"
+                "#,
+            )?;
+            jail.set_env("HERALD_LISTEN", "127.0.0.1:2222");
+            jail.set_env("HERALD_LIMITS__MAX_BODY_BYTES", "99");
+            jail.set_env("HERALD_LOG", "debug");
+            let file = Path::new("herald.toml");
+            let c = Config::load(Some(file), &Overrides::default()).map_err(|e| *e)?;
+            assert_eq!(c.listen, "127.0.0.1:2222".parse().unwrap());
+            assert_eq!(c.data_dir, PathBuf::from("from-file"));
+            assert_eq!(c.limits.max_batch_events, 7);
+            assert_eq!(c.limits.max_body_bytes, 99);
+            assert_eq!(c.retention.max_age, Some(Duration::from_secs(7200)));
+            let o = Overrides {
+                listen: Some("127.0.0.1:3333".parse().unwrap()),
+                data_dir: Some("from-flag".into()),
+            };
+            let c = Config::load(Some(file), &o).map_err(|e| *e)?;
+            assert_eq!(c.listen, "127.0.0.1:3333".parse().unwrap());
+            assert_eq!(c.data_dir, PathBuf::from("from-flag"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "listen = \"127.0.0.1:1\"\nlisten_port = 3\n")?;
+            let err = Config::load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("listen_port"), "{err}");
+            assert!(Config::load(Some(Path::new("none.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+}

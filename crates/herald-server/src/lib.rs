@@ -1,0 +1,146 @@
+//! The `herald` server: the producer API, the subscriber transports (SSE, WebSocket,
+//! long-poll), operations endpoints, and the command-line client.
+//!
+//! [`app`] builds the router over an [`AppState`]; [`run`] serves it on a listener until the
+//! shutdown token is cancelled, then closes streams with a final status and flushes the log.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod json;
+pub mod metrics;
+pub mod subscriptions;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_core::{Hub, HubOptions};
+use herald_log::EmbeddedLog;
+use tokio_util::sync::CancellationToken;
+
+pub use api::{ApiDoc, app};
+pub use config::Config;
+
+/// Everything a request handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    config: Config,
+    log: EmbeddedLog,
+    durables: subscriptions::Durables,
+    metrics: metrics::Metrics,
+    shutdown: CancellationToken,
+    started: Instant,
+}
+
+impl AppState {
+    /// Opens the log in the configured data directory and restores durable subscriptions.
+    /// Must be called inside a tokio runtime (subscription watchers are tasks).
+    pub fn open(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
+        let hub = Hub::new(HubOptions {
+            queue_capacity: config.limits.queue_capacity,
+            ..Default::default()
+        });
+        let log = EmbeddedLog::open(&config.data_dir, config.log_options(), hub)?;
+        let durables = subscriptions::Durables::new(
+            log.clone(),
+            config.subscriptions.idle_timeout,
+            config.limits.max_key_bytes,
+            config.limits.queue_capacity,
+        );
+        let restored = durables.restore()?;
+        if restored > 0 {
+            tracing::info!(restored, "durable subscriptions restored");
+        }
+        Ok(AppState {
+            inner: Arc::new(StateInner {
+                config,
+                log,
+                durables,
+                metrics: metrics::Metrics::install(),
+                shutdown,
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &EmbeddedLog {
+        &self.inner.log
+    }
+
+    /// Durable subscriptions.
+    pub fn durables(&self) -> &subscriptions::Durables {
+        &self.inner.durables
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// Cancelled when the server starts shutting down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The log's last watermark (0 if it cannot be read).
+    pub fn log_last(&self) -> u64 {
+        use herald_log::EventLog;
+        self.inner.log.bounds().map_or(0, |b| b.last.0)
+    }
+
+    /// How long the server has been up.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+}
+
+/// Serves `state` on `listener` until `state.shutdown()` is cancelled; then stops accepting,
+/// lets streams send their final status, waits for open requests up to the configured
+/// timeout, and makes the log durable.
+pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
+    let shutdown = state.shutdown().clone();
+    let addr = listener.local_addr()?;
+    let sweeper = tokio::spawn(sweep_idle(state.clone()));
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "herald ready");
+    let server = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let timeout = state.config().shutdown_timeout;
+    let serving = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing streams and draining requests");
+    match tokio::time::timeout(timeout, serving).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!(
+            ?timeout,
+            "connections still open after the shutdown timeout"
+        ),
+    }
+    sweeper.abort();
+    state.durables().stop_all();
+    let log = state.log().clone();
+    tokio::task::spawn_blocking(move || log.close()).await??;
+    tracing::info!("herald stopped; the log is flushed");
+    Ok(())
+}
+
+/// Removes idle durable subscriptions periodically.
+async fn sweep_idle(state: AppState) {
+    let every = (state.config().subscriptions.idle_timeout / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        state.durables().expire_idle().await;
+    }
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics: one recorder per process, rendered at `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names, in one place.
+pub mod names {
+    /// Counter: events durably appended.
+    pub const EVENTS_APPENDED: &str = "herald_events_appended_total";
+    /// Counter: `POST /v1/events` requests, by outcome.
+    pub const APPEND_REQUESTS: &str = "herald_append_requests_total";
+    /// Histogram: seconds from receiving a batch to its durable acknowledgement.
+    pub const APPEND_SECONDS: &str = "herald_append_duration_seconds";
+    /// Counter: events delivered to subscribers, by transport.
+    pub const DELIVERIES: &str = "herald_deliveries_total";
+    /// Histogram: seconds from an event's timestamp to its delivery, by transport.
+    pub const DELIVERY_LAG_SECONDS: &str = "herald_delivery_lag_seconds";
+    /// Gauge: open subscriber connections, by transport.
+    pub const CONNECTIONS: &str = "herald_connections";
+    /// Counter: per-subscriber queue overflows (each made the subscriber resync from the log).
+    pub const QUEUE_OVERFLOWS: &str = "herald_queue_overflows_total";
+    /// Gauge: durable subscriptions.
+    pub const DURABLE_SUBSCRIPTIONS: &str = "herald_durable_subscriptions";
+    /// Counter: webhook delivery attempts.
+    pub const WEBHOOK_ATTEMPTS: &str = "herald_webhook_attempts_total";
+    /// Counter: failed webhook delivery attempts.
+    pub const WEBHOOK_FAILURES: &str = "herald_webhook_failures_total";
+    /// Gauge: the log's last watermark.
+    pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
+}
+
+/// The process's metrics recorder and its renderer.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+impl Metrics {
+    /// Installs the global recorder the first time; later calls share it.
+    pub fn install() -> Metrics {
+        let handle = HANDLE
+            .get_or_init(|| {
+                let buckets = [
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0,
+                ];
+                let recorder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                    .map(|b| b.build_recorder());
+                match recorder {
+                    Ok(recorder) => {
+                        let handle = recorder.handle();
+                        if metrics::set_global_recorder(recorder).is_err() {
+                            tracing::warn!("a metrics recorder was already installed");
+                        }
+                        describe();
+                        handle
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "metrics recorder setup failed");
+                        PrometheusBuilder::new().build_recorder().handle()
+                    }
+                }
+            })
+            .clone();
+        Metrics { handle }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    use names::*;
+    metrics::describe_counter!(EVENTS_APPENDED, "Events durably appended to the log.");
+    metrics::describe_counter!(APPEND_REQUESTS, "POST /v1/events requests, by outcome.");
+    metrics::describe_histogram!(
+        APPEND_SECONDS,
+        metrics::Unit::Seconds,
+        "From receiving a batch to its durable acknowledgement."
+    );
+    metrics::describe_counter!(DELIVERIES, "Events delivered to subscribers, by transport.");
+    metrics::describe_histogram!(
+        DELIVERY_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "From an event's timestamp to its delivery, by transport."
+    );
+    metrics::describe_gauge!(CONNECTIONS, "Open subscriber connections, by transport.");
+    metrics::describe_counter!(
+        QUEUE_OVERFLOWS,
+        "Subscriber queue overflows (the subscriber resynced from the log)."
+    );
+    metrics::describe_gauge!(DURABLE_SUBSCRIPTIONS, "Durable subscriptions.");
+    metrics::describe_counter!(WEBHOOK_ATTEMPTS, "Webhook delivery attempts.");
+    metrics::describe_counter!(WEBHOOK_FAILURES, "Failed webhook delivery attempts.");
+    metrics::describe_gauge!(LOG_LAST_WATERMARK, "The log's last watermark.");
+}
+
+/// Counts an open connection of a transport until dropped.
+pub struct ConnectionGauge(&'static str);
+
+impl ConnectionGauge {
+    /// Counts one more open connection on `transport`.
+    pub fn open(transport: &'static str) -> Self {
+        metrics::gauge!(names::CONNECTIONS, "transport" => transport).increment(1.0);
+        ConnectionGauge(transport)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(names::CONNECTIONS, "transport" => self.0).decrement(1.0);
+    }
+}
+
+/// Records the delivery of `n` over `transport`.
+pub fn delivered(transport: &'static str, n: &herald_core::Notification) {
+    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(1);
+    let lag = herald_core::Timestamp::now()
+        .0
+        .saturating_sub(n.timestamp.0) as f64
+        / 1e6;
+    metrics::histogram!(names::DELIVERY_LAG_SECONDS, "transport" => transport).record(lag);
+}

@@ -1,0 +1,449 @@
+//! Durable subscriptions: created by `POST /v1/subscriptions`, stored in the log, restored on
+//! start (without counting as new subscribes), expired when idle. Each has a watcher that
+//! follows the log from the acknowledged watermark and records the newest matching event, which
+//! is what long-poll waits on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_core::{EventMask, Filter, Scope, Timestamp, Watermark};
+use herald_log::{EmbeddedLog, EventLog, FollowOptions, Follower, ReadError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use crate::json::{FieldError, key_param, parse_kinds};
+
+/// A subscription's filter as the API spells it: one of `key` (exact) or `subtree`, and the
+/// kinds (all when absent).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterJson {
+    /// Exactly this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// This key and everything below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtree: Option<String>,
+    /// Comma-separated kinds, e.g. `new_mail,object_created` (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<String>,
+}
+
+impl FilterJson {
+    /// The engine filter, or the field at fault.
+    pub fn to_filter(&self, max_key: usize) -> Result<Filter, FieldError> {
+        let scope = match (&self.key, &self.subtree) {
+            (Some(k), None) => Scope::Exact(key_param("key", k, max_key)?),
+            (None, Some(k)) => Scope::Subtree(key_param("subtree", k, max_key)?),
+            (Some(_), Some(_)) => {
+                return Err(FieldError {
+                    field: "subtree".into(),
+                    message: "give key or subtree, not both".into(),
+                });
+            }
+            (None, None) => {
+                return Err(FieldError {
+                    field: "key".into(),
+                    message: "a key or a subtree is required".into(),
+                });
+            }
+        };
+        let mask = match &self.kinds {
+            Some(list) => parse_kinds("kinds", list)?,
+            None => EventMask::ALL,
+        };
+        Ok(Filter { scope, mask })
+    }
+}
+
+/// How a durable subscription is delivered to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// The subscriber long-polls `…/wait` and fetches `…/events`.
+    Poll,
+}
+
+/// What is stored for a durable subscription (its record in the log's registry).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionSpec {
+    /// The filter.
+    pub filter: FilterJson,
+    /// The transport.
+    pub transport: Transport,
+    /// Creation time, microseconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// One durable subscription, live.
+pub struct Durable {
+    /// Its id.
+    pub id: String,
+    /// What it is.
+    pub spec: SubscriptionSpec,
+    filter: Filter,
+    acked: AtomicU64,
+    /// The newest matching watermark seen by the watcher.
+    latest: AtomicU64,
+    /// Set when the watcher's position expired (it fell behind retention).
+    expired_at: AtomicU64,
+    changed: Notify,
+    touched: Mutex<Instant>,
+    stop: CancellationToken,
+}
+
+impl Durable {
+    /// The filter.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// The acknowledged watermark.
+    pub fn acked(&self) -> Watermark {
+        Watermark(self.acked.load(Ordering::Acquire))
+    }
+
+    /// Whether events are pending after the acknowledged watermark.
+    pub fn pending(&self) -> bool {
+        self.latest.load(Ordering::Acquire) > self.acked.load(Ordering::Acquire)
+    }
+
+    /// The newest matching watermark the watcher has seen.
+    pub fn latest(&self) -> Watermark {
+        Watermark(self.latest.load(Ordering::Acquire))
+    }
+
+    fn touch(&self) {
+        *self.touched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.touched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Why a durable-subscription call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    /// No such subscription (never made, deleted, or expired when idle).
+    #[error("no subscription {0:?} (it may have expired after being idle)")]
+    NotFound(String),
+    /// A field of the request.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    /// A position that cannot be used.
+    #[error(transparent)]
+    Position(ReadError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] herald_log::LogError),
+}
+
+/// All durable subscriptions of this server.
+#[derive(Clone)]
+pub struct Durables {
+    inner: Arc<DurablesInner>,
+}
+
+struct DurablesInner {
+    log: EmbeddedLog,
+    subs: Mutex<HashMap<String, Arc<Durable>>>,
+    idle_timeout: Duration,
+    max_key: usize,
+    queue_capacity: usize,
+}
+
+impl Durables {
+    /// The manager; call [`Durables::restore`] once at start.
+    pub fn new(
+        log: EmbeddedLog,
+        idle_timeout: Duration,
+        max_key: usize,
+        queue_capacity: usize,
+    ) -> Self {
+        Durables {
+            inner: Arc::new(DurablesInner {
+                log,
+                subs: Mutex::new(HashMap::new()),
+                idle_timeout,
+                max_key,
+                queue_capacity,
+            }),
+        }
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Durable>>> {
+        self.inner.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings back every stored subscription. This is an automatic restoration, not a new
+    /// subscribe: no subscribe hooks run. Records that no longer parse are logged and skipped.
+    pub fn restore(&self) -> Result<usize, herald_log::LogError> {
+        let mut restored = 0;
+        for record in self.inner.log.subscriptions()? {
+            let spec: SubscriptionSpec = match serde_json::from_slice(&record.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(id = %record.id, error = %e, "stored subscription does not parse; skipped");
+                    continue;
+                }
+            };
+            match spec.filter.to_filter(self.inner.max_key) {
+                Ok(filter) => {
+                    self.start(record.id, spec, filter, record.acked);
+                    restored += 1;
+                }
+                Err(e) => {
+                    tracing::error!(id = %record.id, error = %e, "stored subscription filter is invalid; skipped")
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Creates a subscription starting after `after` (default: now). Durable when it returns.
+    pub async fn create(
+        &self,
+        filter_json: FilterJson,
+        transport: Transport,
+        after: Option<Watermark>,
+    ) -> Result<Arc<Durable>, DurableError> {
+        let filter = filter_json.to_filter(self.inner.max_key)?;
+        let bounds = self.inner.log.bounds()?;
+        let start = match after {
+            Some(w) => {
+                bounds.check(w).map_err(DurableError::Position)?;
+                w
+            }
+            None => bounds.last,
+        };
+        let spec = SubscriptionSpec {
+            filter: filter_json,
+            transport,
+            created_at: Timestamp::now().0,
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let bytes =
+            serde_json::to_vec(&spec).map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
+        self.inner.log.put_subscription(&id, bytes).await?;
+        self.inner.log.ack(&id, start).await?;
+        Ok(self.start(id, spec, filter, start))
+    }
+
+    fn start(
+        &self,
+        id: String,
+        spec: SubscriptionSpec,
+        filter: Filter,
+        acked: Watermark,
+    ) -> Arc<Durable> {
+        let sub = Arc::new(Durable {
+            id: id.clone(),
+            spec,
+            filter,
+            acked: AtomicU64::new(acked.0),
+            latest: AtomicU64::new(acked.0),
+            expired_at: AtomicU64::new(0),
+            changed: Notify::new(),
+            touched: Mutex::new(Instant::now()),
+            stop: CancellationToken::new(),
+        });
+        self.subs().insert(id, sub.clone());
+        tokio::spawn(watch(
+            self.inner.log.clone(),
+            sub.clone(),
+            self.inner.queue_capacity,
+        ));
+        sub
+    }
+
+    /// The subscription `id`, touched (so it does not expire).
+    pub fn get(&self, id: &str) -> Result<Arc<Durable>, DurableError> {
+        let sub = self
+            .subs()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
+        sub.touch();
+        Ok(sub)
+    }
+
+    /// Every subscription, by id.
+    pub fn list(&self) -> Vec<Arc<Durable>> {
+        let mut v: Vec<_> = self.subs().values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Removes a subscription and its stored record.
+    pub async fn delete(&self, id: &str) -> Result<(), DurableError> {
+        let sub = self
+            .subs()
+            .remove(id)
+            .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
+        sub.stop.cancel();
+        self.inner.log.delete_subscription(id).await?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for events after the acknowledged watermark.
+    pub async fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, DurableError> {
+        let sub = self.get(id)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = sub.changed.notified();
+            if sub.pending() {
+                return Ok(true);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(sub.pending()),
+                () = shutdown.cancelled() => return Ok(sub.pending()),
+                () = sub.stop.cancelled() => return Err(DurableError::NotFound(id.to_owned())),
+            }
+        }
+    }
+
+    /// Acknowledges `after` (if newer) and returns up to `limit` matching events after it,
+    /// with the cursor to fetch the next page from and whether more are waiting.
+    pub async fn fetch(
+        &self,
+        id: &str,
+        after: Option<Watermark>,
+        limit: usize,
+    ) -> Result<(Vec<herald_core::Notification>, Watermark, bool), DurableError> {
+        let sub = self.get(id)?;
+        let after = after.unwrap_or_else(|| sub.acked());
+        let bounds = self.inner.log.bounds()?;
+        bounds.check(after).map_err(DurableError::Position)?;
+        if after > sub.acked() {
+            sub.acked.fetch_max(after.0, Ordering::AcqRel);
+            self.inner.log.ack(id, after).await?;
+        }
+        // Scan at most a bounded number of log events per request, so a sparse filter over a
+        // long log answers promptly; the cursor lets the client continue.
+        let mut cursor = after;
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        let budget = limit.saturating_mul(16).max(4096);
+        while out.len() < limit && scanned < budget {
+            let page = self
+                .inner
+                .log
+                .read(cursor, 512)
+                .await
+                .map_err(DurableError::Position)?;
+            let Some(last) = page.last().and_then(|n| n.watermark) else {
+                break;
+            };
+            for n in page {
+                scanned += 1;
+                let w = n.watermark.unwrap_or(cursor);
+                if sub.filter.matches(&n) {
+                    out.push(n);
+                }
+                cursor = w;
+                if out.len() == limit {
+                    break;
+                }
+            }
+            if cursor >= last && out.len() == limit {
+                break;
+            }
+        }
+        let more =
+            cursor < sub.latest() || cursor < self.inner.log.bounds()?.last && out.len() == limit;
+        Ok((out, cursor, more))
+    }
+
+    /// Removes subscriptions idle longer than the idle timeout; returns how many.
+    pub async fn expire_idle(&self) -> usize {
+        let idle: Vec<String> = self
+            .subs()
+            .values()
+            .filter(|s| s.idle_for() > self.inner.idle_timeout)
+            .map(|s| s.id.clone())
+            .collect();
+        let mut n = 0;
+        for id in idle {
+            if self.delete(&id).await.is_ok() {
+                tracing::info!(%id, "durable subscription expired after being idle");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Stops every watcher (at shutdown). Stored records stay.
+    pub fn stop_all(&self) {
+        for s in self.subs().values() {
+            s.stop.cancel();
+        }
+    }
+
+    /// Whether this subscription's watcher has fallen behind retention.
+    pub fn expired_position(&self, sub: &Durable) -> Option<Watermark> {
+        match sub.expired_at.load(Ordering::Acquire) {
+            0 => None,
+            w => Some(Watermark(w)),
+        }
+    }
+}
+
+/// Follows the log from the subscription's acknowledged watermark and records the newest
+/// matching event, waking long-polls.
+async fn watch(log: EmbeddedLog, sub: Arc<Durable>, queue_capacity: usize) {
+    let options = FollowOptions {
+        queue_capacity,
+        ..Default::default()
+    };
+    let mut follower = match Follower::start(&log, sub.filter.clone(), sub.acked(), options) {
+        Ok(f) => f,
+        Err(e) => {
+            note_expired(&sub, &e);
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = sub.stop.cancelled() => return,
+            next = follower.next() => match next {
+                Ok(batch) => {
+                    if let Some(w) = batch.last_watermark() {
+                        sub.latest.fetch_max(w.0, Ordering::AcqRel);
+                        sub.changed.notify_waiters();
+                    }
+                }
+                Err(e) => {
+                    note_expired(&sub, &e);
+                    return;
+                }
+            },
+        }
+    }
+}
+
+fn note_expired(sub: &Durable, e: &herald_log::FollowError) {
+    if let herald_log::FollowError::Position(ReadError::Expired {
+        oldest_available, ..
+    }) = e
+    {
+        sub.expired_at
+            .store(oldest_available.0.max(1), Ordering::Release);
+        sub.changed.notify_waiters();
+    } else {
+        tracing::warn!(id = %sub.id, error = %e, "durable subscription watcher stopped");
+    }
+}
