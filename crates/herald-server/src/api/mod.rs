@@ -39,6 +39,7 @@ pub use ws::{ClientFrame, ServerFrame};
         subs::delete,
         subs::wait,
         subs::events,
+        ops::watch_page,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -77,6 +78,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
+        .route("/", get(ops::watch_page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -11,6 +11,15 @@ use utoipa::{OpenApi, ToSchema};
 use crate::AppState;
 use crate::metrics::names;
 
+/// A page that watches events live with the browser's EventSource.
+#[utoipa::path(get, path = "/", tag = "operate", responses((status = 200, description = "An HTML page to watch events", content_type = "text/html")))]
+pub(super) async fn watch_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../../assets/watch.html"),
+    )
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operate", responses((status = 200, description = "Alive", body = String)))]
 pub(super) async fn healthz() -> &'static str {

@@ -1,0 +1,204 @@
+//! The `herald` command-line client against a real server: publish, tail (resuming across a
+//! server restart), subs and status, in text and JSON.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn run(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = herald()
+        .args(args)
+        .env("HERALD_SERVER", server.base())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn publish_and_status_in_text_and_json() {
+    let server = Server::start();
+    let (ok, out, err) = run(
+        &server,
+        &[
+            "publish",
+            "alice/inbox/m1",
+            "new_mail",
+            "-f",
+            "message_class=IPM.Note",
+            "-f",
+            "message_flags=1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "published at watermark 1");
+    let (ok, out, _) = run(
+        &server,
+        &[
+            "publish",
+            "alice/inbox/m2",
+            "object_created",
+            "--json",
+            "--idempotency-key",
+            "x1",
+        ],
+    );
+    assert!(ok);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["watermarks"][0], 2);
+    let (ok, out, _) = run(
+        &server,
+        &[
+            "publish",
+            "alice/inbox/m2",
+            "object_created",
+            "--idempotency-key",
+            "x1",
+        ],
+    );
+    assert!(ok);
+    assert!(out.contains("(replayed)"), "{out}");
+    let (ok, _, err) = run(&server, &["publish", "alice/inbox/m2", "object_moved"]);
+    assert!(!ok);
+    assert!(
+        err.contains("old_key"),
+        "the error should name the field: {err}"
+    );
+    let (ok, out, _) = run(&server, &["status"]);
+    assert!(ok);
+    assert!(out.contains("watermarks 1..=2"), "{out}");
+    let (ok, out, _) = run(&server, &["status", "--json"]);
+    assert!(ok);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["log_last"], 2);
+    let (ok, out, _) = run(&server, &["subs"]);
+    assert!(ok);
+    assert!(out.contains("no durable subscriptions"));
+}
+
+#[test]
+fn tail_prints_events_and_resumes_across_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut server = Server::start_in(&dir, &[], &[]);
+    let port = server.port;
+    let mut tail = herald()
+        .args(["tail", "alice", "--subtree", "--json", "--after", "0"])
+        .env("HERALD_SERVER", server.base())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |rx: &mpsc::Receiver<String>| -> Value {
+        serde_json::from_str(&rx.recv_timeout(WAIT).expect("tail printed nothing")).unwrap()
+    };
+    assert!(run(&server, &["publish", "alice/inbox/m1", "object_created"]).0);
+    assert!(run(&server, &["publish", "bob/inbox/m1", "object_created"]).0);
+    assert!(run(&server, &["publish", "alice/inbox/m2", "object_created"]).0);
+    assert_eq!(next(&rx)["watermark"], 1);
+    assert_eq!(next(&rx)["watermark"], 3);
+
+    // The server goes away and comes back on the same port; tail reconnects and resumes.
+    assert!(server.terminate());
+    drop(server);
+    std::thread::sleep(Duration::from_millis(500));
+    let server = Server::start_on(port, &dir, &[], &[]);
+    assert!(run(&server, &["publish", "alice/inbox/m3", "object_created"]).0);
+    let e = next(&rx);
+    assert_eq!(
+        e["watermark"], 4,
+        "tail lost or repeated an event across the restart: {e}"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a duplicate after resuming"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
+}
+
+#[test]
+fn configuration_layers_flags_over_environment_over_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file_port, env_port, flag_port) = (
+        herald_testkit::free_port().unwrap(),
+        herald_testkit::free_port().unwrap(),
+        herald_testkit::free_port().unwrap(),
+    );
+    let conf = tmp.path().join("herald.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:{file_port}\"\ndata_dir = \"{}\"\n",
+            tmp.path().join("d").display()
+        ),
+    )
+    .unwrap();
+    let up = |port: u16| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    let spawn = |env: Option<u16>, flag: Option<u16>| {
+        let mut c = herald();
+        c.args(["serve", "--config"])
+            .arg(&conf)
+            .env("HERALD_LOG", "warn")
+            .stderr(Stdio::null());
+        if let Some(p) = env {
+            c.env("HERALD_LISTEN", format!("127.0.0.1:{p}"));
+        }
+        if let Some(p) = flag {
+            c.arg("--listen").arg(format!("127.0.0.1:{p}"));
+        }
+        c.spawn().unwrap()
+    };
+    for (env, flag, expect) in [
+        (None, None, file_port),
+        (Some(env_port), None, env_port),
+        (Some(env_port), Some(flag_port), flag_port),
+    ] {
+        let mut child = spawn(env, flag);
+        assert!(
+            up(expect),
+            "not listening on {expect} (env {env:?}, flag {flag:?})"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A broken file is a clear error, not a default start.
+    std::fs::write(&conf, "listen = 5\n").unwrap();
+    let out = herald()
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen"), "{err}");
+}

@@ -1,0 +1,220 @@
+//! A real `herald serve` process on a free loopback port, and small clients for it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A running server, killed on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn herald() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+}
+
+impl Server {
+    /// Starts a server on a fresh data directory.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut s = Server::start_in(&dir, &[], &[]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on `data_dir` with extra flags and environment.
+    pub fn start_in(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_on(herald_testkit::free_port().unwrap(), data_dir, args, env)
+    }
+
+    /// Starts a server on a given port (to bring one back where clients expect it).
+    pub fn start_on(port: u16, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = herald();
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("HERALD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let s = Server {
+            child: Some(child),
+            port,
+            data_dir: data_dir.to_owned(),
+            _tmp: None,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::blocking_get(&self.url("/readyz")) {
+                if r {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the server did not become ready");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the server did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A tiny blocking probe that needs no runtime.
+mod reqwest {
+    pub fn blocking_get(url: &str) -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut s = std::net::TcpStream::connect(host)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf.starts_with("HTTP/1.1 200"))
+    }
+}
+
+pub fn client() -> ::reqwest::Client {
+    ::reqwest::Client::builder().timeout(WAIT).build().unwrap()
+}
+
+/// Publishes events (given as JSON values) and returns the response.
+pub async fn publish(server: &Server, events: serde_json::Value) -> ::reqwest::Response {
+    client()
+        .post(server.url("/v1/events"))
+        .json(&serde_json::json!({ "events": events }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Publishes and returns the watermarks.
+pub async fn publish_ok(server: &Server, events: serde_json::Value) -> Vec<u64> {
+    let r = publish(server, events).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["watermarks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_u64().unwrap())
+        .collect()
+}
+
+pub fn created(key: &str) -> serde_json::Value {
+    serde_json::json!({"key": key, "kind": "object_created", "object_type": "message"})
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: String,
+    pub event: String,
+    pub data: String,
+}
+
+/// An SSE connection.
+pub struct SseClient {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Sse> + Send>>,
+}
+
+impl SseClient {
+    pub async fn connect(server: &Server, query: &str, last_event_id: Option<u64>) -> SseClient {
+        let mut r = client_no_timeout().get(server.url(&format!("/v1/stream?{query}")));
+        if let Some(id) = last_event_id {
+            r = r.header("Last-Event-ID", id.to_string());
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        let stream =
+            eventsource_stream::EventStream::new(resp.bytes_stream()).filter_map(|e| async move {
+                e.ok().map(|e| Sse {
+                    id: e.id,
+                    event: e.event,
+                    data: e.data,
+                })
+            });
+        SseClient {
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<Sse> {
+        tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("no SSE event in time")
+    }
+
+    /// Whether nothing arrives within `d`.
+    pub async fn quiet_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.stream.next()).await.is_err()
+    }
+}
+
+pub fn client_no_timeout() -> ::reqwest::Client {
+    ::reqwest::Client::builder().build().unwrap()
+}
