@@ -1,0 +1,866 @@
+//! `herald-load`: drives Herald and `nats-server` through the same scenarios, in the same run
+//! on the same machine, and prints both with their ratio (Markdown, for `docs/benchmarks.md`).
+//!
+//! It starts both servers itself on free loopback ports: `herald serve` (the binary next to
+//! this one, or `--herald-bin`) on a temporary data directory, and Debian's `nats-server`.
+//!
+//! - S1: 1 publisher → 1 subscriber, 128-byte events, as fast as possible;
+//! - S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s;
+//! - S3: 10,000 subscriptions over 1,000 connections, one key each, 1,000 events/s;
+//! - S4: 10,000 idle connections (server memory per connection);
+//! - S5: durable ingest, 64 producers, batches of 1 and 64.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use herald_testkit::{NatsConfig, NatsServer, free_port};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Clone)]
+#[command(about = "Drive Herald and nats-server through the same load scenarios")]
+struct Args {
+    /// Scenarios to run (s1,s2,s3,s4,s5).
+    #[arg(long, default_value = "s1,s2,s3,s4,s5", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// The herald binary (default: next to this one).
+    #[arg(long)]
+    herald_bin: Option<PathBuf>,
+    /// Scale every count and duration down (for a quick check, not for figures).
+    #[arg(long)]
+    quick: bool,
+}
+
+const PAYLOAD: usize = 128;
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// What subscribers saw: latencies, counts, duplicates.
+struct Tally {
+    latency: Mutex<Histogram<u64>>,
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Tally {
+    fn new() -> Arc<Tally> {
+        Arc::new(Tally {
+            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+            received: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            first: Mutex::new(None),
+            last: Mutex::new(None),
+        })
+    }
+
+    fn record(&self, sent_at: u64) {
+        let lat = now_micros().saturating_sub(sent_at).max(1);
+        let _ = self.latency.lock().unwrap().record(lat.min(60_000_000));
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        self.first.lock().unwrap().get_or_insert(now);
+        *self.last.lock().unwrap() = Some(now);
+    }
+
+    fn rate(&self) -> f64 {
+        let (f, l) = (*self.first.lock().unwrap(), *self.last.lock().unwrap());
+        match (f, l) {
+            (Some(f), Some(l)) if l > f => {
+                self.received.load(Ordering::Relaxed) as f64 / (l - f).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn pct(&self, q: f64) -> f64 {
+        self.latency.lock().unwrap().value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn max(&self) -> f64 {
+        self.latency.lock().unwrap().max() as f64 / 1000.0
+    }
+}
+
+/// One subscriber's duplicate and loss check.
+struct Seen {
+    seen: HashSet<u64>,
+}
+
+impl Seen {
+    fn new() -> Seen {
+        Seen {
+            seen: HashSet::new(),
+        }
+    }
+    fn note(&mut self, seq: u64, tally: &Tally) -> bool {
+        if self.seen.insert(seq) {
+            true
+        } else {
+            tally.duplicates.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// CPU and memory of a process, from /proc.
+#[derive(Clone, Copy, Debug)]
+struct ProcSample {
+    cpu_ticks: u64,
+    rss_kib: u64,
+    at: Instant,
+}
+
+fn sample(pid: u32) -> ProcSample {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    ProcSample {
+        cpu_ticks: ticks,
+        rss_kib: rss,
+        at: Instant::now(),
+    }
+}
+
+/// Percent of one core used between two samples.
+fn cpu_percent(a: ProcSample, b: ProcSample) -> f64 {
+    let secs = (b.at - a.at).as_secs_f64().max(1e-9);
+    (b.cpu_ticks.saturating_sub(a.cpu_ticks)) as f64 / 100.0 / secs * 100.0
+}
+
+/// A `herald serve` child on a free port and a temporary data directory.
+struct HeraldProc {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl HeraldProc {
+    fn start(bin: &PathBuf) -> anyhow::Result<HeraldProc> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let child = Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env("HERALD_LOG", "warn")
+            .env("HERALD_LIMITS__MAX_BATCH_EVENTS", "4096")
+            .env("HERALD_LIMITS__MAX_BODY_BYTES", "8388608")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let p = HeraldProc {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("herald did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HeraldProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn herald_event(key: &str, seq: u64, ts: u64, data: &str) -> serde_json::Value {
+    serde_json::json!({"key": key, "kind": "extended", "extended_event": seq, "timestamp": ts, "data": data})
+}
+
+fn payload_b64() -> String {
+    base64::engine::general_purpose::STANDARD.encode([7u8; PAYLOAD])
+}
+
+#[derive(serde::Deserialize)]
+struct Light {
+    extended_event: u64,
+    timestamp: u64,
+}
+
+/// An SSE subscriber: counts and times every event until `stop`.
+async fn herald_sse(url: String, tally: Arc<Tally>, ready: Arc<AtomicU64>) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new().get(url).send().await?;
+    ready.fetch_add(1, Ordering::Relaxed);
+    let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
+    let mut seen = Seen::new();
+    while let Some(Ok(ev)) = events.next().await {
+        if let Ok(l) = serde_json::from_str::<Light>(&ev.data) {
+            if seen.note(l.extended_event, &tally) {
+                tally.record(l.timestamp);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn nats_payload(seq: u64, ts: u64) -> bytes::Bytes {
+    let mut p = vec![7u8; PAYLOAD];
+    p[..8].copy_from_slice(&seq.to_le_bytes());
+    p[8..16].copy_from_slice(&ts.to_le_bytes());
+    p.into()
+}
+
+fn nats_fields(p: &[u8]) -> (u64, u64) {
+    let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+    let ts = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+    (seq, ts)
+}
+
+async fn nats_sub(
+    client: async_nats::Client,
+    subject: String,
+    tally: Arc<Tally>,
+    ready: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let mut sub = client.subscribe(subject).await?;
+    client.flush().await?;
+    ready.fetch_add(1, Ordering::Relaxed);
+    let mut seen = Seen::new();
+    while let Some(m) = sub.next().await {
+        let (seq, ts) = nats_fields(&m.payload);
+        if seen.note(seq, &tally) {
+            tally.record(ts);
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(ready: &AtomicU64, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ready.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the last subscriptions reach the server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn wait_received(tally: &Tally, expected: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = 0;
+    let mut stall = Instant::now();
+    while Instant::now() < deadline {
+        let got = tally.received.load(Ordering::Relaxed);
+        if got >= expected {
+            return;
+        }
+        if got != last {
+            last = got;
+            stall = Instant::now();
+        } else if stall.elapsed() > Duration::from_secs(10) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A scenario's result for one system.
+struct Outcome {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+    lost: u64,
+    dup: u64,
+    cpu: f64,
+    rss_mib: f64,
+}
+
+fn outcome(tally: &Tally, expected: u64, a: ProcSample, b: ProcSample) -> Outcome {
+    let got = tally.received.load(Ordering::Relaxed);
+    Outcome {
+        rate: tally.rate(),
+        p50: tally.pct(0.5),
+        p99: tally.pct(0.99),
+        p999: tally.pct(0.999),
+        max: tally.max(),
+        lost: expected.saturating_sub(got),
+        dup: tally.duplicates.load(Ordering::Relaxed),
+        cpu: cpu_percent(a, b),
+        rss_mib: b.rss_kib as f64 / 1024.0,
+    }
+}
+
+fn print_outcomes(title: &str, how: &str, h: &Outcome, n: &Outcome) {
+    println!("\n### {title}\n\n{how}\n");
+    println!("| metric | Herald | nats-server | Herald ÷ nats |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, a: f64, b: f64, better_high: bool| {
+        let ratio = if better_high { a / b } else { b / a };
+        println!(
+            "| {name} | {a:.2} | {b:.2} | {ratio:.2}× {} |",
+            if better_high {
+                ""
+            } else {
+                "(inverse: nats ÷ Herald)"
+            }
+        );
+    };
+    row("deliveries/s", h.rate, n.rate, true);
+    row("latency p50 (ms)", h.p50, n.p50, false);
+    row("latency p99 (ms)", h.p99, n.p99, false);
+    row("latency p99.9 (ms)", h.p999, n.p999, false);
+    row("latency max (ms)", h.max, n.max, false);
+    println!("| lost events | {} | {} | |", h.lost, n.lost);
+    println!("| duplicated events | {} | {} | |", h.dup, n.dup);
+    println!(
+        "| server CPU (% of a core) | {:.0} | {:.0} | |",
+        h.cpu, n.cpu
+    );
+    println!(
+        "| server RSS after (MiB) | {:.1} | {:.1} | |",
+        h.rss_mib, n.rss_mib
+    );
+}
+
+struct Ctx {
+    herald_bin: PathBuf,
+    quick: bool,
+}
+
+impl Ctx {
+    fn scale(&self, n: u64) -> u64 {
+        if self.quick { (n / 10).max(1) } else { n }
+    }
+}
+
+/// S1: one publisher, one subscriber, as fast as possible.
+async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
+    let total = ctx.scale(200_000);
+    // Herald: batches of 256 per POST, 4 in flight; the subscriber on SSE.
+    let h = HeraldProc::start(&ctx.herald_bin)?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let sub = tokio::spawn(herald_sse(
+        h.url("/v1/stream?key=s1/k"),
+        tally.clone(),
+        ready.clone(),
+    ));
+    wait_ready(&ready, 1).await;
+    let a = sample(h.pid());
+    let http = reqwest::Client::new();
+    let data = Arc::new(payload_b64());
+    let next = Arc::new(AtomicU64::new(0));
+    let mut pubs = Vec::new();
+    for _ in 0..4 {
+        let (http, data, next) = (http.clone(), data.clone(), next.clone());
+        let url_h = h.url("");
+        pubs.push(tokio::spawn(async move {
+            let hp = HeraldProcUrl(url_h);
+            loop {
+                let start = next.fetch_add(256, Ordering::Relaxed);
+                if start >= total {
+                    break;
+                }
+                let end = (start + 256).min(total);
+                let ts = now_micros();
+                let events: Vec<_> = (start..end)
+                    .map(|s| herald_event("s1/k", s, ts, &data))
+                    .collect();
+                hp.post(&http, events).await.expect("publish");
+            }
+        }));
+    }
+    for p in pubs {
+        p.await?;
+    }
+    wait_received(&tally, total, Duration::from_secs(120)).await;
+    let b = sample(h.pid());
+    sub.abort();
+    let herald = outcome(&tally, total, a, b);
+    drop(h);
+
+    // nats-server: core publish as fast as the client goes.
+    let n = NatsServer::start(&NatsConfig::default())?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let client = async_nats::connect(n.url()).await?;
+    let sub = tokio::spawn(nats_sub(
+        client,
+        "s1.k".into(),
+        tally.clone(),
+        ready.clone(),
+    ));
+    wait_ready(&ready, 1).await;
+    let a = sample(n.pid());
+    let publisher = async_nats::connect(n.url()).await?;
+    for seq in 0..total {
+        publisher
+            .publish("s1.k", nats_payload(seq, now_micros()))
+            .await?;
+    }
+    publisher.flush().await?;
+    wait_received(&tally, total, Duration::from_secs(60)).await;
+    let b = sample(n.pid());
+    sub.abort();
+    let nats = outcome(&tally, total, a, b);
+    print_outcomes(
+        "S1: 1 publisher → 1 subscriber, 128-byte events, as fast as possible",
+        &format!(
+            "{total} events. Herald: POST /v1/events in batches of 256 (4 in flight), each acknowledged only when durable (fsync); subscriber on SSE. nats-server: core publish (fire and forget, nothing stored); subscriber on its own connection."
+        ),
+        &herald,
+        &nats,
+    );
+    Ok(())
+}
+
+/// A Herald base URL for publishers in tasks.
+struct HeraldProcUrl(String);
+
+impl HeraldProcUrl {
+    async fn post(
+        &self,
+        http: &reqwest::Client,
+        events: Vec<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        let r = http
+            .post(format!("{}/v1/events", self.0))
+            .json(&serde_json::json!({ "events": events }))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("publish failed: {}", r.status());
+        }
+        Ok(())
+    }
+}
+
+/// Publishes `total` events at `rate` per second, each as its own acknowledged request, on
+/// keys chosen by `key_of(seq)`.
+async fn herald_paced(
+    h: &HeraldProc,
+    total: u64,
+    rate: u64,
+    key_of: impl Fn(u64) -> String,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let data = payload_b64();
+    let start = tokio::time::Instant::now();
+    let mut inflight = Vec::new();
+    for seq in 0..total {
+        tokio::time::sleep_until(start + Duration::from_micros(seq * 1_000_000 / rate)).await;
+        let ev = herald_event(&key_of(seq), seq, now_micros(), &data);
+        let (http, url) = (http.clone(), h.url(""));
+        inflight.push(tokio::spawn(async move {
+            HeraldProcUrl(url).post(&http, vec![ev]).await
+        }));
+    }
+    for p in inflight {
+        p.await??;
+    }
+    Ok(())
+}
+
+async fn nats_paced(
+    url: &str,
+    total: u64,
+    rate: u64,
+    subject_of: impl Fn(u64) -> String,
+) -> anyhow::Result<()> {
+    let publisher = async_nats::connect(url).await?;
+    let start = tokio::time::Instant::now();
+    for seq in 0..total {
+        tokio::time::sleep_until(start + Duration::from_micros(seq * 1_000_000 / rate)).await;
+        publisher
+            .publish(subject_of(seq), nats_payload(seq, now_micros()))
+            .await?;
+        publisher.flush().await?;
+    }
+    Ok(())
+}
+
+/// S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s.
+async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
+    let subs = ctx.scale(1000);
+    let total = ctx.scale(1000);
+    let h = HeraldProc::start(&ctx.herald_bin)?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..subs {
+        tasks.push(tokio::spawn(herald_sse(
+            h.url("/v1/stream?key=s2/k"),
+            tally.clone(),
+            ready.clone(),
+        )));
+    }
+    wait_ready(&ready, subs).await;
+    let a = sample(h.pid());
+    herald_paced(&h, total, 100, |_| "s2/k".into()).await?;
+    wait_received(&tally, total * subs, Duration::from_secs(60)).await;
+    let b = sample(h.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let herald = outcome(&tally, total * subs, a, b);
+    drop(h);
+
+    let n = NatsServer::start(&NatsConfig::default())?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..subs {
+        let c = async_nats::connect(n.url()).await?;
+        tasks.push(tokio::spawn(nats_sub(
+            c,
+            "s2.k".into(),
+            tally.clone(),
+            ready.clone(),
+        )));
+    }
+    wait_ready(&ready, subs).await;
+    let a = sample(n.pid());
+    nats_paced(&n.url(), total, 100, |_| "s2.k".into()).await?;
+    wait_received(&tally, total * subs, Duration::from_secs(60)).await;
+    let b = sample(n.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let nats = outcome(&tally, total * subs, a, b);
+    print_outcomes(
+        "S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s",
+        &format!(
+            "{subs} subscribers, each on its own connection (Herald: SSE), {total} events at 100/s; latency from publish to receipt. Herald acknowledges each publish only when durable."
+        ),
+        &herald,
+        &nats,
+    );
+    Ok(())
+}
+
+/// S3: 10,000 subscriptions over 1,000 connections, one key each, 1,000 events/s.
+async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
+    let conns = ctx.scale(1000);
+    let per_conn = 10u64;
+    let keys = conns * per_conn;
+    let total = ctx.scale(10_000);
+    let h = HeraldProc::start(&ctx.herald_bin)?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (url, tally, ready) = (
+            format!("ws://127.0.0.1:{}/v1/ws", h.port),
+            tally.clone(),
+            ready.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            for k in 0..per_conn {
+                let key = c * per_conn + k;
+                ws.send(Message::text(serde_json::json!({"op": "subscribe", "id": key.to_string(), "key": format!("s3/k{key}")}).to_string())).await?;
+            }
+            let mut subscribed = 0;
+            let mut seen = Seen::new();
+            while let Some(Ok(m)) = ws.next().await {
+                let Message::Text(t) = m else { continue };
+                let v: serde_json::Value = serde_json::from_str(&t)?;
+                match v["type"].as_str() {
+                    Some("subscribed") => {
+                        subscribed += 1;
+                        if subscribed == per_conn {
+                            ready.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some("event") => {
+                        let seq = v["event"]["extended_event"].as_u64().unwrap_or(0);
+                        if seen.note(seq, &tally) {
+                            tally.record(v["event"]["timestamp"].as_u64().unwrap_or(0));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    wait_ready(&ready, conns).await;
+    let a = sample(h.pid());
+    herald_paced(&h, total, 1000, |seq| format!("s3/k{}", seq % keys)).await?;
+    wait_received(&tally, total, Duration::from_secs(60)).await;
+    let b = sample(h.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let herald = outcome(&tally, total, a, b);
+    drop(h);
+
+    let n = NatsServer::start(&NatsConfig::default())?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let client = async_nats::connect(n.url()).await?;
+        for k in 0..per_conn {
+            let key = c * per_conn + k;
+            tasks.push(tokio::spawn(nats_sub(
+                client.clone(),
+                format!("s3.k{key}"),
+                tally.clone(),
+                ready.clone(),
+            )));
+        }
+    }
+    wait_ready(&ready, keys).await;
+    let a = sample(n.pid());
+    nats_paced(&n.url(), total, 1000, |seq| format!("s3.k{}", seq % keys)).await?;
+    wait_received(&tally, total, Duration::from_secs(60)).await;
+    let b = sample(n.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let nats = outcome(&tally, total, a, b);
+    print_outcomes(
+        "S3: 10,000 subscriptions over 1,000 connections, each on its own key, 1,000 events/s",
+        &format!(
+            "{conns} connections × {per_conn} subscriptions (Herald: WebSocket, one subscribe frame per key); {total} events at 1,000/s, each to one key in turn."
+        ),
+        &herald,
+        &nats,
+    );
+    Ok(())
+}
+
+/// S4: 10,000 idle connections; server memory per connection.
+async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
+    let conns = ctx.scale(10_000);
+    let h = HeraldProc::start(&ctx.herald_bin)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sample(h.pid());
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut held = Vec::new();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    for i in 0..conns {
+        let (client, url, ready) = (
+            client.clone(),
+            h.url(&format!("/v1/stream?key=s4/k{i}")),
+            ready.clone(),
+        );
+        held.push(tokio::spawn(async move {
+            let resp = client.get(url).send().await?;
+            ready.fetch_add(1, Ordering::Relaxed);
+            let mut body = resp.bytes_stream();
+            while body.next().await.is_some() {}
+            anyhow::Ok(())
+        }));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wait_ready(&ready, conns).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sample(h.pid());
+    let herald_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
+    let herald_up = ready.load(Ordering::Relaxed);
+    held.iter().for_each(|t| t.abort());
+    drop(h);
+
+    let n = NatsServer::start(&NatsConfig::default())?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sample(n.pid());
+    let mut clients = Vec::new();
+    for i in 0..conns {
+        let c = async_nats::connect(n.url()).await?;
+        let sub = c.subscribe(format!("s4.k{i}")).await?;
+        clients.push((c, sub));
+    }
+    for (c, _) in &clients {
+        c.flush().await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sample(n.pid());
+    let nats_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
+    println!("\n### S4: {conns} idle connections, one subscription each\n");
+    println!(
+        "Server resident memory growth divided by connections (Herald: SSE connections; nats-server: client connections with one subscription).\n"
+    );
+    println!("| metric | Herald | nats-server | nats ÷ Herald |");
+    println!("|---|---:|---:|---:|");
+    println!("| connections held | {herald_up} | {} | |", clients.len());
+    println!(
+        "| RSS per connection (bytes) | {herald_per:.0} | {nats_per:.0} | {:.2}× |",
+        nats_per / herald_per
+    );
+    drop(clients);
+    Ok(())
+}
+
+/// S5: durable ingest from 64 producers, batches of 1 and 64.
+async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
+    let secs = if ctx.quick { 2 } else { 5 };
+    println!("\n### S5: durable ingest, 64 concurrent producers\n");
+    let n = NatsServer::start(&NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    })?;
+    println!(
+        "Acknowledged events per second over {secs} s. Herald: POST /v1/events, acknowledged after fsync. JetStream: {} (Debian's package, which has no `sync_interval` and, per strace, no fsync on publish: its acknowledgements are not durable across power loss).\n",
+        n.version()
+    );
+    println!("| batch | Herald (durable) | JetStream (default) | ratio |");
+    println!("|---|---:|---:|---:|");
+    for batch in [1u64, 64] {
+        let h = HeraldProc::start(&ctx.herald_bin)?;
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let start = Instant::now();
+        let http = reqwest::Client::new();
+        let data = Arc::new(payload_b64());
+        let mut tasks = Vec::new();
+        for p in 0..64u64 {
+            let (http, data, count, url) = (http.clone(), data.clone(), count.clone(), h.url(""));
+            tasks.push(tokio::spawn(async move {
+                let hp = HeraldProcUrl(url);
+                let mut seq = 0;
+                while Instant::now() < deadline {
+                    let events: Vec<_> = (0..batch)
+                        .map(|i| herald_event(&format!("s5/p{p}"), seq + i, now_micros(), &data))
+                        .collect();
+                    hp.post(&http, events).await.expect("publish");
+                    seq += batch;
+                    count.fetch_add(batch, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        let herald = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        drop(h);
+
+        let client = async_nats::connect(n.url()).await?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .max_ack_inflight(1 << 17)
+            .build(client);
+        let stream = format!("S5B{batch}");
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{stream}.>")],
+            ..Default::default()
+        })
+        .await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..64u64 {
+            let (js, count, subject) = (js.clone(), count.clone(), format!("{stream}.p{p}"));
+            tasks.push(tokio::spawn(async move {
+                let mut seq = 0;
+                while Instant::now() < deadline {
+                    let mut acks = Vec::new();
+                    for i in 0..batch {
+                        acks.push(
+                            js.publish(subject.clone(), nats_payload(seq + i, now_micros()))
+                                .await
+                                .expect("publish"),
+                        );
+                    }
+                    for a in acks {
+                        a.await.expect("ack");
+                    }
+                    seq += batch;
+                    count.fetch_add(batch, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        let jet = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "| {batch} | {herald:.0} | {jet:.0} | {:.2}× |",
+            herald / jet
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let herald_bin = match &args.herald_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this binary")?
+            .join("herald"),
+    };
+    if !herald_bin.exists() {
+        bail!(
+            "{} does not exist: build it (cargo build --release -p herald-server) or pass --herald-bin",
+            herald_bin.display()
+        );
+    }
+    let ctx = Ctx {
+        herald_bin,
+        quick: args.quick,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "## herald-load — Herald vs nats-server ({} CPUs, {})",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .arg("-u")
+                .arg("+%Y-%m-%d")
+                .output()?
+                .stdout
+        )
+        .trim()
+    );
+    rt.block_on(async {
+        for s in &args.scenarios {
+            match s.as_str() {
+                "s1" => s1(&ctx).await?,
+                "s2" => s2(&ctx).await?,
+                "s3" => s3(&ctx).await?,
+                "s4" => s4(&ctx).await?,
+                "s5" => s5(&ctx).await?,
+                other => bail!("unknown scenario {other}"),
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
