@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod metrics;
+pub mod serve;
 pub mod subscriptions;
 
 use std::sync::Arc;
@@ -113,18 +114,20 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     let addr = listener.local_addr()?;
     let sweeper = tokio::spawn(sweep_idle(state.clone()));
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "herald ready");
-    let server = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let timeout = state.config().shutdown_timeout;
-    let serving = tokio::spawn(async move { server.await });
+    let serving = tokio::spawn(serve::serve_http1(
+        listener,
+        app(state.clone()),
+        shutdown.clone(),
+        timeout,
+    ));
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing streams and draining requests");
-    match tokio::time::timeout(timeout, serving).await {
-        Ok(joined) => joined??,
-        Err(_) => tracing::warn!(
+    if !serving.await? {
+        tracing::warn!(
             ?timeout,
             "connections still open after the shutdown timeout"
-        ),
+        );
     }
     sweeper.abort();
     state.durables().stop_all();
