@@ -221,6 +221,14 @@ struct Light {
     timestamp: u64,
 }
 
+/// A WebSocket frame, reading only what the tally needs.
+#[derive(serde::Deserialize)]
+struct WsFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    event: Option<Light>,
+}
+
 /// An SSE subscriber: counts and times every event until `stop`.
 async fn herald_sse(url: String, tally: Arc<Tally>, ready: Arc<AtomicU64>) -> anyhow::Result<()> {
     let resp = reqwest::Client::new().get(url).send().await?;
@@ -595,18 +603,17 @@ async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
             let mut seen = Seen::new();
             while let Some(Ok(m)) = ws.next().await {
                 let Message::Text(t) = m else { continue };
-                let v: serde_json::Value = serde_json::from_str(&t)?;
-                match v["type"].as_str() {
-                    Some("subscribed") => {
+                let f: WsFrame = serde_json::from_str(&t)?;
+                match (f.kind.as_str(), f.event) {
+                    ("subscribed", _) => {
                         subscribed += 1;
                         if subscribed == per_conn {
                             ready.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Some("event") => {
-                        let seq = v["event"]["extended_event"].as_u64().unwrap_or(0);
-                        if seen.note(seq, &tally) {
-                            tally.record(v["event"]["timestamp"].as_u64().unwrap_or(0));
+                    ("event", Some(e)) => {
+                        if seen.note(e.extended_event, &tally) {
+                            tally.record(e.timestamp);
                         }
                     }
                     _ => {}

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod frames;
 pub mod json;
 pub mod metrics;
 pub mod serve;
@@ -34,6 +35,7 @@ struct StateInner {
     log: EmbeddedLog,
     durables: subscriptions::Durables,
     metrics: metrics::Metrics,
+    frames: frames::EventCache,
     shutdown: CancellationToken,
     started: Instant,
 }
@@ -63,6 +65,7 @@ impl AppState {
                 log,
                 durables,
                 metrics: metrics::Metrics::install(),
+                frames: frames::EventCache::default(),
                 shutdown,
                 started: Instant::now(),
             }),
@@ -87,6 +90,11 @@ impl AppState {
     /// Metrics.
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.inner.metrics
+    }
+
+    /// The shared serialization of recent events.
+    pub fn frames(&self) -> &frames::EventCache {
+        &self.inner.frames
     }
 
     /// Cancelled when the server starts shutting down.

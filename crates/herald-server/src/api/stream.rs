@@ -7,23 +7,22 @@
 //! named event, `expired` or `reset`, and the stream ends; so does a server shutdown
 //! (`shutdown`).
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use herald_core::{Notification, Watermark};
+use herald_core::Watermark;
 use herald_log::{EmbeddedLog, EventLog, FollowError, FollowOptions, Follower, ReadError};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::json::EventJson;
+use crate::frames::{SSE_KEEPALIVE, sse_named};
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
 
@@ -89,22 +88,26 @@ pub(super) async fn stream(
         ..Default::default()
     };
     let start = Follower::start(state.log(), filter, after, options);
-    let keepalive = KeepAlive::new()
-        .interval(limits.keepalive)
-        .text("keep-alive");
-    let stream = events(start, state.shutdown().clone());
-    Ok(Sse::new(stream).keep_alive(keepalive).into_response())
+    let body = Body::from_stream(events(start, state.clone()));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 struct StreamState {
     follower: Option<Follower<EmbeddedLog>>,
-    pending: VecDeque<Notification>,
-    ending: Option<SseEvent>,
-    shutdown: CancellationToken,
+    ending: Option<Bytes>,
+    state: AppState,
     _gauge: ConnectionGauge,
 }
 
-fn final_event(e: &FollowError) -> SseEvent {
+fn final_event(e: &FollowError) -> Bytes {
     let (name, body) = match e {
         FollowError::Position(ReadError::Expired {
             oldest_available, ..
@@ -121,52 +124,55 @@ fn final_event(e: &FollowError) -> SseEvent {
             serde_json::json!({"code": "internal", "message": other.to_string()}),
         ),
     };
-    SseEvent::default().event(name).data(body.to_string())
+    sse_named(name, &body)
 }
 
-fn to_sse(n: &Notification) -> SseEvent {
-    let json = serde_json::to_string(&EventJson::from_notification(n)).unwrap_or_default();
-    SseEvent::default()
-        .id(n.watermark.map_or(0, |w| w.0).to_string())
-        .event(n.kind().name())
-        .data(json)
-}
-
+/// The body: every batch the follower yields is written as one chunk (one socket write for
+/// many events); a comment keeps an idle stream open; a named event ends it.
 fn events(
     start: Result<Follower<EmbeddedLog>, FollowError>,
-    shutdown: CancellationToken,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    state: AppState,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let (follower, ending) = match start {
         Ok(f) => (Some(f), None),
         Err(e) => (None, Some(final_event(&e))),
     };
-    let state = StreamState {
+    let s = StreamState {
         follower,
-        pending: VecDeque::new(),
         ending,
-        shutdown,
+        state,
         _gauge: ConnectionGauge::open("sse"),
     };
-    futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(n) = s.pending.pop_front() {
-                delivered("sse", &n);
-                return Some((Ok(to_sse(&n)), s));
-            }
-            if let Some(end) = s.ending.take() {
-                s.follower = None;
-                return Some((Ok(end), s));
-            }
-            let follower = s.follower.as_mut()?;
-            tokio::select! {
-                next = follower.next() => match next {
-                    Ok(batch) => s.pending.extend(batch.iter().cloned()),
-                    Err(e) => s.ending = Some(final_event(&e)),
-                },
-                () = s.shutdown.cancelled() => {
-                    s.ending = Some(SseEvent::default().event("shutdown").data(r#"{"code":"shutdown","message":"the server is shutting down; reconnect with Last-Event-ID"}"#));
-                }
-            }
+    futures_util::stream::unfold(s, |mut s| async move {
+        if let Some(end) = s.ending.take() {
+            s.follower = None;
+            return Some((Ok(end), s));
         }
+        let keepalive = s.state.config().limits.keepalive;
+        let shutdown = s.state.shutdown().clone();
+        let follower = s.follower.as_mut()?;
+        let chunk = tokio::select! {
+            next = follower.next() => match next {
+                Ok(batch) => {
+                    let cache = s.state.frames();
+                    let mut out = BytesMut::new();
+                    for n in batch.iter() {
+                        cache.sse_frame(n, &mut out);
+                        delivered("sse", n);
+                    }
+                    out.freeze()
+                }
+                Err(e) => {
+                    s.follower = None;
+                    final_event(&e)
+                }
+            },
+            () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
+            () = shutdown.cancelled() => {
+                s.follower = None;
+                sse_named("shutdown", &serde_json::json!({"code": "shutdown", "message": "the server is shutting down; reconnect with Last-Event-ID"}))
+            }
+        };
+        Some((Ok(chunk), s))
     })
 }

@@ -131,13 +131,26 @@ struct Sub {
     durable: Option<String>,
 }
 
+/// A frame on its way out: typed, or already serialized (events, whose JSON is shared by
+/// every subscriber of the event).
+enum Outgoing {
+    Frame(ServerFrame),
+    Text(String),
+}
+
+impl From<ServerFrame> for Outgoing {
+    fn from(f: ServerFrame) -> Self {
+        Outgoing::Frame(f)
+    }
+}
+
 /// Frames waiting to go out, per connection. When full, subscription tasks wait, their hub
 /// queues fill, and they resync from the log: a slow client costs reads, not events.
 const OUTBOX: usize = 1024;
 
 async fn connection(state: AppState, mut socket: WebSocket) {
     let _gauge = ConnectionGauge::open("websocket");
-    let (out_tx, mut out_rx) = mpsc::channel::<ServerFrame>(OUTBOX);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
     ping.reset();
@@ -162,8 +175,12 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
-            Some(frame) = out_rx.recv() => {
-                if send(&mut socket, &frame).await.is_err() {
+            Some(out) = out_rx.recv() => {
+                let sent = match out {
+                    Outgoing::Frame(frame) => send(&mut socket, &frame).await,
+                    Outgoing::Text(text) => socket.send(Message::Text(text.into())).await,
+                };
+                if sent.is_err() {
                     break;
                 }
             }
@@ -201,7 +218,7 @@ fn error(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFr
 async fn handle(
     state: &AppState,
     subs: &mut HashMap<String, Sub>,
-    out: &mpsc::Sender<ServerFrame>,
+    out: &mpsc::Sender<Outgoing>,
     text: &str,
 ) -> Option<ServerFrame> {
     let frame: ClientFrame = match serde_json::from_str(text) {
@@ -274,16 +291,16 @@ async fn handle(
             };
             // Announce before the task can send events.
             if out
-                .send(ServerFrame::Subscribed {
+                .send(Outgoing::Frame(ServerFrame::Subscribed {
                     id: id.clone(),
                     after: start.0,
-                })
+                }))
                 .await
                 .is_err()
             {
                 return None;
             }
-            let task = tokio::spawn(forward(id.clone(), follower, out.clone()));
+            let task = tokio::spawn(forward(id.clone(), follower, out.clone(), state.clone()));
             subs.insert(
                 id,
                 Sub {
@@ -329,18 +346,16 @@ async fn handle(
 async fn forward(
     id: String,
     mut follower: Follower<herald_log::EmbeddedLog>,
-    out: mpsc::Sender<ServerFrame>,
+    out: mpsc::Sender<Outgoing>,
+    state: AppState,
 ) {
     loop {
         match follower.next().await {
             Ok(batch) => {
                 for n in batch.iter() {
                     delivered("websocket", n);
-                    let frame = ServerFrame::Event {
-                        id: id.clone(),
-                        event: Box::new(EventJson::from_notification(n)),
-                    };
-                    if out.send(frame).await.is_err() {
+                    let text = state.frames().ws_event(&id, n);
+                    if out.send(Outgoing::Text(text)).await.is_err() {
                         return;
                     }
                 }
@@ -348,17 +363,16 @@ async fn forward(
             Err(FollowError::Position(ReadError::Expired {
                 oldest_available, ..
             })) => {
-                let _ = out
-                    .send(ServerFrame::Expired {
-                        id,
-                        oldest_available: oldest_available.0,
-                    })
-                    .await;
+                let frame = ServerFrame::Expired {
+                    id,
+                    oldest_available: oldest_available.0,
+                };
+                let _ = out.send(frame.into()).await;
                 return;
             }
             Err(e) => {
                 let _ = out
-                    .send(error(Some(id), "stream_ended", e.to_string()))
+                    .send(error(Some(id), "stream_ended", e.to_string()).into())
                     .await;
                 return;
             }
