@@ -12,9 +12,12 @@ use crate::json::EventJson;
 /// straggler asks (correct, just slower).
 const SLOTS: usize = 8192;
 
+/// One cache slot: the watermark it holds and that event's JSON.
+type Slot = Mutex<Option<(u64, Bytes)>>;
+
 /// The JSON of recent events, by watermark.
 pub struct EventCache {
-    slots: Box<[Mutex<Option<(u64, Bytes)>>]>,
+    slots: Box<[Slot]>,
 }
 
 impl Default for EventCache {

@@ -121,8 +121,14 @@ pub(super) async fn websocket(
     State(state): State<AppState>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // tungstenite's default buffers (128 KiB to read, more to write) would cost every idle
+    // connection well over 100 KiB; client frames are small.
     upgrade
         .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1024 * 1024)
         .on_upgrade(move |socket| connection(state, socket))
 }
 
