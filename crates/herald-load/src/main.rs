@@ -215,7 +215,6 @@ fn payload_b64() -> String {
     base64::engine::general_purpose::STANDARD.encode([7u8; PAYLOAD])
 }
 
-
 /// The number after `"name":` in `text`, without parsing the JSON around it: the tool reads
 /// Herald's frames as cheaply as it reads NATS's binary payloads, so that its own CPU does not
 /// weigh on one side of the comparison.
@@ -855,6 +854,7 @@ async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    herald_testkit::init_tls();
     let herald_bin = match &args.herald_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?

@@ -23,8 +23,10 @@ pub struct Config {
     pub limits: Limits,
     /// Durable subscriptions.
     pub subscriptions: SubscriptionsConfig,
-    /// API keys.
+    /// API keys and subscriber tokens.
     pub auth: AuthConfig,
+    /// Webhook delivery.
+    pub webhooks: WebhooksConfig,
     /// Log output.
     pub logging: LoggingConfig,
     /// How long a graceful shutdown waits for connections to finish.
@@ -41,6 +43,7 @@ impl Default for Config {
             limits: Limits::default(),
             subscriptions: SubscriptionsConfig::default(),
             auth: AuthConfig::default(),
+            webhooks: WebhooksConfig::default(),
             logging: LoggingConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -131,12 +134,72 @@ impl Default for SubscriptionsConfig {
     }
 }
 
-/// API keys. With none configured the API is open (the default listens on loopback only).
+/// Who may use the API. With nothing configured the API is open, which Herald accepts only
+/// while it listens on loopback (or with `allow_open`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Bearer tokens that may use the API.
+    /// Producer (and administrator) API keys, as given to clients.
     pub keys: Vec<String>,
+    /// The secret that signs subscriber tokens (HS256). At least 32 bytes.
+    pub token_secret: Option<String>,
+    /// An Ed25519 public key (PEM) that verifies subscriber tokens signed with EdDSA.
+    pub token_public_key: Option<String>,
+    /// Serve without authentication even on a non-loopback address (explicit opt-out).
+    pub allow_open: bool,
+}
+
+impl AuthConfig {
+    /// Whether anything would authenticate requests.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty() || self.token_secret.is_some() || self.token_public_key.is_some()
+    }
+}
+
+/// Webhook delivery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// How long one request may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// The first retry's delay; each retry doubles it, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// The longest delay between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_cap: Duration,
+    /// A subscription failing this long is paused (an operational event says so).
+    #[serde(with = "humantime_serde")]
+    pub fail_after: Duration,
+    /// An idle subscription gets a status delivery this often.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Most events in one delivery.
+    pub max_batch: usize,
+    /// How long a rotated-out secret keeps signing.
+    #[serde(with = "humantime_serde")]
+    pub secret_grace: Duration,
+    /// Networks webhooks may reach although they are private, loopback or link-local.
+    pub allowed_networks: Vec<String>,
+    /// Allow loopback targets (default: only while Herald itself listens on loopback).
+    pub allow_loopback: Option<bool>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            request_timeout: Duration::from_secs(15),
+            retry_base: Duration::from_secs(5),
+            retry_cap: Duration::from_secs(3600),
+            fail_after: Duration::from_secs(24 * 3600),
+            status_interval: Duration::from_secs(30 * 60),
+            max_batch: 100,
+            secret_grace: Duration::from_secs(24 * 3600),
+            allowed_networks: Vec::new(),
+            allow_loopback: None,
+        }
+    }
 }
 
 /// How logs are written.
@@ -171,13 +234,14 @@ pub struct Overrides {
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 8] = [
+const ENV_KEYS: [&str; 9] = [
     "listen",
     "data_dir",
     "retention",
     "limits",
     "subscriptions",
     "auth",
+    "webhooks",
     "logging",
     "shutdown_timeout",
 ];
@@ -203,6 +267,39 @@ impl Config {
         .merge(Serialized::defaults(overrides))
         .extract()
         .map_err(Box::new)
+    }
+
+    /// The outbound policy for pushes.
+    pub fn egress(&self) -> Result<crate::egress::EgressPolicy, String> {
+        let allowed = self
+            .webhooks
+            .allowed_networks
+            .iter()
+            .map(|n| {
+                n.parse()
+                    .map_err(|e| format!("webhooks.allowed_networks: {n:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::egress::EgressPolicy {
+            allow_loopback: self
+                .webhooks
+                .allow_loopback
+                .unwrap_or(self.listen.ip().is_loopback()),
+            allowed,
+        })
+    }
+
+    /// Refuses to serve without authentication on a non-loopback address, unless told to.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.listen.ip().is_loopback() || self.auth.enabled() || self.auth.allow_open {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {} without authentication: configure [auth] keys (API keys) \
+             and token_secret (subscriber tokens), e.g. HERALD_AUTH__KEYS='[\"<key>\"]', or set \
+             auth.allow_open = true to serve openly on purpose",
+            self.listen
+        ))
     }
 
     /// The log's options for this configuration.

@@ -36,6 +36,7 @@ pub struct ErrorDetail {
 pub struct ApiError {
     status: StatusCode,
     detail: ErrorDetail,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -49,7 +50,14 @@ impl ApiError {
                 field: None,
                 oldest_available: None,
             },
+            retry_after: None,
         }
+    }
+
+    /// This error, telling the client when to try again (`Retry-After`, seconds).
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// A 400 naming the field at fault.
@@ -103,6 +111,16 @@ impl ApiError {
         }
     }
 
+    /// The machine-readable code.
+    pub fn code(&self) -> &'static str {
+        self.detail.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.detail.message
+    }
+
     /// The status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -111,7 +129,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.detail })).into_response()
+        let mut r = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

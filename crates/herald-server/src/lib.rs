@@ -5,14 +5,17 @@
 //! shutdown token is cancelled, then closes streams with a final status and flushes the log.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod frames;
 pub mod json;
 pub mod metrics;
 pub mod serve;
 pub mod subscriptions;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +38,9 @@ struct StateInner {
     log: EmbeddedLog,
     durables: subscriptions::Durables,
     metrics: metrics::Metrics,
-    frames: frames::EventCache,
+    frames: Arc<frames::EventCache>,
+    auth: Arc<auth::Auth>,
+    egress: egress::EgressPolicy,
     shutdown: CancellationToken,
     started: Instant,
 }
@@ -48,13 +53,27 @@ impl AppState {
             queue_capacity: config.limits.queue_capacity,
             ..Default::default()
         });
+        config.check_exposure().map_err(anyhow::Error::msg)?;
+        // Outbound HTTPS (webhooks, EWS push) uses rustls with the ring provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let egress = config.egress().map_err(anyhow::Error::msg)?;
+        let auth = Arc::new(auth::Auth::new(&config.auth, &config.data_dir)?);
         let log = EmbeddedLog::open(&config.data_dir, config.log_options(), hub)?;
+        let frames = Arc::new(frames::EventCache::default());
         let durables = subscriptions::Durables::new(
             log.clone(),
             config.subscriptions.idle_timeout,
             config.limits.max_key_bytes,
             config.limits.queue_capacity,
         );
+        durables.set_webhooks(Arc::new(webhook::WebhookContext {
+            log: log.clone(),
+            client: egress.client(config.webhooks.request_timeout),
+            egress: egress.clone(),
+            config: config.webhooks.clone(),
+            frames: frames.clone(),
+            queue_capacity: config.limits.queue_capacity,
+        }));
         let restored = durables.restore()?;
         if restored > 0 {
             tracing::info!(restored, "durable subscriptions restored");
@@ -65,7 +84,9 @@ impl AppState {
                 log,
                 durables,
                 metrics: metrics::Metrics::install(),
-                frames: frames::EventCache::default(),
+                frames,
+                auth,
+                egress,
                 shutdown,
                 started: Instant::now(),
             }),
@@ -95,6 +116,16 @@ impl AppState {
     /// The shared serialization of recent events.
     pub fn frames(&self) -> &frames::EventCache {
         &self.inner.frames
+    }
+
+    /// The authenticator.
+    pub fn auth(&self) -> &Arc<auth::Auth> {
+        &self.inner.auth
+    }
+
+    /// The outbound policy for pushes.
+    pub fn egress(&self) -> &egress::EgressPolicy {
+        &self.inner.egress
     }
 
     /// Cancelled when the server starts shutting down.

@@ -91,6 +91,55 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Manage producer API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage subscriber tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key: prints it once and stores only its hash in the data directory
+    /// (a running server picks it up within a second).
+    Create {
+        /// The data directory (as given to `herald serve`).
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a subscriber token signed with auth.token_secret.
+    Create {
+        /// Who the token is for (owner of what it creates).
+        #[arg(long)]
+        sub: String,
+        /// A key prefix it may read (repeatable; "" for everything).
+        #[arg(long = "prefix", required = true)]
+        prefixes: Vec<String>,
+        /// Comma-separated kinds it may read (default: all).
+        #[arg(long)]
+        kinds: Option<String>,
+        /// Lifetime, e.g. 1h, 30d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// Most durable subscriptions it may hold.
+        #[arg(long)]
+        max_subscriptions: Option<u32>,
+        /// Most streaming connections it may hold at once.
+        #[arg(long)]
+        max_connections: Option<u32>,
+        /// A TOML configuration file holding auth.token_secret.
+        #[arg(long, env = "HERALD_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn init_tracing(format: &str, filter: &str) {
@@ -107,6 +156,8 @@ fn init_tracing(format: &str, filter: &str) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One TLS provider for every outbound client (webhooks, EWS push, the CLI).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,6 +172,60 @@ fn main() -> anyhow::Result<()> {
                 .context("loading the configuration")?;
             init_tracing(&config.logging.format, &config.logging.filter);
             runtime.block_on(serve(config))
+        }
+        Command::Keys {
+            command: KeysCommand::Create { data_dir },
+        } => {
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let (key, line) = herald_server::auth::new_key();
+            let path = data_dir.join(herald_server::auth::KEYS_FILE);
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("{key}");
+            eprintln!(
+                "stored its hash in {}; the key is not stored anywhere else",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    sub,
+                    prefixes,
+                    kinds,
+                    ttl,
+                    max_subscriptions,
+                    max_connections,
+                    config,
+                },
+        } => {
+            let config = Config::load(config.as_deref(), &Overrides::default())
+                .context("loading the configuration")?;
+            let secret = config
+                .auth
+                .token_secret
+                .context("auth.token_secret is not configured (HERALD_AUTH__TOKEN_SECRET)")?;
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + std::time::Duration::from(ttl).as_secs();
+            let claims = herald_server::auth::Claims {
+                sub,
+                exp,
+                prefixes,
+                kinds,
+                max_subscriptions,
+                max_connections,
+            };
+            println!("{}", herald_server::auth::mint(&secret, &claims)?);
+            Ok(())
         }
         other => {
             init_tracing("text", "warn");
@@ -245,7 +350,9 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                 println!("queue overflows: {}", s.queue_overflows);
             }
         }
-        Command::Serve { .. } => unreachable!("handled in main"),
+        Command::Serve { .. } | Command::Keys { .. } | Command::Token { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(())
 }

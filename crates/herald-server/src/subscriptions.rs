@@ -66,6 +66,34 @@ impl FilterJson {
 pub enum Transport {
     /// The subscriber long-polls `…/wait` and fetches `…/events`.
     Poll,
+    /// Herald POSTs signed batches to a URL.
+    Webhook,
+}
+
+/// A signing secret and, once rotated out, when it stops being used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SecretSpec {
+    /// `whsec_…`.
+    pub secret: String,
+    /// Microseconds since the Unix epoch after which it is no longer used (rotated out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<u64>,
+}
+
+/// A webhook subscription's endpoint and state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookSpec {
+    /// Where batches are POSTed.
+    pub url: String,
+    /// Current secret first; rotated-out ones until they retire.
+    pub secrets: Vec<SecretSpec>,
+    /// The endpoint echoed the verification challenge.
+    pub verified: bool,
+    /// `active`, `paused` (failed for too long) or `disabled` (410 Gone).
+    pub state: String,
+    /// Why it is paused or disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// What is stored for a durable subscription (its record in the log's registry).
@@ -77,15 +105,22 @@ pub struct SubscriptionSpec {
     pub transport: Transport,
     /// Creation time, microseconds since the Unix epoch.
     pub created_at: u64,
+    /// The token subject that created it (`None`: an API key, or auth off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The endpoint, for webhook subscriptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
 }
 
 /// One durable subscription, live.
 pub struct Durable {
     /// Its id.
     pub id: String,
-    /// What it is.
-    pub spec: SubscriptionSpec,
+    spec: Mutex<SubscriptionSpec>,
     filter: Filter,
+    delivery: Mutex<crate::webhook::DeliveryState>,
+    enable: Notify,
     acked: AtomicU64,
     /// The newest matching watermark seen by the watcher.
     latest: AtomicU64,
@@ -97,6 +132,96 @@ pub struct Durable {
 }
 
 impl Durable {
+    /// What it is (a copy).
+    pub fn spec(&self) -> SubscriptionSpec {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Its owner.
+    pub fn owner(&self) -> Option<String> {
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owner
+            .clone()
+    }
+
+    /// The webhook URL, if it is a webhook subscription.
+    pub fn webhook_url(&self) -> Option<String> {
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .webhook
+            .as_ref()
+            .map(|w| w.url.clone())
+    }
+
+    /// The secrets to sign with now: the current one and those not yet retired.
+    pub fn webhook_secrets(&self) -> Vec<String> {
+        let now = Timestamp::now().0;
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .webhook
+            .as_ref()
+            .map(|w| {
+                w.secrets
+                    .iter()
+                    .filter(|s| s.retire_at.is_none_or(|t| t > now))
+                    .map(|s| s.secret.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The webhook's state (`active`, `paused`, `disabled`).
+    pub fn webhook_state(&self) -> String {
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .webhook
+            .as_ref()
+            .map_or_else(|| "active".to_owned(), |w| w.state.clone())
+    }
+
+    /// Whether the webhook endpoint passed verification.
+    pub fn webhook_verified(&self) -> bool {
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .webhook
+            .as_ref()
+            .is_some_and(|w| w.verified)
+    }
+
+    /// Delivery state (webhooks).
+    pub fn delivery(&self) -> crate::webhook::DeliveryState {
+        self.delivery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Updates the delivery state.
+    pub fn set_delivery(&self, f: impl FnOnce(&mut crate::webhook::DeliveryState)) {
+        f(&mut self.delivery.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Resolves when the subscription is deleted (or the server stops).
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Whether the subscription was deleted.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Resolves when the subscription is enabled again.
+    pub async fn enabled(&self) {
+        self.enable.notified().await;
+    }
+
     /// The filter.
     pub fn filter(&self) -> &Filter {
         &self.filter
@@ -154,6 +279,7 @@ pub struct Durables {
 
 struct DurablesInner {
     log: EmbeddedLog,
+    webhooks: Mutex<Option<Arc<crate::webhook::WebhookContext>>>,
     subs: Mutex<HashMap<String, Arc<Durable>>>,
     idle_timeout: Duration,
     max_key: usize,
@@ -171,12 +297,22 @@ impl Durables {
         Durables {
             inner: Arc::new(DurablesInner {
                 log,
+                webhooks: Mutex::new(None),
                 subs: Mutex::new(HashMap::new()),
                 idle_timeout,
                 max_key,
                 queue_capacity,
             }),
         }
+    }
+
+    /// Sets how webhook subscriptions deliver (before [`Durables::restore`]).
+    pub fn set_webhooks(&self, ctx: Arc<crate::webhook::WebhookContext>) {
+        *self
+            .inner
+            .webhooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(ctx);
     }
 
     fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Durable>>> {
@@ -214,6 +350,8 @@ impl Durables {
         filter_json: FilterJson,
         transport: Transport,
         after: Option<Watermark>,
+        owner: Option<String>,
+        webhook: Option<WebhookSpec>,
     ) -> Result<Arc<Durable>, DurableError> {
         let filter = filter_json.to_filter(self.inner.max_key)?;
         let bounds = self.inner.log.bounds()?;
@@ -228,6 +366,8 @@ impl Durables {
             filter: filter_json,
             transport,
             created_at: Timestamp::now().0,
+            owner,
+            webhook,
         };
         let id = uuid::Uuid::new_v4().to_string();
         let bytes =
@@ -244,10 +384,13 @@ impl Durables {
         filter: Filter,
         acked: Watermark,
     ) -> Arc<Durable> {
+        let transport = spec.transport;
         let sub = Arc::new(Durable {
             id: id.clone(),
-            spec,
+            spec: Mutex::new(spec),
             filter,
+            delivery: Mutex::new(crate::webhook::DeliveryState::default()),
+            enable: Notify::new(),
             acked: AtomicU64::new(acked.0),
             latest: AtomicU64::new(acked.0),
             expired_at: AtomicU64::new(0),
@@ -256,12 +399,124 @@ impl Durables {
             stop: CancellationToken::new(),
         });
         self.subs().insert(id, sub.clone());
-        tokio::spawn(watch(
-            self.inner.log.clone(),
-            sub.clone(),
-            self.inner.queue_capacity,
-        ));
+        match transport {
+            Transport::Poll => {
+                tokio::spawn(watch(
+                    self.inner.log.clone(),
+                    sub.clone(),
+                    self.inner.queue_capacity,
+                ));
+            }
+            Transport::Webhook => {
+                let ctx = self
+                    .inner
+                    .webhooks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                match ctx {
+                    Some(ctx) => {
+                        tokio::spawn(crate::webhook::run(ctx, self.clone(), sub.clone()));
+                    }
+                    None => {
+                        tracing::error!(id = %sub.id, "webhook subscription without a webhook context");
+                    }
+                }
+            }
+        }
         sub
+    }
+
+    /// Stores the subscription's description again after a change.
+    async fn persist(&self, sub: &Durable) -> Result<(), herald_log::LogError> {
+        let bytes = serde_json::to_vec(&sub.spec())
+            .map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
+        self.inner.log.put_subscription(&sub.id, bytes).await
+    }
+
+    /// Records (and stores) that the subscriber has everything up to `w`.
+    pub async fn ack(&self, id: &str, w: Watermark) -> Result<(), DurableError> {
+        let sub = self.get(id)?;
+        if w > sub.acked() {
+            sub.acked.fetch_max(w.0, Ordering::AcqRel);
+            self.inner.log.ack(id, w).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets a webhook's state (`active`, `paused`, `disabled`) and stores it.
+    pub async fn set_webhook_state(&self, id: &str, state: &str, reason: Option<&str>) {
+        let Ok(sub) = self.get(id) else { return };
+        {
+            let mut spec = sub.spec.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(w) = spec.webhook.as_mut() {
+                w.state = state.to_owned();
+                w.reason = reason.map(str::to_owned);
+            }
+        }
+        if let Err(e) = self.persist(&sub).await {
+            tracing::warn!(%id, error = %e, "could not store a webhook state change");
+        }
+    }
+
+    /// Marks a webhook endpoint verified and stores it.
+    pub async fn set_webhook_verified(&self, id: &str) {
+        let Ok(sub) = self.get(id) else { return };
+        if let Some(w) = sub
+            .spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .webhook
+            .as_mut()
+        {
+            w.verified = true;
+        }
+        if let Err(e) = self.persist(&sub).await {
+            tracing::warn!(%id, error = %e, "could not store a webhook verification");
+        }
+    }
+
+    /// Enables a paused or disabled webhook: it resumes from its acknowledged watermark.
+    pub async fn enable(&self, id: &str) -> Result<Arc<Durable>, DurableError> {
+        let sub = self.get(id)?;
+        self.set_webhook_state(id, "active", None).await;
+        sub.set_delivery(|d| {
+            d.failing_since = None;
+            d.attempts = 0;
+            d.status = "active".into();
+        });
+        sub.enable.notify_one();
+        Ok(sub)
+    }
+
+    /// Replaces a webhook's signing secret; the old one keeps signing until `grace` passes.
+    pub async fn rotate_secret(&self, id: &str, grace: Duration) -> Result<String, DurableError> {
+        let sub = self.get(id)?;
+        let new = crate::webhook::new_secret();
+        {
+            let mut spec = sub.spec.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(w) = spec.webhook.as_mut() else {
+                return Err(DurableError::Field(FieldError {
+                    field: "transport".into(),
+                    message: "only webhook subscriptions have a secret".into(),
+                }));
+            };
+            let now = Timestamp::now().0;
+            let retire = now + grace.as_micros() as u64;
+            for s in &mut w.secrets {
+                s.retire_at = Some(s.retire_at.map_or(retire, |r| r.min(retire)));
+            }
+            w.secrets.retain(|s| s.retire_at.is_none_or(|r| r > now));
+            w.secrets.insert(
+                0,
+                SecretSpec {
+                    secret: new.clone(),
+                    retire_at: None,
+                },
+            );
+        }
+        self.persist(&sub).await?;
+        Ok(new)
     }
 
     /// The subscription `id`, touched (so it does not expire).
@@ -328,9 +583,9 @@ impl Durables {
         let after = after.unwrap_or_else(|| sub.acked());
         let bounds = self.inner.log.bounds()?;
         bounds.check(after).map_err(DurableError::Position)?;
-        if after > sub.acked() {
-            sub.acked.fetch_max(after.0, Ordering::AcqRel);
-            self.inner.log.ack(id, after).await?;
+        self.ack(id, after).await?;
+        if limit == 0 {
+            return Ok((Vec::new(), after, sub.pending()));
         }
         // Scan at most a bounded number of log events per request, so a sparse filter over a
         // long log answers promptly; the cursor lets the client continue.
@@ -368,12 +623,15 @@ impl Durables {
         Ok((out, cursor, more))
     }
 
-    /// Removes subscriptions idle longer than the idle timeout; returns how many.
+    /// Removes poll subscriptions idle longer than the idle timeout; returns how many.
+    /// (A webhook subscription is never idle: Herald is the one that calls.)
     pub async fn expire_idle(&self) -> usize {
         let idle: Vec<String> = self
             .subs()
             .values()
-            .filter(|s| s.idle_for() > self.inner.idle_timeout)
+            .filter(|s| {
+                s.spec().transport == Transport::Poll && s.idle_for() > self.inner.idle_timeout
+            })
             .map(|s| s.id.clone())
             .collect();
         let mut n = 0;

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use crate::auth::Principal;
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
@@ -48,6 +50,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
     responses(
         (status = 200, description = "Durably appended", body = PublishResponse),
         (status = 400, description = "A field is invalid; `error.field` names it", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid credentials", body = crate::error::ErrorBody),
+        (status = 403, description = "A subscriber token cannot publish", body = crate::error::ErrorBody),
         (status = 413, description = "The body is larger than `limits.max_body_bytes`", body = crate::error::ErrorBody),
         (status = 422, description = "The idempotency key was used for a different batch", body = crate::error::ErrorBody),
         (status = 503, description = "The log cannot store it now", body = crate::error::ErrorBody),
@@ -55,10 +59,12 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 )]
 pub(super) async fn publish(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    state.auth().require_producer(&principal)?;
     let result = append(&state, &headers, body).await;
     let outcome = match &result {
         Ok(_) => "ok",

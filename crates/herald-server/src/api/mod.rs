@@ -6,6 +6,7 @@ mod stream;
 mod subs;
 mod ws;
 
+pub use crate::auth::Principal;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
@@ -39,6 +40,8 @@ pub use ws::{ClientFrame, ServerFrame};
         subs::delete,
         subs::wait,
         subs::events,
+        subs::enable,
+        subs::rotate_secret,
         ops::watch_page,
         ops::healthz,
         ops::readyz,
@@ -74,6 +77,11 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/subscriptions/{id}/wait", get(subs::wait))
         .route("/v1/subscriptions/{id}/events", get(subs::events))
+        .route("/v1/subscriptions/{id}/enable", post(subs::enable))
+        .route(
+            "/v1/subscriptions/{id}/rotate-secret",
+            post(subs::rotate_secret),
+        )
         .route("/v1/status", get(ops::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -88,49 +96,16 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// With API keys configured, requires `Authorization: Bearer <key>` (or `?access_token=` for
-/// clients, like the browser's EventSource, that cannot set headers).
-async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let keys = &state.config().auth.keys;
-    if keys.is_empty() {
-        return next.run(req).await;
-    }
-    let from_header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("access_token="))
-            .map(str::to_owned)
-    });
-    match from_header.or(from_query) {
-        Some(token)
-            if keys
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), token.as_bytes())) =>
-        {
+/// Authenticates every `/v1` request and hands the handlers its [`Principal`]; a request
+/// without valid credentials gets a 401 here (when authentication is on).
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    match state.auth().authenticate(req.headers(), req.uri().query()) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the API key is not valid",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "an API key is required: Authorization: Bearer <key>",
-        )
-        .into_response(),
+        Err(e) => e.into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Turns axum's plain-text 413 into the API's JSON error naming the body.

@@ -81,10 +81,14 @@ pub struct StatusResponse {
 
 /// Health and figures, for `herald status`.
 #[utoipa::path(get, path = "/v1/status", tag = "operate", responses((status = 200, description = "Status", body = StatusResponse)))]
-pub(super) async fn status(State(state): State<AppState>) -> Json<StatusResponse> {
+pub(super) async fn status(
+    State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Result<Json<StatusResponse>, crate::error::ApiError> {
+    state.auth().require_admin(&principal)?;
     let bounds = state.log().bounds().ok();
     let hub = state.log().hub().stats();
-    Json(StatusResponse {
+    Ok(Json(StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: state.uptime().as_secs(),
         log_first: bounds.map_or(0, |b| b.first.0),
@@ -92,7 +96,7 @@ pub(super) async fn status(State(state): State<AppState>) -> Json<StatusResponse
         engine_subscriptions: hub.subscriptions,
         durable_subscriptions: state.durables().list().len(),
         queue_overflows: hub.overflows,
-    })
+    }))
 }
 
 /// This document.

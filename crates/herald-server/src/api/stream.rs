@@ -9,6 +9,8 @@
 
 use std::convert::Infallible;
 
+use crate::auth::{ConnectionPermit, Principal};
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
@@ -53,10 +55,14 @@ pub(super) struct StreamQuery {
     responses(
         (status = 200, description = "`text/event-stream`: one SSE event per Herald event (`id:` watermark, `event:` kind, `data:` the event as JSON); named events `expired`, `reset` and `shutdown` end the stream; comments keep it alive", content_type = "text/event-stream"),
         (status = 400, description = "An invalid filter or position", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid credentials", body = crate::error::ErrorBody),
+        (status = 403, description = "The token may not read this key or kind", body = crate::error::ErrorBody),
+        (status = 429, description = "The token holds all the connections it may", body = crate::error::ErrorBody),
     )
 )]
 pub(super) async fn stream(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -68,6 +74,8 @@ pub(super) async fn stream(
     }
     .to_filter(limits.max_key_bytes)
     .map_err(|e| ApiError::field_in("", e))?;
+    state.auth().check_filter(&principal, &filter)?;
+    let permit = state.auth().connect(&principal)?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -88,7 +96,7 @@ pub(super) async fn stream(
         ..Default::default()
     };
     let start = Follower::start(state.log(), filter, after, options);
-    let body = Body::from_stream(events(start, state.clone()));
+    let body = Body::from_stream(events(start, state.clone(), permit));
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -105,6 +113,7 @@ struct StreamState {
     ending: Option<Bytes>,
     state: AppState,
     _gauge: ConnectionGauge,
+    _permit: ConnectionPermit,
 }
 
 fn final_event(e: &FollowError) -> Bytes {
@@ -132,6 +141,7 @@ fn final_event(e: &FollowError) -> Bytes {
 fn events(
     start: Result<Follower<EmbeddedLog>, FollowError>,
     state: AppState,
+    permit: ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let (follower, ending) = match start {
         Ok(f) => (Some(f), None),
@@ -142,6 +152,7 @@ fn events(
         ending,
         state,
         _gauge: ConnectionGauge::open("sse"),
+        _permit: permit,
     };
     futures_util::stream::unfold(s, |mut s| async move {
         if let Some(end) = s.ending.take() {

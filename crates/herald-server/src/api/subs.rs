@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::json::EventJson;
-use crate::subscriptions::{Durable, DurableError, FilterJson, Transport};
+use crate::subscriptions::{Durable, DurableError, FilterJson, SecretSpec, Transport, WebhookSpec};
+use axum::Extension;
 
 /// A new durable subscription.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -30,11 +32,15 @@ pub struct CreateSubscription {
     /// Comma-separated kinds (default: all).
     #[serde(default)]
     pub kinds: Option<String>,
-    /// `poll` (long-poll `wait` + `events`).
+    /// `poll` (long-poll `wait` + `events`) or `webhook` (Herald POSTs to `url`).
     pub transport: String,
     /// Start after this watermark (default: with the next event).
     #[serde(default)]
     pub after: Option<u64>,
+    /// For `webhook`: where to POST (http or https; private, loopback and link-local
+    /// addresses are refused unless the operator allows them).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 /// A durable subscription as the API shows it.
@@ -56,6 +62,24 @@ pub struct SubscriptionView {
     pub pending: bool,
     /// Lag: the log's last watermark minus the acknowledged one.
     pub lag: u64,
+    /// The token subject that owns it, if a token created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// For webhooks: the endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// For webhooks: `active`, `paused` or `disabled`, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// For webhooks: why it is paused or disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For webhooks: delivery state (last success, last error, attempts, next attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<crate::webhook::DeliveryState>,
+    /// For webhooks, only when created or rotated: the signing secret (`whsec_…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// The answer of `wait`.
@@ -78,16 +102,40 @@ pub struct EventsPage {
 
 fn view(state: &AppState, d: &Durable) -> SubscriptionView {
     let last = state.log_last();
+    let spec = d.spec();
+    let webhook = spec.webhook.as_ref();
     SubscriptionView {
         id: d.id.clone(),
-        filter: d.spec.filter.clone(),
-        transport: d.spec.transport,
-        created_at: d.spec.created_at,
+        filter: spec.filter.clone(),
+        transport: spec.transport,
+        created_at: spec.created_at,
         acked: d.acked().0,
         latest: d.latest().0,
         pending: d.pending(),
         lag: last.saturating_sub(d.acked().0),
+        owner: spec.owner.clone(),
+        url: webhook.map(|w| w.url.clone()),
+        state: webhook.map(|w| w.state.clone()),
+        reason: webhook.and_then(|w| w.reason.clone()),
+        delivery: webhook.map(|_| d.delivery()),
+        secret: None,
     }
+}
+
+/// The subscription `id`, if the principal may act on it.
+fn owned(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<std::sync::Arc<Durable>, ApiError> {
+    let d = state.durables().get(id)?;
+    if !principal.may_manage(d.owner().as_deref()) {
+        return Err(crate::auth::forbidden(
+            "not_owner",
+            "this subscription belongs to someone else",
+        ));
+    }
+    Ok(d)
 }
 
 impl From<DurableError> for ApiError {
@@ -109,27 +157,31 @@ impl From<DurableError> for ApiError {
     }
 }
 
-/// Creates a durable subscription.
+/// Creates a durable subscription (`poll`, or `webhook` with a `url`).
 #[utoipa::path(
     post, path = "/v1/subscriptions", tag = "subscribe",
     request_body = CreateSubscription,
     responses(
-        (status = 201, description = "Created (and stored)", body = SubscriptionView),
+        (status = 201, description = "Created (and stored); a webhook's `secret` is shown only here", body = SubscriptionView),
         (status = 400, description = "Invalid field", body = crate::error::ErrorBody),
+        (status = 403, description = "The token may not read this key or kind", body = crate::error::ErrorBody),
         (status = 410, description = "`after` is older than the log holds", body = crate::error::ErrorBody),
+        (status = 429, description = "The token holds all the subscriptions it may", body = crate::error::ErrorBody),
     )
 )]
 pub(super) async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Json<CreateSubscription>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::field("body", e.body_text()))?;
     let transport = match req.transport.as_str() {
         "poll" => Transport::Poll,
+        "webhook" => Transport::Webhook,
         other => {
             return Err(ApiError::field(
                 "transport",
-                format!("unknown transport {other:?}; this server offers: poll"),
+                format!("unknown transport {other:?}; one of poll, webhook"),
             ));
         }
     };
@@ -138,26 +190,134 @@ pub(super) async fn create(
         subtree: req.subtree,
         kinds: req.kinds,
     };
+    let engine_filter = filter
+        .to_filter(state.config().limits.max_key_bytes)
+        .map_err(|e| ApiError::field_in("", e))?;
+    state.auth().check_filter(&principal, &engine_filter)?;
+    if let Principal::Token(claims) = &principal {
+        if let Some(max) = claims.max_subscriptions {
+            let held = state
+                .durables()
+                .list()
+                .iter()
+                .filter(|d| d.owner().as_deref() == Some(claims.sub.as_str()))
+                .count();
+            if held >= max as usize {
+                return Err(crate::auth::too_many(format!(
+                    "the token already holds its {max} subscriptions"
+                )));
+            }
+        }
+    }
+    let (webhook, secret) = match (transport, req.url) {
+        (Transport::Webhook, Some(url)) => {
+            state
+                .egress()
+                .check_url(&url)
+                .map_err(|e| ApiError::field("url", e))?;
+            let secret = crate::webhook::new_secret();
+            let spec = WebhookSpec {
+                url,
+                secrets: vec![SecretSpec {
+                    secret: secret.clone(),
+                    retire_at: None,
+                }],
+                verified: false,
+                state: "active".into(),
+                reason: None,
+            };
+            (Some(spec), Some(secret))
+        }
+        (Transport::Webhook, None) => {
+            return Err(ApiError::field("url", "required for webhook subscriptions"));
+        }
+        (Transport::Poll, Some(_)) => {
+            return Err(ApiError::field(
+                "url",
+                "only webhook subscriptions take a url",
+            ));
+        }
+        (Transport::Poll, None) => (None, None),
+    };
     let d = state
         .durables()
-        .create(filter, transport, req.after.map(Watermark))
+        .create(
+            filter,
+            transport,
+            req.after.map(Watermark),
+            principal.owner(),
+            webhook,
+        )
         .await?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
         .set(state.durables().list().len() as f64);
-    Ok((StatusCode::CREATED, Json(view(&state, &d))).into_response())
+    let mut v = view(&state, &d);
+    v.secret = secret;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-/// Lists durable subscriptions.
+/// Enables a paused or disabled webhook subscription: it resumes from its acknowledged
+/// watermark, so the endpoint receives everything it missed.
+#[utoipa::path(
+    post, path = "/v1/subscriptions/{id}/enable", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 200, description = "Enabled", body = SubscriptionView),
+        (status = 403, description = "Not yours", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn enable(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    owned(&state, &principal, &id)?;
+    let d = state.durables().enable(&id).await?;
+    Ok(Json(view(&state, &d)))
+}
+
+/// Replaces a webhook subscription's signing secret. Deliveries carry signatures with both
+/// the new and the old secret until `webhooks.secret_grace` passes.
+#[utoipa::path(
+    post, path = "/v1/subscriptions/{id}/rotate-secret", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 200, description = "The new secret is in `secret`", body = SubscriptionView),
+        (status = 403, description = "Not yours", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn rotate_secret(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let d = owned(&state, &principal, &id)?;
+    let secret = state
+        .durables()
+        .rotate_secret(&id, state.config().webhooks.secret_grace)
+        .await?;
+    let mut v = view(&state, &d);
+    v.secret = Some(secret);
+    Ok(Json(v))
+}
+
+/// Lists durable subscriptions (a token sees its own).
 #[utoipa::path(
     get, path = "/v1/subscriptions", tag = "subscribe",
-    responses((status = 200, description = "Every durable subscription", body = Vec<SubscriptionView>))
+    responses((status = 200, description = "Every durable subscription the caller may see", body = Vec<SubscriptionView>))
 )]
-pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<SubscriptionView>> {
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<Vec<SubscriptionView>> {
     Json(
         state
             .durables()
             .list()
             .iter()
+            .filter(|d| principal.may_manage(d.owner().as_deref()))
             .map(|d| view(&state, d))
             .collect(),
     )
@@ -174,9 +334,10 @@ pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<Subscription
 )]
 pub(super) async fn get_one(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let d = state.durables().get(&id)?;
+    let d = owned(&state, &principal, &id)?;
     Ok(Json(view(&state, &d)))
 }
 
@@ -191,8 +352,10 @@ pub(super) async fn get_one(
 )]
 pub(super) async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    owned(&state, &principal, &id)?;
     state.durables().delete(&id).await?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
         .set(state.durables().list().len() as f64);
@@ -219,6 +382,7 @@ pub(super) struct WaitQuery {
 )]
 pub(super) async fn wait(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<WaitResponse>, ApiError> {
@@ -232,7 +396,7 @@ pub(super) async fn wait(
             .map_err(|_| ApiError::field("timeout", "seconds, or a duration such as 30s or 2m"))?,
     }
     .min(max);
-    let d = state.durables().get(&id)?;
+    let d = owned(&state, &principal, &id)?;
     if let Some(oldest) = state.durables().expired_position(&d) {
         return Err(ApiError::position(&herald_log::ReadError::Expired {
             after: d.acked(),
@@ -268,9 +432,11 @@ pub(super) struct EventsQuery {
 )]
 pub(super) async fn events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
+    owned(&state, &principal, &id)?;
     let limit = q
         .limit
         .unwrap_or(100)

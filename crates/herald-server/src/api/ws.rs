@@ -4,8 +4,11 @@
 
 use std::collections::HashMap;
 
+use crate::auth::{ConnectionPermit, Principal};
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::response::IntoResponse;
 use axum::response::Response;
 use herald_core::{Filter, Watermark};
 use herald_log::{EventLog, FollowError, FollowOptions, Follower, ReadError};
@@ -119,8 +122,13 @@ pub enum ServerFrame {
 )]
 pub(super) async fn websocket(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let permit = match state.auth().connect(&principal) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     // tungstenite's default buffers (128 KiB to read, more to write) would cost every idle
     // connection well over 100 KiB; client frames are small.
     upgrade
@@ -129,7 +137,7 @@ pub(super) async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1024 * 1024)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| connection(state, socket, principal, permit))
 }
 
 struct Sub {
@@ -154,7 +162,12 @@ impl From<ServerFrame> for Outgoing {
 /// queues fill, and they resync from the log: a slow client costs reads, not events.
 const OUTBOX: usize = 1024;
 
-async fn connection(state: AppState, mut socket: WebSocket) {
+async fn connection(
+    state: AppState,
+    mut socket: WebSocket,
+    principal: Principal,
+    _permit: ConnectionPermit,
+) {
     let _gauge = ConnectionGauge::open("websocket");
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let mut subs: HashMap<String, Sub> = HashMap::new();
@@ -165,7 +178,7 @@ async fn connection(state: AppState, mut socket: WebSocket) {
         tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = handle(&state, &mut subs, &out_tx, text.as_str()).await;
+                    let reply = handle(&state, &principal, &mut subs, &out_tx, text.as_str()).await;
                     if let Some(frame) = reply {
                         if send(&mut socket, &frame).await.is_err() {
                             break;
@@ -223,6 +236,7 @@ fn error(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFr
 /// Handles one client frame; returns the frame to answer with, if any.
 async fn handle(
     state: &AppState,
+    principal: &Principal,
     subs: &mut HashMap<String, Sub>,
     out: &mpsc::Sender<Outgoing>,
     text: &str,
@@ -256,6 +270,13 @@ async fn handle(
             }
             let (filter, start): (Filter, Option<Watermark>) = match &subscription {
                 Some(sid) => match state.durables().get(sid) {
+                    Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
+                        return Some(error(
+                            Some(id),
+                            "not_owner",
+                            "this durable subscription belongs to someone else",
+                        ));
+                    }
                     Ok(d) => (d.filter().clone(), Some(after.map_or(d.acked(), Watermark))),
                     Err(e) => {
                         return Some(error(Some(id), "subscription_not_found", e.to_string()));
@@ -272,6 +293,10 @@ async fn handle(
                     Err(e) => return Some(error(Some(id), "invalid_field", e.to_string())),
                 },
             };
+            if let Err(e) = state.auth().check_filter(principal, &filter) {
+                let message = e.message().to_owned();
+                return Some(error(Some(id), e.code(), message));
+            }
             let start = match start {
                 Some(w) => w,
                 None => match state.log().bounds() {

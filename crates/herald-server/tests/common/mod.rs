@@ -134,6 +134,7 @@ mod reqwest {
 }
 
 pub fn client() -> ::reqwest::Client {
+    herald_testkit::init_tls();
     ::reqwest::Client::builder().timeout(WAIT).build().unwrap()
 }
 
@@ -216,5 +217,6 @@ impl SseClient {
 }
 
 pub fn client_no_timeout() -> ::reqwest::Client {
+    herald_testkit::init_tls();
     ::reqwest::Client::builder().build().unwrap()
 }

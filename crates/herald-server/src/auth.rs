@@ -1,0 +1,558 @@
+//! Who may do what.
+//!
+//! - **API keys** (configured in `auth.keys`, or created with `herald keys create`, which
+//!   stores a SHA-256 of the key in `<data_dir>/api-keys`) may publish, subscribe to anything
+//!   and administer.
+//! - **Subscriber tokens** (JWT, HS256 with `auth.token_secret` or EdDSA with
+//!   `auth.token_public_key`; `herald token create` mints them) may only read: the key
+//!   prefixes and kinds they name, until they expire, within their connection and
+//!   subscription limits.
+//!
+//! Credentials come in `Authorization: Bearer`, the `access_token` query parameter, or the
+//! `herald_token` cookie (a browser's EventSource can send neither a header nor a body).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::{HeaderMap, StatusCode, header};
+use herald_core::{EventKind, EventMask, Filter, Key, Scope};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+
+/// The file, in the data directory, holding hashes of keys made with `herald keys create`.
+pub const KEYS_FILE: &str = "api-keys";
+
+/// What a subscriber token says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The subscriber (the owner of what it creates).
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Key prefixes (path form) it may read; `""` reads everything.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    /// Comma-separated kinds it may read (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<String>,
+    /// Most durable subscriptions it may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<u32>,
+    /// Most streaming connections (SSE, WebSocket) it may hold at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+/// Who is asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// Authentication is off.
+    Open,
+    /// An API key.
+    Key,
+    /// A subscriber token.
+    Token(Claims),
+}
+
+impl Principal {
+    /// The owner recorded on what this principal creates.
+    pub fn owner(&self) -> Option<String> {
+        match self {
+            Principal::Token(c) => Some(c.sub.clone()),
+            Principal::Open | Principal::Key => None,
+        }
+    }
+
+    /// Whether this principal may act on something owned by `owner`.
+    pub fn may_manage(&self, owner: Option<&str>) -> bool {
+        match self {
+            Principal::Open | Principal::Key => true,
+            Principal::Token(c) => owner == Some(c.sub.as_str()),
+        }
+    }
+}
+
+fn hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+/// A 403.
+pub fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, code, message)
+}
+
+/// The server's authenticator.
+#[derive(Debug)]
+pub struct Auth {
+    enabled: bool,
+    keys: Vec<[u8; 32]>,
+    key_file: PathBuf,
+    file_keys: Mutex<(Option<SystemTime>, Vec<[u8; 32]>, Instant)>,
+    decoding: Option<(DecodingKey, Validation)>,
+    connections: Mutex<HashMap<String, u32>>,
+}
+
+impl Auth {
+    /// The authenticator for this configuration and data directory.
+    pub fn new(config: &AuthConfig, data_dir: &Path) -> anyhow::Result<Auth> {
+        let decoding = match (&config.token_secret, &config.token_public_key) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("configure auth.token_secret or auth.token_public_key, not both")
+            }
+            (Some(secret), None) => {
+                anyhow::ensure!(
+                    secret.len() >= 32,
+                    "auth.token_secret must be at least 32 bytes"
+                );
+                let mut v = Validation::new(Algorithm::HS256);
+                v.set_required_spec_claims(&["exp", "sub"]);
+                v.leeway = 5;
+                Some((DecodingKey::from_secret(secret.as_bytes()), v))
+            }
+            (None, Some(pem)) => {
+                let mut v = Validation::new(Algorithm::EdDSA);
+                v.set_required_spec_claims(&["exp", "sub"]);
+                v.leeway = 5;
+                Some((DecodingKey::from_ed_pem(pem.as_bytes())?, v))
+            }
+            (None, None) => None,
+        };
+        let key_file = data_dir.join(KEYS_FILE);
+        let auth = Auth {
+            enabled: config.enabled() || key_file.exists(),
+            keys: config.keys.iter().map(|k| hash(k)).collect(),
+            key_file,
+            file_keys: Mutex::new((None, Vec::new(), Instant::now() - Duration::from_secs(10))),
+            decoding,
+            connections: Mutex::new(HashMap::new()),
+        };
+        auth.reload_key_file();
+        Ok(auth)
+    }
+
+    /// Whether requests are authenticated at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Re-reads the key file when it changed (checked at most once a second).
+    fn reload_key_file(&self) {
+        let mut guard = self.file_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.2.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        guard.2 = Instant::now();
+        let modified = std::fs::metadata(&self.key_file)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified == guard.0 {
+            return;
+        }
+        guard.0 = modified;
+        guard.1 = std::fs::read_to_string(&self.key_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|hex| {
+                let mut out = [0u8; 32];
+                (hex.len() == 64).then_some(())?;
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+                }
+                Some(out)
+            })
+            .collect();
+    }
+
+    fn is_key(&self, candidate: &str) -> bool {
+        let h = hash(candidate);
+        if self.keys.iter().any(|k| constant_time_eq(k, &h)) {
+            return true;
+        }
+        self.reload_key_file();
+        let guard = self.file_keys.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1.iter().any(|k| constant_time_eq(k, &h))
+    }
+
+    /// Who sent these credentials.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        if !self.enabled {
+            return Ok(Principal::Open);
+        }
+        let credential = credential(headers, query).ok_or_else(|| {
+            unauthorized(
+                "unauthorized",
+                "credentials are required: Authorization: Bearer <API key or token> (or ?access_token=, or the herald_token cookie)",
+            )
+        })?;
+        if self.is_key(&credential) {
+            return Ok(Principal::Key);
+        }
+        let Some((key, validation)) = &self.decoding else {
+            return Err(unauthorized(
+                "invalid_credentials",
+                "the API key is not valid",
+            ));
+        };
+        match jsonwebtoken::decode::<Claims>(&credential, key, validation) {
+            Ok(data) => Ok(Principal::Token(data.claims)),
+            Err(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(unauthorized(
+                    "token_expired",
+                    "the token has expired; get a new one",
+                )),
+                _ => Err(unauthorized(
+                    "invalid_credentials",
+                    format!("neither a valid API key nor a valid token: {e}"),
+                )),
+            },
+        }
+    }
+
+    /// A 403 unless the principal may read everything `filter` selects.
+    pub fn check_filter(&self, p: &Principal, filter: &Filter) -> Result<(), ApiError> {
+        let Principal::Token(c) = p else {
+            return Ok(());
+        };
+        let key = filter.scope.key();
+        let within = c
+            .prefixes
+            .iter()
+            .any(|prefix| prefix.is_empty() || key.is_within(&Key::from(prefix.as_str())));
+        if !within {
+            let what = match &filter.scope {
+                Scope::Exact(_) => "key",
+                Scope::Subtree(_) => "subtree",
+            };
+            return Err(forbidden(
+                "forbidden_scope",
+                format!(
+                    "the token may not read {what} {key}: it allows {}",
+                    describe_prefixes(&c.prefixes)
+                ),
+            )
+            .with_field(what));
+        }
+        if let Some(kinds) = &c.kinds {
+            let allowed: EventMask = kinds
+                .split(',')
+                .filter_map(|k| EventKind::from_name(k.trim()))
+                .collect();
+            if let Some(extra) = EventKind::ALL
+                .into_iter()
+                .find(|k| filter.mask.contains(*k) && !allowed.contains(*k))
+            {
+                return Err(forbidden(
+                    "forbidden_kind",
+                    format!(
+                        "the token may not read {} events; ask for kinds={kinds}",
+                        extra.name()
+                    ),
+                )
+                .with_field("kinds"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A 403 unless the principal may publish.
+    pub fn require_producer(&self, p: &Principal) -> Result<(), ApiError> {
+        match p {
+            Principal::Open | Principal::Key => Ok(()),
+            Principal::Token(_) => Err(forbidden(
+                "forbidden",
+                "subscriber tokens can only read; publishing needs an API key",
+            )),
+        }
+    }
+
+    /// A 403 unless the principal is an API key (or auth is off).
+    pub fn require_admin(&self, p: &Principal) -> Result<(), ApiError> {
+        match p {
+            Principal::Open | Principal::Key => Ok(()),
+            Principal::Token(_) => Err(forbidden("forbidden", "this needs an API key")),
+        }
+    }
+
+    /// Holds one of the principal's streaming connections, or a 429 when it has all it may.
+    pub fn connect(self: &Arc<Self>, p: &Principal) -> Result<ConnectionPermit, ApiError> {
+        let Principal::Token(c) = p else {
+            return Ok(ConnectionPermit {
+                auth: None,
+                sub: String::new(),
+            });
+        };
+        let mut conns = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let n = conns.entry(c.sub.clone()).or_default();
+        if let Some(max) = c.max_connections {
+            if *n >= max {
+                return Err(too_many(format!(
+                    "the token already holds its {max} connections"
+                )));
+            }
+        }
+        *n += 1;
+        Ok(ConnectionPermit {
+            auth: Some(self.clone()),
+            sub: c.sub.clone(),
+        })
+    }
+}
+
+/// A 429 with `Retry-After`.
+pub fn too_many(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", message).with_retry_after(5)
+}
+
+fn describe_prefixes(p: &[String]) -> String {
+    if p.is_empty() {
+        "no keys".into()
+    } else {
+        p.iter()
+            .map(|s| format!("{s}/…"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One streaming connection counted against its token until dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    auth: Option<Arc<Auth>>,
+    sub: String,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        if let Some(auth) = &self.auth {
+            let mut conns = auth.connections.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = conns.get_mut(&self.sub) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    conns.remove(&self.sub);
+                }
+            }
+        }
+    }
+}
+
+/// The credential in a request, from the header, the query or the cookie.
+fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = v.strip_prefix("Bearer ") {
+            return Some(t.trim().to_owned());
+        }
+    }
+    if let Some(q) = query {
+        for kv in q.split('&') {
+            if let Some(t) = kv.strip_prefix("access_token=") {
+                return Some(percent_decode(t));
+            }
+        }
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("herald_token=").map(str::to_owned))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// A new API key (`hk_` and 32 random bytes) and the line to store for it.
+pub fn new_key() -> (String, String) {
+    use base64::Engine;
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    let key = format!(
+        "hk_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hex: String = hash(&key).iter().map(|b| format!("{b:02x}")).collect();
+    let created = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (key, format!("{hex} created={created}\n"))
+}
+
+/// Signs a subscriber token with an HS256 secret.
+pub fn mint(secret: &str, claims: &Claims) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        secret.len() >= 32,
+        "auth.token_secret must be at least 32 bytes"
+    );
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn auth(keys: &[&str]) -> (Arc<Auth>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            token_secret: Some(SECRET.into()),
+            ..Default::default()
+        };
+        (Arc::new(Auth::new(&cfg, dir.path()).unwrap()), dir)
+    }
+
+    fn bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+        h
+    }
+
+    fn claims(prefixes: &[&str], exp_in: i64) -> Claims {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        Claims {
+            sub: "alice".into(),
+            exp: (now + exp_in) as u64,
+            prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            kinds: Some("new_mail,object_created".into()),
+            max_subscriptions: Some(1),
+            max_connections: Some(1),
+        }
+    }
+
+    #[test]
+    fn keys_tokens_and_their_failures() {
+        let (a, _d) = auth(&["k1"]);
+        assert_eq!(a.authenticate(&bearer("k1"), None).unwrap(), Principal::Key);
+        let e = a.authenticate(&HeaderMap::new(), None).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        let t = mint(SECRET, &claims(&["alice"], 60)).unwrap();
+        assert!(matches!(
+            a.authenticate(&bearer(&t), None).unwrap(),
+            Principal::Token(_)
+        ));
+        assert!(matches!(
+            a.authenticate(&HeaderMap::new(), Some(&format!("x=1&access_token={t}")))
+                .unwrap(),
+            Principal::Token(_)
+        ));
+        let mut cookie = HeaderMap::new();
+        cookie.insert(
+            header::COOKIE,
+            format!("a=b; herald_token={t}").parse().unwrap(),
+        );
+        assert!(matches!(
+            a.authenticate(&cookie, None).unwrap(),
+            Principal::Token(_)
+        ));
+        let expired = mint(SECRET, &claims(&["alice"], -600)).unwrap();
+        let e = a.authenticate(&bearer(&expired), None).unwrap_err();
+        assert_eq!(e.code(), "token_expired");
+        let forged = mint(
+            "another secret that is long enough!!",
+            &claims(&["alice"], 60),
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(&bearer(&forged), None).unwrap_err().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    #[test]
+    fn tokens_read_only_their_prefixes_and_kinds_within_limits() {
+        let (a, _d) = auth(&[]);
+        let p = Principal::Token(claims(&["alice@example.test"], 60));
+        let f = |scope: Scope, mask: EventMask| Filter { scope, mask };
+        assert!(
+            a.check_filter(
+                &p,
+                &f(
+                    Scope::Subtree("alice@example.test/inbox".into()),
+                    EventKind::NewMail.into()
+                )
+            )
+            .is_ok()
+        );
+        let e = a
+            .check_filter(
+                &p,
+                &f(
+                    Scope::Subtree("bob@example.test".into()),
+                    EventKind::NewMail.into(),
+                ),
+            )
+            .unwrap_err();
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert!(
+            a.check_filter(
+                &p,
+                &f(
+                    Scope::Exact("alice@example.testx".into()),
+                    EventKind::NewMail.into()
+                )
+            )
+            .is_err()
+        );
+        assert!(
+            a.check_filter(
+                &p,
+                &f(Scope::Exact("alice@example.test/m".into()), EventMask::ALL)
+            )
+            .is_err()
+        );
+        assert!(a.require_producer(&p).is_err());
+        let first = a.connect(&p).unwrap();
+        assert_eq!(
+            a.connect(&p).unwrap_err().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        drop(first);
+        assert!(a.connect(&p).is_ok());
+    }
+
+    #[test]
+    fn created_keys_are_accepted_from_the_key_file() {
+        let (a, dir) = auth(&[]);
+        let (key, line) = new_key();
+        std::fs::write(dir.path().join(KEYS_FILE), line).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(a.authenticate(&bearer(&key), None).unwrap(), Principal::Key);
+        assert!(a.authenticate(&bearer("hk_other"), None).is_err());
+    }
+}
