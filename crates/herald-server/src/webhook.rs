@@ -129,6 +129,18 @@ enum Attempt {
     },
 }
 
+/// An outbound error with its root cause (refused address, connection refused, timeout).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut source: &dyn std::error::Error = e;
+    while let Some(s) = source.source() {
+        source = s;
+    }
+    format!("{e}: {source}")
+}
+
 /// Sends one signed request.
 async fn send(
     ctx: &WebhookContext,
@@ -267,8 +279,10 @@ async fn deliver(
                     publish_ops(ctx, &sub.id, ops::PAUSED, &reason).await;
                     return false;
                 }
+                // Retry-After is honoured (beyond the back-off cap), up to the time after which
+                // the subscription would pause anyway.
                 let wait = retry_after
-                    .map(|r| r.min(ctx.config.retry_cap))
+                    .map(|r| r.min(ctx.config.fail_after))
                     .unwrap_or_else(|| backoff.delay_random(attempt));
                 sub.set_delivery(|d| {
                     d.status = "retrying".into();
@@ -363,7 +377,7 @@ async fn verify(ctx: &WebhookContext, durables: &Durables, sub: &Arc<Durable>) -
                         "the endpoint did not echo the verification challenge".to_owned()
                     }
                     Ok(r) => format!("verification answered {}", r.status()),
-                    Err(e) => format!("verification failed: {e}"),
+                    Err(e) => format!("verification failed: {}", describe(&e)),
                 }
             }
         };

@@ -220,3 +220,264 @@ pub fn client_no_timeout() -> ::reqwest::Client {
     herald_testkit::init_tls();
     ::reqwest::Client::builder().build().unwrap()
 }
+
+/// How the test's webhook receiver answers.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// 200 (and the challenge echoed for verifications).
+    Ok,
+    /// This status, with an optional Retry-After (seconds).
+    Status(u16, Option<u64>),
+    /// Answer 200 after this long (longer than Herald's request timeout = a timeout).
+    Slow(Duration),
+    /// 200 without echoing verification challenges.
+    NoEcho,
+    /// 302 to this URL.
+    Redirect(String),
+}
+
+/// One request the receiver got, and what it answered.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: String,
+    pub status: u16,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_default()
+    }
+}
+
+struct RecvState {
+    mode: std::sync::Mutex<Mode>,
+    requests: std::sync::Mutex<Vec<Recorded>>,
+}
+
+/// A real HTTP server receiving webhooks on a loopback port; it can fail, time out, answer
+/// 410, go away and come back on the same port.
+pub struct Receiver {
+    pub port: u16,
+    pub ip: std::net::IpAddr,
+    state: std::sync::Arc<RecvState>,
+    stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Receiver::start_at("127.0.0.1".parse().unwrap(), 0).await
+    }
+
+    pub async fn start_at(ip: std::net::IpAddr, port: u16) -> Receiver {
+        let mut r = Receiver {
+            port,
+            ip,
+            state: std::sync::Arc::new(RecvState {
+                mode: std::sync::Mutex::new(Mode::Ok),
+                requests: std::sync::Mutex::new(Vec::new()),
+            }),
+            stop: None,
+        };
+        r.up().await;
+        r
+    }
+
+    /// (Re)starts listening on the receiver's port.
+    pub async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind((self.ip, self.port))
+            .await
+            .unwrap();
+        self.port = listener.local_addr().unwrap().port();
+        let state = self.state.clone();
+        let app =
+            axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: String| {
+                let state = state.clone();
+                async move { answer(state, headers, body).await }
+            });
+        let stop = tokio_util::sync::CancellationToken::new();
+        self.stop = Some(stop.clone());
+        tokio::spawn(herald_server::serve::serve_http1(
+            listener,
+            app,
+            stop,
+            Duration::from_millis(10),
+        ));
+    }
+
+    /// Stops listening and closes every connection: deliveries now fail to connect.
+    pub async fn down(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.cancel();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    pub fn set(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}:{}/hook", self.ip, self.port)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Keys of events in successful deliveries, each webhook-id counted once, in order;
+    /// asserts their watermarks increase.
+    pub fn delivered_keys(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for r in self.requests() {
+            if !(200..300).contains(&r.status) {
+                continue;
+            }
+            let v = r.json();
+            if v["type"] != "events" || !seen.insert(r.headers["webhook-id"].clone()) {
+                continue;
+            }
+            for e in v["events"].as_array().unwrap() {
+                let w = e["watermark"].as_u64().unwrap();
+                assert!(
+                    w > last,
+                    "watermark {w} after {last}: out of order or repeated"
+                );
+                last = w;
+                out.push(e["key"].as_str().unwrap().to_owned());
+            }
+        }
+        out
+    }
+
+    /// Waits until `n` event keys were delivered.
+    pub async fn wait_for_keys(&self, n: usize, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.delivered_keys();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Watermarks of events in successful deliveries, each webhook-id counted once, in order.
+    pub fn delivered_watermarks(&self) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for r in self.requests() {
+            if !(200..300).contains(&r.status) {
+                continue;
+            }
+            let v = r.json();
+            if v["type"] != "events" || !seen.insert(r.headers["webhook-id"].clone()) {
+                continue;
+            }
+            out.extend(
+                v["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["watermark"].as_u64().unwrap()),
+            );
+        }
+        out
+    }
+
+    /// Waits until `n` event watermarks were delivered.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.delivered_watermarks();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn answer(
+    state: std::sync::Arc<RecvState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mode = state.mode.lock().unwrap().clone();
+    let record = |status: u16| {
+        state.requests.lock().unwrap().push(Recorded {
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        v.to_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect(),
+            body: body.clone(),
+            status,
+            at: Instant::now(),
+        });
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match mode {
+        Mode::Ok => {
+            record(200);
+            if v["type"] == "verification" {
+                return v["challenge"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+                    .into_response();
+            }
+            axum::http::StatusCode::NO_CONTENT.into_response()
+        }
+        Mode::NoEcho => {
+            record(200);
+            "thanks".into_response()
+        }
+        Mode::Status(code, retry_after) => {
+            record(code);
+            let mut r = axum::http::StatusCode::from_u16(code)
+                .unwrap()
+                .into_response();
+            if let Some(s) = retry_after {
+                r.headers_mut().insert("retry-after", s.into());
+            }
+            r
+        }
+        Mode::Slow(d) => {
+            tokio::time::sleep(d).await;
+            record(200);
+            if v["type"] == "verification" {
+                return v["challenge"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+                    .into_response();
+            }
+            axum::http::StatusCode::NO_CONTENT.into_response()
+        }
+        Mode::Redirect(to) => {
+            record(302);
+            (axum::http::StatusCode::FOUND, [("location", to)]).into_response()
+        }
+    }
+}
+
+/// The Python in the repository's virtual environment (scripts/test makes it).
+pub fn python() -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let py = root.join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/test (it creates .venv with the standardwebhooks package)",
+        py.display()
+    );
+    py
+}
