@@ -48,6 +48,18 @@ pub fn error_message(op: &str, code: &str, text: &str, payload: &str) -> String 
     )
 }
 
+/// A SOAP fault, for requests that cannot be read at all (so no operation is known). The
+/// code should not be one that makes clients retry under other schema versions
+/// (`ErrorInvalidServerVersion`, `ErrorInvalidRequest`, …); `ErrorSchemaValidation` is not.
+pub fn soap_fault(code: &str, message: &str) -> String {
+    let errors = "http://schemas.microsoft.com/exchange/services/2006/errors";
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{NS_SOAP}"><s:Body><s:Fault><faultcode xmlns:a="{errors}">a:{code}</faultcode><faultstring xml:lang="en-US">{msg}</faultstring><detail><e:ResponseCode xmlns:e="{errors}">{code}</e:ResponseCode><e:Message xmlns:e="{errors}">{msg}</e:Message></detail></s:Fault></s:Body></s:Envelope>"#,
+        code = escape(code),
+        msg = escape(message)
+    )
+}
+
 /// A response of one error message.
 pub fn error_response(op: &str, code: &str, text: &str) -> String {
     response(op, &[error_message(op, code, text, "")])

@@ -27,6 +27,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Webhook delivery.
     pub webhooks: WebhooksConfig,
+    /// Exchange Web Services notifications.
+    pub ews: EwsConfig,
     /// Log output.
     pub logging: LoggingConfig,
     /// How long a graceful shutdown waits for connections to finish.
@@ -44,6 +46,7 @@ impl Default for Config {
             subscriptions: SubscriptionsConfig::default(),
             auth: AuthConfig::default(),
             webhooks: WebhooksConfig::default(),
+            ews: EwsConfig::default(),
             logging: LoggingConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -147,12 +150,18 @@ pub struct AuthConfig {
     pub token_public_key: Option<String>,
     /// Serve without authentication even on a non-loopback address (explicit opt-out).
     pub allow_open: bool,
+    /// Users of the Exchange endpoints (Basic authentication): address → password. A user
+    /// may use their own mailbox, whose key prefix is the address.
+    pub users: std::collections::BTreeMap<String, String>,
 }
 
 impl AuthConfig {
     /// Whether anything would authenticate requests.
     pub fn enabled(&self) -> bool {
-        !self.keys.is_empty() || self.token_secret.is_some() || self.token_public_key.is_some()
+        !self.keys.is_empty()
+            || self.token_secret.is_some()
+            || self.token_public_key.is_some()
+            || !self.users.is_empty()
     }
 }
 
@@ -221,6 +230,38 @@ impl Default for LoggingConfig {
     }
 }
 
+/// Exchange Web Services notifications.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EwsConfig {
+    /// How long an EWS "minute" is (Timeout, StatusFrequency, ConnectionTimeout are given in
+    /// minutes). 60 s; tests shorten it.
+    #[serde(with = "humantime_serde")]
+    pub minute: Duration,
+    /// Streaming heartbeat interval (ConnectionStatus OK).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// First push retry delay; each retry doubles it while it stays within StatusFrequency.
+    #[serde(with = "humantime_serde")]
+    pub push_retry_base: Duration,
+    /// Open streaming connections per account (Exchange's HangingConnectionLimit).
+    pub max_streaming_connections: u32,
+    /// Subscriptions per mailbox (Exchange's EWSMaxSubscriptions).
+    pub max_subscriptions_per_mailbox: u32,
+}
+
+impl Default for EwsConfig {
+    fn default() -> Self {
+        EwsConfig {
+            minute: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(30),
+            push_retry_base: Duration::from_secs(30),
+            max_streaming_connections: 10,
+            max_subscriptions_per_mailbox: 200,
+        }
+    }
+}
+
 /// Values given on the command line (absent ones do not override).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Overrides {
@@ -234,7 +275,8 @@ pub struct Overrides {
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 9] = [
+const ENV_KEYS: [&str; 10] = [
+    "ews",
     "listen",
     "data_dir",
     "retention",

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod egress;
 pub mod error;
+pub mod ews;
 pub mod frames;
 pub mod json;
 pub mod metrics;
@@ -41,6 +42,8 @@ struct StateInner {
     frames: Arc<frames::EventCache>,
     auth: Arc<auth::Auth>,
     egress: egress::EgressPolicy,
+    ews: Arc<ews::Ews>,
+    push_client: reqwest::Client,
     shutdown: CancellationToken,
     started: Instant,
 }
@@ -78,6 +81,7 @@ impl AppState {
         if restored > 0 {
             tracing::info!(restored, "durable subscriptions restored");
         }
+        let push_client = egress.client(config.webhooks.request_timeout);
         Ok(AppState {
             inner: Arc::new(StateInner {
                 config,
@@ -86,7 +90,9 @@ impl AppState {
                 metrics: metrics::Metrics::install(),
                 frames,
                 auth,
+                push_client,
                 egress,
+                ews: Arc::default(),
                 shutdown,
                 started: Instant::now(),
             }),
@@ -126,6 +132,16 @@ impl AppState {
     /// The outbound policy for pushes.
     pub fn egress(&self) -> &egress::EgressPolicy {
         &self.inner.egress
+    }
+
+    /// EWS subscriptions.
+    pub fn ews(&self) -> &ews::Ews {
+        &self.inner.ews
+    }
+
+    /// The outbound client for EWS push notifications (egress policy applied).
+    pub fn push_client(&self) -> &reqwest::Client {
+        &self.inner.push_client
     }
 
     /// Cancelled when the server starts shutting down.
@@ -170,6 +186,7 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     }
     sweeper.abort();
     state.durables().stop_all();
+    state.ews().stop_all();
     let log = state.log().clone();
     tokio::task::spawn_blocking(move || log.close()).await??;
     tracing::info!("herald stopped; the log is flushed");
@@ -179,10 +196,15 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
 /// Removes idle durable subscriptions periodically.
 async fn sweep_idle(state: AppState) {
     let every = (state.config().subscriptions.idle_timeout / 4)
+        .min(state.config().ews.minute / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         state.durables().expire_idle().await;
+        let expired = state.ews().expire(state.config().ews.minute);
+        if expired > 0 {
+            tracing::debug!(expired, "EWS pull subscriptions expired");
+        }
     }
 }

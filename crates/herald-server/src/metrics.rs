@@ -127,3 +127,8 @@ pub fn delivered(transport: &'static str, n: &herald_core::Notification) {
         / 1e6;
     metrics::histogram!(names::DELIVERY_LAG_SECONDS, "transport" => transport).record(lag);
 }
+
+/// Records `n` deliveries over `transport` whose events are no longer at hand.
+pub fn delivered_count(transport: &'static str, n: usize) {
+    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(n as u64);
+}

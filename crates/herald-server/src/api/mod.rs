@@ -91,6 +91,8 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route("/EWS/Exchange.asmx", post(crate::ews::handle))
+        .route("/ews/exchange.asmx", post(crate::ews::handle))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(body_limit_as_json))
         .with_state(state)

@@ -476,7 +476,7 @@ pub fn python() -> std::path::PathBuf {
     let py = root.join(".venv/bin/python");
     assert!(
         py.exists(),
-        "{} is missing: run scripts/test (it creates .venv with the standardwebhooks package)",
+        "{} is missing: run scripts/test (it creates .venv with standardwebhooks and exchangelib)",
         py.display()
     );
     py
