@@ -51,6 +51,7 @@ mod pool;
 mod sink;
 mod subscription;
 mod sync;
+mod wait;
 
 pub use dispatch::{AffineSink, Dispatcher, LocalSink, Receiver, TryRecvError};
 pub use event::{
@@ -67,3 +68,4 @@ pub use hub::{
 pub use key::{Filter, Key, PATH_SEPARATOR, Scope};
 pub use sink::{Batch, CALLBACK_DISCONTINUE, Delivery, Flow, Overflow, OwnedDelivery, Sink};
 pub use subscription::ConnectionId;
+pub use wait::{AsyncWait, Wait, WaitOutcome, WaitRejected};

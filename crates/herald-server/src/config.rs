@@ -29,6 +29,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Exchange Web Services notifications.
     pub ews: EwsConfig,
+    /// MAPI over HTTP notifications.
+    pub mapi: MapiConfig,
     /// Log output.
     pub logging: LoggingConfig,
     /// How long a graceful shutdown waits for connections to finish.
@@ -47,6 +49,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             webhooks: WebhooksConfig::default(),
             ews: EwsConfig::default(),
+            mapi: MapiConfig::default(),
             logging: LoggingConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -275,8 +278,9 @@ pub struct Overrides {
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 10] = [
+const ENV_KEYS: [&str; 11] = [
     "ews",
+    "mapi",
     "listen",
     "data_dir",
     "retention",
@@ -418,5 +422,38 @@ mod tests {
             assert!(Config::load(Some(Path::new("none.toml")), &Overrides::default()).is_err());
             Ok(())
         });
+    }
+}
+
+/// MAPI over HTTP (the `/mapi/emsmdb/` endpoint) and its notification timers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapiConfig {
+    /// A session with no request for this long is destroyed (X-ExpirationInfo).
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// The notification timer: a NotificationWait with nothing pending completes after this.
+    #[serde(with = "humantime_serde")]
+    pub notification_wait: Duration,
+    /// Keep-alive interval of long responses (X-PendingPeriod).
+    #[serde(with = "humantime_serde")]
+    pub pending_period: Duration,
+    /// How often a UDP push datagram is repeated while notifications stay unfetched.
+    #[serde(with = "humantime_serde")]
+    pub udp_repeat: Duration,
+    /// Notifications queued per session before the session stops reading the log (nothing
+    /// is dropped: it resumes when the client fetches).
+    pub max_queue: usize,
+}
+
+impl Default for MapiConfig {
+    fn default() -> Self {
+        MapiConfig {
+            session_idle: Duration::from_secs(900),
+            notification_wait: Duration::from_secs(300),
+            pending_period: Duration::from_secs(30),
+            udp_repeat: Duration::from_secs(60),
+            max_queue: 65_536,
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ews;
 pub mod frames;
 pub mod json;
+pub mod mapi;
 pub mod metrics;
 pub mod serve;
 pub mod subscriptions;
@@ -43,6 +44,7 @@ struct StateInner {
     auth: Arc<auth::Auth>,
     egress: egress::EgressPolicy,
     ews: Arc<ews::Ews>,
+    mapi: Arc<mapi::Mapi>,
     push_client: reqwest::Client,
     shutdown: CancellationToken,
     started: Instant,
@@ -93,6 +95,7 @@ impl AppState {
                 push_client,
                 egress,
                 ews: Arc::default(),
+                mapi: Arc::default(),
                 shutdown,
                 started: Instant::now(),
             }),
@@ -137,6 +140,11 @@ impl AppState {
     /// EWS subscriptions.
     pub fn ews(&self) -> &ews::Ews {
         &self.inner.ews
+    }
+
+    /// MAPI/HTTP sessions.
+    pub fn mapi(&self) -> &mapi::Mapi {
+        &self.inner.mapi
     }
 
     /// The outbound client for EWS push notifications (egress policy applied).
@@ -187,6 +195,7 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     sweeper.abort();
     state.durables().stop_all();
     state.ews().stop_all();
+    state.mapi().stop_all();
     let log = state.log().clone();
     tokio::task::spawn_blocking(move || log.close()).await??;
     tracing::info!("herald stopped; the log is flushed");
@@ -197,6 +206,7 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
 async fn sweep_idle(state: AppState) {
     let every = (state.config().subscriptions.idle_timeout / 4)
         .min(state.config().ews.minute / 4)
+        .min(state.config().mapi.session_idle / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
@@ -205,6 +215,10 @@ async fn sweep_idle(state: AppState) {
         let expired = state.ews().expire(state.config().ews.minute);
         if expired > 0 {
             tracing::debug!(expired, "EWS pull subscriptions expired");
+        }
+        let ended = state.mapi().expire(state.config().mapi.session_idle);
+        if ended > 0 {
+            tracing::debug!(ended, "idle MAPI sessions destroyed");
         }
     }
 }

@@ -93,6 +93,8 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .route("/EWS/Exchange.asmx", post(crate::ews::handle))
         .route("/ews/exchange.asmx", post(crate::ews::handle))
+        .route("/mapi/emsmdb", post(crate::mapi::handle))
+        .route("/mapi/emsmdb/", post(crate::mapi::handle))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(body_limit_as_json))
         .with_state(state)

@@ -234,7 +234,7 @@ fn op_error(op: &str, code: &str, text: &str) -> Response {
 }
 
 /// A request without valid Basic credentials.
-struct Unauthorized;
+pub(crate) struct Unauthorized;
 
 impl IntoResponse for Unauthorized {
     fn into_response(self) -> Response {
@@ -248,7 +248,10 @@ impl IntoResponse for Unauthorized {
 }
 
 /// Who is calling: `Ok(None)` when authentication is off.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, Unauthorized> {
+pub(crate) fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Unauthorized> {
     if !state.auth().enabled() {
         return Ok(None);
     }

@@ -1,0 +1,643 @@
+//! MAPI over HTTP with a real client over real sockets: a client built on `herald-rop`
+//! connects to a running `herald serve`, logs on, opens a folder, registers for
+//! notifications, waits with NotificationWait, and reads the RopNotify bytes that follow a
+//! change made through the JSON API.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use herald_core::Key;
+use herald_rop::mapihttp::{
+    ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse, NotificationWaitResponse,
+    ResponseStream,
+};
+use herald_rop::{
+    Fid, Logon, NotificationData, NotificationScope, NotificationType, OpenFolder,
+    RegisterNotification, Release, RopBuffer, RopNotify, RopRequest, RopResponse, decode_responses,
+    ec,
+};
+use herald_server::mapi::map::id_of;
+
+const KEY: &str = "producer-key-0123456789";
+const ALICE: &str = "alice@example.test";
+
+fn mapi_server(extra: &str) -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nkeys = [\"{KEY}\"]\n[auth.users]\n\"{ALICE}\" = \"alice-pw\"\n\"bob@example.test\" = \"bob-pw\"\n[mapi]\nnotification_wait = \"2s\"\npending_period = \"300ms\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start_in(
+        &tmp.path().join("d"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    (server, tmp)
+}
+
+/// A MAPI/HTTP client: a cookie jar of one, and the handle table it carries between calls.
+struct Client {
+    url: String,
+    user: &'static str,
+    cookie: Option<String>,
+    handles: Vec<u32>,
+    counter: u32,
+}
+
+struct Answer {
+    response_code: u32,
+    stream: Option<ResponseStream>,
+    raw: Vec<u8>,
+}
+
+impl Client {
+    fn new(server: &Server, user: &'static str) -> Client {
+        Client {
+            url: server.url(&format!("/mapi/emsmdb/?MailboxId={user}")),
+            user,
+            cookie: None,
+            handles: Vec::new(),
+            counter: 0,
+        }
+    }
+
+    async fn post(&mut self, request_type: &str, body: Vec<u8>) -> Answer {
+        self.counter += 1;
+        let mut req = client()
+            .post(&self.url)
+            .basic_auth(
+                self.user,
+                Some(if self.user == ALICE {
+                    "alice-pw"
+                } else {
+                    "bob-pw"
+                }),
+            )
+            .header("content-type", "application/mapi-http")
+            .header("x-requesttype", request_type)
+            .header(
+                "x-requestid",
+                format!("{{E2EA6C1C-E61B-49E9-9CFB-38184F907552}}:{}", self.counter),
+            )
+            .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
+            .body(body);
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", format!("MapiContext={c}"));
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-requesttype"], request_type);
+        let response_code: u32 = r.headers()["x-responsecode"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if let Some(set) = r.headers().get("set-cookie") {
+            let v = set.to_str().unwrap();
+            if let Some(rest) = v.strip_prefix("MapiContext=") {
+                let id = rest.split(';').next().unwrap();
+                self.cookie = (!id.is_empty()).then(|| id.to_owned());
+            }
+        }
+        let raw = r.bytes().await.unwrap().to_vec();
+        let stream = (response_code == 0).then(|| {
+            assert!(
+                raw.starts_with(b"PROCESSING\r\n"),
+                "{:?}",
+                String::from_utf8_lossy(&raw)
+            );
+            ResponseStream::parse(&raw).unwrap()
+        });
+        Answer {
+            response_code,
+            stream,
+            raw,
+        }
+    }
+
+    async fn connect(&mut self) -> ConnectResponse {
+        let body = ConnectRequest {
+            user_dn: "/o=Herald/cn=Recipients/cn=alice".into(),
+            flags: 0,
+            code_page: 1252,
+            lcid_sort: 0x409,
+            lcid_string: 0x409,
+            aux: vec![],
+        }
+        .encode()
+        .unwrap();
+        let a = self.post("Connect", body).await;
+        assert_eq!(a.response_code, 0);
+        ConnectResponse::decode(&a.stream.unwrap().body)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Runs ROPs; returns the answers (and keeps the returned handle table).
+    async fn execute_with(&mut self, rops: &[RopRequest], max_rop_out: u32) -> Vec<RopResponse> {
+        let mut bytes = Vec::new();
+        for r in rops {
+            r.encode(&mut bytes).unwrap();
+        }
+        let mut handles = self.handles.clone();
+        handles.resize(handles.len().max(8), u32::MAX);
+        let rop_buffer = RopBuffer {
+            rops: bytes,
+            handles,
+        }
+        .encode()
+        .unwrap();
+        let body = ExecuteRequest {
+            flags: 3,
+            rop_buffer,
+            max_rop_out,
+            aux: vec![],
+        }
+        .encode();
+        let a = self.post("Execute", body).await;
+        assert_eq!(a.response_code, 0, "{}", String::from_utf8_lossy(&a.raw));
+        let resp = ExecuteResponse::decode(&a.stream.unwrap().body)
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.error_code, 0);
+        let buf = RopBuffer::decode(&resp.rop_buffer).unwrap();
+        self.handles = buf.handles;
+        decode_responses(&buf.rops).unwrap()
+    }
+
+    async fn execute(&mut self, rops: &[RopRequest]) -> Vec<RopResponse> {
+        self.execute_with(rops, 0x10008).await
+    }
+
+    async fn wait(&mut self) -> (NotificationWaitResponse, usize) {
+        let a = self
+            .post(
+                "NotificationWait",
+                herald_rop::mapihttp::notification_wait_request(),
+            )
+            .await;
+        assert_eq!(a.response_code, 0);
+        let s = a.stream.unwrap();
+        (
+            NotificationWaitResponse::decode(&s.body).unwrap().unwrap(),
+            s.pendings,
+        )
+    }
+
+    /// Logs on (logon 0 at slot 0) and returns the 13 logon folders.
+    async fn logon(&mut self) -> [Fid; 13] {
+        let answers = self
+            .execute(&[RopRequest::Logon(Logon {
+                logon_id: 0,
+                output_handle_index: 0,
+                logon_flags: 1,
+                open_flags: 0x0100_0000,
+                store_state: 0,
+                essdn: "/o=Herald/cn=Recipients/cn=alice".into(),
+            })])
+            .await;
+        let [RopResponse::Logon { success, .. }] = &answers[..] else {
+            panic!("{answers:?}")
+        };
+        success.folder_ids
+    }
+}
+
+async fn publish(server: &Server, events: serde_json::Value) {
+    publish_to(&server.base(), events).await
+}
+
+async fn publish_to(base: &str, events: serde_json::Value) {
+    let r = client()
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+fn created_in(folder: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({"key": format!("{folder}/{name}"), "kind": "object_created", "object_type": "message", "parent": folder})
+}
+
+fn notifies(answers: &[RopResponse]) -> Vec<&RopNotify> {
+    answers
+        .iter()
+        .filter_map(|a| match a {
+            RopResponse::Notify(n) => Some(&**n),
+            _ => None,
+        })
+        .collect()
+}
+
+fn register(input: u8, output: u8, types: u16, scope: NotificationScope) -> RopRequest {
+    RopRequest::RegisterNotification(RegisterNotification {
+        logon_id: 0,
+        input_handle_index: input,
+        output_handle_index: output,
+        types,
+        scope,
+    })
+}
+
+const CREATED: u16 = NotificationType::ObjectCreated as u16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
+    let (server, _tmp) = mapi_server("");
+    let mut c = Client::new(&server, ALICE);
+    let connected = c.connect().await;
+    assert_eq!(connected.error_code, 0);
+    assert_eq!(connected.display_name, ALICE);
+    let folders = c.logon().await;
+    let inbox_key = format!("{ALICE}/inbox");
+    let inbox = folders[4];
+    assert_eq!(inbox, id_of(&Key::from(inbox_key.as_str())));
+
+    // Open the inbox, register three scopes: the folder, the whole store, one message.
+    let message_key = format!("{inbox_key}/m-1");
+    let message = id_of(&Key::from(message_key.as_str()));
+    let answers = c
+        .execute(&[
+            RopRequest::OpenFolder(OpenFolder {
+                logon_id: 0,
+                input_handle_index: 0,
+                output_handle_index: 1,
+                folder_id: inbox,
+                open_mode_flags: 0,
+            }),
+            register(
+                1,
+                2,
+                CREATED | NotificationType::ObjectModified as u16,
+                NotificationScope::Folder(inbox),
+            ),
+            register(0, 3, CREATED, NotificationScope::WholeStore),
+            register(
+                0,
+                4,
+                NotificationType::ObjectModified as u16,
+                NotificationScope::Message(inbox, message),
+            ),
+        ])
+        .await;
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert!(matches!(
+        answers[0],
+        RopResponse::OpenFolder {
+            output_handle_index: 1,
+            ..
+        }
+    ));
+    for (i, a) in answers[1..].iter().enumerate() {
+        assert_eq!(
+            *a,
+            RopResponse::RegisterNotification {
+                output_handle_index: i as u8 + 2
+            }
+        );
+    }
+    let (folder_sub, store_sub, message_sub) = (c.handles[2], c.handles[3], c.handles[4]);
+
+    // A wait with nothing pending stays open until a producer changes the inbox.
+    let url_server = server.base();
+    let producer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        publish_to(&url_server, serde_json::json!([
+            created_in(&format!("{ALICE}/inbox"), "m-1"),
+            created_in(&format!("{ALICE}/drafts"), "d-1"),
+            {"key": format!("{ALICE}/inbox/m-1"), "kind": "object_modified", "object_type": "message", "parent": format!("{ALICE}/inbox")},
+            {"key": format!("{ALICE}/inbox/m-2"), "kind": "object_modified", "object_type": "message", "parent": format!("{ALICE}/inbox")},
+        ])).await;
+    });
+    let (w, pendings) = c.wait().await;
+    producer.await.unwrap();
+    assert!(w.event_pending && w.error_code == 0, "{w:?}");
+    assert!(pendings >= 1, "PENDING keep-alives while waiting");
+
+    // An empty Execute fetches them: in log order, one RopNotify per matching subscription.
+    let got = c.execute(&[]).await;
+    let got = notifies(&got);
+    let summary: Vec<(u32, NotificationType, Option<Fid>, Option<Fid>)> = got
+        .iter()
+        .map(|n| (n.handle, n.data.kind, n.data.folder_id, n.data.message_id))
+        .collect();
+    let drafts = id_of(&Key::from(format!("{ALICE}/drafts")));
+    let m2 = id_of(&Key::from(format!("{inbox_key}/m-2")));
+    assert_eq!(
+        summary,
+        vec![
+            (
+                folder_sub,
+                NotificationType::ObjectCreated,
+                Some(inbox),
+                Some(message)
+            ),
+            (
+                store_sub,
+                NotificationType::ObjectCreated,
+                Some(inbox),
+                Some(message)
+            ),
+            (
+                store_sub,
+                NotificationType::ObjectCreated,
+                Some(drafts),
+                Some(id_of(&Key::from(format!("{ALICE}/drafts/d-1"))))
+            ),
+            (
+                folder_sub,
+                NotificationType::ObjectModified,
+                Some(inbox),
+                Some(message)
+            ),
+            (
+                message_sub,
+                NotificationType::ObjectModified,
+                Some(inbox),
+                Some(message)
+            ),
+            (
+                folder_sub,
+                NotificationType::ObjectModified,
+                Some(inbox),
+                Some(m2)
+            ),
+        ]
+    );
+    // The exact bytes of the first: RopNotify, handle, logon 0, flags 0x8004, FID, MID, no tags.
+    let mut want = vec![0x2A];
+    want.extend_from_slice(&folder_sub.to_le_bytes());
+    want.extend_from_slice(&[0x00, 0x04, 0x80]);
+    want.extend_from_slice(&inbox.to_bytes());
+    want.extend_from_slice(&message.to_bytes());
+    want.extend_from_slice(&[0x00, 0x00]);
+    assert_eq!(got[0].to_bytes().unwrap(), want);
+
+    // Nothing is left: a wait now times out with nothing pending.
+    let (w, _) = c.wait().await;
+    assert!(!w.event_pending && w.error_code == 0, "{w:?}");
+
+    // Many at once and a small MaxRopOut: as many as fit, then RopPending, the rest next time,
+    // in order.
+    let names: Vec<String> = (0..40).map(|i| format!("bulk-{i:02}")).collect();
+    publish(
+        &server,
+        serde_json::Value::Array(
+            names
+                .iter()
+                .map(|n| created_in(&format!("{ALICE}/junk"), n))
+                .collect(),
+        ),
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut pendings = 0;
+    for _ in 0..40 {
+        let answers = c.execute_with(&[], 0x200).await;
+        pendings += answers
+            .iter()
+            .filter(|a| matches!(a, RopResponse::Pending { .. }))
+            .count();
+        let n = notifies(&answers);
+        seen.extend(n.iter().map(|n| n.data.message_id.unwrap()));
+        if seen.len() == 40 && n.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let want: Vec<Fid> = names
+        .iter()
+        .map(|n| id_of(&Key::from(format!("{ALICE}/junk/{n}"))))
+        .collect();
+    assert_eq!(seen, want, "all 40, in order, once each");
+    assert!(
+        pendings >= 2,
+        "RopPending told the client more was waiting ({pendings})"
+    );
+
+    // Release ends delivery; the others go on.
+    let answers = c
+        .execute(&[RopRequest::Release(Release {
+            logon_id: 0,
+            input_handle_index: 3,
+        })])
+        .await;
+    assert!(answers.is_empty(), "RopRelease has no answer: {answers:?}");
+    publish(&server, serde_json::json!([created_in(&inbox_key, "m-3")])).await;
+    let (w, _) = c.wait().await;
+    assert!(w.event_pending);
+    let answers = c.execute(&[]).await;
+    let handles: Vec<u32> = notifies(&answers).iter().map(|n| n.handle).collect();
+    assert_eq!(handles, vec![folder_sub]);
+
+    // Disconnect ends the session: the old cookie no longer works.
+    let old = c.cookie.clone();
+    let a = c.post("Disconnect", vec![]).await;
+    assert_eq!(a.response_code, 0);
+    assert_eq!(c.cookie, None, "the cookie is expired");
+    c.cookie = old;
+    let a = c
+        .post(
+            "Execute",
+            ExecuteRequest {
+                flags: 3,
+                rop_buffer: vec![],
+                max_rop_out: 0x8000,
+                aux: vec![],
+            }
+            .encode(),
+        )
+        .await;
+    assert_eq!(a.response_code, 10, "Context Not Found after Disconnect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_protocol_errors() {
+    let (server, _tmp) = mapi_server("session_idle = \"2s\"");
+    let mut c = Client::new(&server, ALICE);
+    // No session yet: Execute without a cookie, and with an unknown one.
+    let exec = ExecuteRequest {
+        flags: 3,
+        rop_buffer: vec![],
+        max_rop_out: 0x8000,
+        aux: vec![],
+    }
+    .encode();
+    assert_eq!(c.post("Execute", exec.clone()).await.response_code, 13);
+    c.cookie = Some("nope".into());
+    assert_eq!(c.post("Execute", exec.clone()).await.response_code, 10);
+    c.cookie = None;
+    assert_eq!(c.post("Bogus", vec![]).await.response_code, 5);
+    // A malformed Connect body.
+    assert_eq!(c.post("Connect", vec![1, 2, 3]).await.response_code, 12);
+    c.connect().await;
+    c.logon().await;
+    // Garbage instead of an Execute body.
+    assert_eq!(c.post("Execute", vec![0xFF; 5]).await.response_code, 12);
+    // A truncated ROP buffer: ecRpcFormat and no ROP buffer.
+    let mut rops = Vec::new();
+    register(0, 1, CREATED, NotificationScope::WholeStore)
+        .encode(&mut rops)
+        .unwrap();
+    let mut buf = RopBuffer {
+        rops,
+        handles: vec![c.handles[0], u32::MAX],
+    }
+    .encode()
+    .unwrap();
+    buf.truncate(buf.len() - 9);
+    let a = c
+        .post(
+            "Execute",
+            ExecuteRequest {
+                flags: 3,
+                rop_buffer: buf,
+                max_rop_out: 0x8000,
+                aux: vec![],
+            }
+            .encode(),
+        )
+        .await;
+    let r = ExecuteResponse::decode(&a.stream.unwrap().body)
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.error_code, r.rop_buffer.len()), (ec::RPC_FORMAT, 0));
+    // Oversized and undersized limits.
+    let a = c
+        .post(
+            "Execute",
+            ExecuteRequest {
+                flags: 3,
+                rop_buffer: vec![],
+                max_rop_out: 4,
+                aux: vec![],
+            }
+            .encode(),
+        )
+        .await;
+    assert_eq!(
+        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap(),
+        Err(ec::BUFFER_TOO_SMALL)
+    );
+    let a = c
+        .post(
+            "Execute",
+            ExecuteRequest {
+                flags: 3,
+                rop_buffer: vec![],
+                max_rop_out: 0x50000,
+                aux: vec![],
+            }
+            .encode(),
+        )
+        .await;
+    assert_eq!(
+        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap(),
+        Err(ec::BUFFER_TOO_LARGE)
+    );
+    // An unknown ROP: its failure with ecNotSupported, after the ROPs before it ran.
+    let mut rops = Vec::new();
+    register(0, 1, CREATED, NotificationScope::WholeStore)
+        .encode(&mut rops)
+        .unwrap();
+    rops.extend_from_slice(&[0x99, 0x00, 0x00, 0x01, 0x02]);
+    let mut handles = c.handles.clone();
+    handles.resize(4, u32::MAX);
+    let a = c
+        .post(
+            "Execute",
+            ExecuteRequest {
+                flags: 3,
+                rop_buffer: RopBuffer { rops, handles }.encode().unwrap(),
+                max_rop_out: 0x8000,
+                aux: vec![],
+            }
+            .encode(),
+        )
+        .await;
+    let r = ExecuteResponse::decode(&a.stream.unwrap().body)
+        .unwrap()
+        .unwrap();
+    let answers = decode_responses(&RopBuffer::decode(&r.rop_buffer).unwrap().rops).unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            RopResponse::RegisterNotification {
+                output_handle_index: 1
+            },
+            RopResponse::Failure {
+                rop_id: 0x99,
+                handle_index: 0,
+                return_value: ec::NOT_SUPPORTED
+            }
+        ]
+    );
+    // Bad handles: an empty slot, a folder nobody has seen.
+    let answers = c
+        .execute(&[
+            register(6, 7, CREATED, NotificationScope::WholeStore),
+            RopRequest::OpenFolder(OpenFolder {
+                logon_id: 0,
+                input_handle_index: 0,
+                output_handle_index: 5,
+                folder_id: herald_rop::GlobalId::new(9, 9),
+                open_mode_flags: 0,
+            }),
+        ])
+        .await;
+    assert_eq!(
+        answers,
+        vec![
+            RopResponse::Failure {
+                rop_id: 0x29,
+                handle_index: 7,
+                return_value: ec::NULL_OBJECT
+            },
+            RopResponse::Failure {
+                rop_id: 0x02,
+                handle_index: 5,
+                return_value: ec::NOT_FOUND
+            }
+        ]
+    );
+    // One wait per session: a second is rejected while the first is open.
+    let mut second = Client {
+        url: c.url.clone(),
+        user: ALICE,
+        cookie: c.cookie.clone(),
+        handles: vec![],
+        counter: 100,
+    };
+    let first = tokio::spawn(async move { c.wait().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (w, _) = second.wait().await;
+    assert_eq!(w.error_code, ec::REJECTED);
+    let (w, _) = first.await.unwrap();
+    assert_eq!((w.error_code, w.event_pending), (0, false));
+    // Bob may not connect to Alice's mailbox.
+    let mut bob = Client::new(&server, "bob@example.test");
+    bob.url = server.url(&format!("/mapi/emsmdb/?MailboxId={ALICE}"));
+    assert_ne!(bob.connect().await.error_code, 0);
+    // An idle session expires.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(second.post("Execute", exec).await.response_code, 10);
+}
+
+#[test]
+fn the_notification_data_the_server_sends_is_what_the_codec_reads() {
+    // Guard for the byte layout used above: created message = flags 0x8004, FID, MID, tags.
+    let mut d = NotificationData::empty(NotificationType::ObjectCreated, true);
+    d.folder_id = Some(herald_rop::GlobalId::new(1, 2));
+    d.message_id = Some(herald_rop::GlobalId::new(1, 3));
+    d.tags = Some(herald_rop::Tags::List(vec![]));
+    assert_eq!(d.flags(), 0x8004);
+}
