@@ -403,3 +403,112 @@ impl ResponseStream {
         })
     }
 }
+
+/// A UDP push registration (EcRRegisterPushNotification's inputs), carried by Herald's
+/// `X-RequestType: RegisterPushNotification`: `ContextSize` u16, `Context`, `AdviseBits` u32
+/// (0xFFFFFFFF), `AddressSize` u16, `Address` (a Windows SOCKADDR).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterPush {
+    /// The opaque bytes every datagram carries (at most 16).
+    pub context: Vec<u8>,
+    /// The raw SOCKADDR.
+    pub address: Vec<u8>,
+}
+
+/// Why a push registration is refused, as EcRRegisterPushNotification's return values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushRefused {
+    /// The context is over 16 bytes (ecTooBig).
+    TooBig,
+    /// The family is not AF_INET or AF_INET6, or the size does not match it (ecInvalidParam).
+    InvalidParam,
+}
+
+impl PushRefused {
+    /// The return value.
+    pub fn code(self) -> u32 {
+        match self {
+            PushRefused::TooBig => crate::ec::TOO_BIG,
+            PushRefused::InvalidParam => crate::ec::INVALID_PARAM,
+        }
+    }
+}
+
+/// Windows' AF_INET.
+pub const AF_INET: u16 = 2;
+/// Windows' AF_INET6.
+pub const AF_INET6: u16 = 23;
+
+impl RegisterPush {
+    /// Reads the body.
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let n = r.u16("ContextSize")?;
+        let context = r.bytes(usize::from(n), "Context")?.to_vec();
+        r.u32("AdviseBits")?;
+        let n = r.u16("AddressSize")?;
+        let address = r.bytes(usize::from(n), "Address")?.to_vec();
+        r.finish("the RegisterPushNotification request")?;
+        Ok(RegisterPush { context, address })
+    }
+
+    /// Writes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u16(self.context.len() as u16);
+        out.put(&self.context);
+        out.put_u32(u32::MAX);
+        out.put_u16(self.address.len() as u16);
+        out.put(&self.address);
+        out
+    }
+
+    /// The SOCKADDR of a socket address.
+    pub fn sockaddr(addr: std::net::SocketAddr) -> Vec<u8> {
+        let mut out = Vec::new();
+        match addr {
+            std::net::SocketAddr::V4(a) => {
+                out.put_u16(AF_INET);
+                out.put(&a.port().to_be_bytes());
+                out.put(&a.ip().octets());
+                out.put(&[0; 8]);
+            }
+            std::net::SocketAddr::V6(a) => {
+                out.put_u16(AF_INET6);
+                out.put(&a.port().to_be_bytes());
+                out.put_u32(a.flowinfo());
+                out.put(&a.ip().octets());
+                out.put_u32(a.scope_id());
+            }
+        }
+        out
+    }
+
+    /// Checks the registration: the context's size and the address's family and size.
+    pub fn target(&self) -> Result<std::net::SocketAddr, PushRefused> {
+        if self.context.len() > 16 {
+            return Err(PushRefused::TooBig);
+        }
+        let a = &self.address;
+        if a.len() < 4 {
+            return Err(PushRefused::InvalidParam);
+        }
+        let family = u16::from_le_bytes([a[0], a[1]]);
+        let port = u16::from_be_bytes([a[2], a[3]]);
+        match (family, a.len()) {
+            (AF_INET, 16) => {
+                let ip = std::net::Ipv4Addr::new(a[4], a[5], a[6], a[7]);
+                Ok(std::net::SocketAddr::from((ip, port)))
+            }
+            (AF_INET6, 28) => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&a[8..24]);
+                Ok(std::net::SocketAddr::from((
+                    std::net::Ipv6Addr::from(o),
+                    port,
+                )))
+            }
+            _ => Err(PushRefused::InvalidParam),
+        }
+    }
+}

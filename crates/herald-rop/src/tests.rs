@@ -720,3 +720,44 @@ proptest! {
         let _ = ResponseStream::parse(&bytes);
     }
 }
+
+#[test]
+fn push_registrations_check_context_and_address() {
+    use crate::mapihttp::{PushRefused, RegisterPush};
+    let v4: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    let v6: std::net::SocketAddr = "[::1]:4001".parse().unwrap();
+    for addr in [v4, v6] {
+        let r = RegisterPush {
+            context: vec![7; 16],
+            address: RegisterPush::sockaddr(addr),
+        };
+        let back = RegisterPush::decode(&r.encode()).unwrap();
+        assert_eq!(back.target(), Ok(addr));
+    }
+    let too_big = RegisterPush {
+        context: vec![0; 17],
+        address: RegisterPush::sockaddr(v4),
+    };
+    assert_eq!(too_big.target(), Err(PushRefused::TooBig));
+    let mut wrong_size = RegisterPush::sockaddr(v4);
+    wrong_size.pop();
+    assert_eq!(
+        RegisterPush {
+            context: vec![],
+            address: wrong_size
+        }
+        .target(),
+        Err(PushRefused::InvalidParam)
+    );
+    let mut unix = RegisterPush::sockaddr(v4);
+    unix[0] = 1;
+    assert_eq!(
+        RegisterPush {
+            context: vec![],
+            address: unix
+        }
+        .target(),
+        Err(PushRefused::InvalidParam)
+    );
+    assert_eq!(PushRefused::TooBig.code(), ec::TOO_BIG);
+}

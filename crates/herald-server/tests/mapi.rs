@@ -641,3 +641,93 @@ fn the_notification_data_the_server_sends_is_what_the_codec_reads() {
     d.tags = Some(herald_rop::Tags::List(vec![]));
     assert_eq!(d.flags(), 0x8004);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_push_sends_the_context_until_fetched() {
+    let (server, _tmp) = mapi_server("udp_repeat = \"400ms\"");
+    let mut c = Client::new(&server, ALICE);
+    c.connect().await;
+    c.logon().await;
+    c.execute(&[register(0, 1, CREATED, NotificationScope::WholeStore)])
+        .await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let register = |context: Vec<u8>, address: Vec<u8>| {
+        herald_rop::mapihttp::RegisterPush { context, address }.encode()
+    };
+    let status = |a: Answer| {
+        let body = a.stream.unwrap().body;
+        (
+            u32::from_le_bytes(body[0..4].try_into().unwrap()),
+            u32::from_le_bytes(body[4..8].try_into().unwrap()),
+        )
+    };
+    let here = herald_rop::mapihttp::RegisterPush::sockaddr(socket.local_addr().unwrap());
+    // Too big a context, a family that is not IP.
+    assert_eq!(
+        status(
+            c.post(
+                "RegisterPushNotification",
+                register(vec![0; 17], here.clone())
+            )
+            .await
+        ),
+        (0, ec::TOO_BIG)
+    );
+    let mut odd = here.clone();
+    odd[0] = 1;
+    assert_eq!(
+        status(
+            c.post("RegisterPushNotification", register(vec![1], odd))
+                .await
+        ),
+        (0, ec::INVALID_PARAM)
+    );
+    let context = b"herald-ctx-16byt".to_vec();
+    assert_eq!(
+        status(
+            c.post("RegisterPushNotification", register(context.clone(), here))
+                .await
+        ),
+        (0, 0)
+    );
+
+    publish(
+        &server,
+        serde_json::json!([created_in(&format!("{ALICE}/inbox"), "u-1")]),
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let (n, _) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+            .await
+            .expect("a datagram")
+            .unwrap();
+        assert_eq!(&buf[..n], &context[..], "exactly the registered context");
+        times.push(std::time::Instant::now());
+    }
+    let gap = times[2] - times[1];
+    assert!(
+        gap >= Duration::from_millis(300),
+        "repeated every udp_repeat ({gap:?})"
+    );
+    // Fetching stops the repeats.
+    let got = c.execute(&[]).await;
+    assert_eq!(notifies(&got).len(), 1);
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(100), socket.recv_from(&mut buf)).await
+    {}
+    let quiet = tokio::time::timeout(Duration::from_millis(1200), socket.recv_from(&mut buf)).await;
+    assert!(quiet.is_err(), "no datagram once everything was fetched");
+    // A new event starts them again.
+    publish(
+        &server,
+        serde_json::json!([created_in(&format!("{ALICE}/inbox"), "u-2")]),
+    )
+    .await;
+    let (n, _) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+        .await
+        .expect("a datagram")
+        .unwrap();
+    assert_eq!(&buf[..n], &context[..]);
+}

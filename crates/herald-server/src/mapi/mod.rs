@@ -93,6 +93,10 @@ pub struct Session {
     /// Woken when the client drained the queue (the log reader waits on it when full).
     drained: tokio::sync::Notify,
     stop: CancellationToken,
+    /// A UDP push target: address and opaque context.
+    udp: Mutex<Option<(std::net::SocketAddr, Vec<u8>)>>,
+    /// Whether the UDP repeat task is running.
+    udp_running: AtomicBool,
 }
 
 impl Session {
@@ -331,7 +335,7 @@ pub async fn handle(
             &body,
             started,
         ),
-        "execute" | "notificationwait" | "disconnect" | "ping" => {
+        "execute" | "notificationwait" | "disconnect" | "ping" | "registerpushnotification" => {
             let Some(id) = cookie(&headers, COOKIE) else {
                 return echo.fail(code::MISSING_COOKIE, "the MapiContext cookie is missing");
             };
@@ -351,6 +355,9 @@ pub async fn handle(
             match echo.request_type.to_ascii_lowercase().as_str() {
                 "execute" => execute(&state, &echo, &session, &body, started),
                 "notificationwait" => notification_wait(&state, echo, session, &body),
+                "registerpushnotification" => {
+                    register_push(&state, &echo, &session, &body, started)
+                }
                 "disconnect" => {
                     if mapihttp::decode_disconnect_request(&body).is_err() {
                         return echo.fail(
@@ -431,6 +438,8 @@ fn connect(
         busy: AtomicBool::new(false),
         drained: tokio::sync::Notify::new(),
         stop: CancellationToken::new(),
+        udp: Mutex::new(None),
+        udp_running: AtomicBool::new(false),
     });
     let start = state.log().bounds().map_or(Watermark(0), |b| b.last);
     if let Err(e) = spawn_reader(state, session.clone(), start) {
@@ -532,6 +541,7 @@ fn spawn_reader(state: &AppState, session: Arc<Session>, start: Watermark) -> Re
             }
             if queued {
                 session.wait.set_pending();
+                udp_push(&state, &session);
             }
         }
     });
@@ -552,6 +562,86 @@ fn in_scope(scope: &NotificationScope, d: &herald_rop::NotificationData) -> bool
             d.message_id == Some(mid) || d.old_message_id == Some(mid)
         }
     }
+}
+
+/// While notifications stay unfetched, sends the session's registered context to its UDP
+/// address at once and every `mapi.udp_repeat`; stops once everything is fetched.
+fn udp_push(state: &AppState, session: &Arc<Session>) {
+    let Some((addr, context)) = session
+        .udp
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    else {
+        return;
+    };
+    if session.udp_running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let repeat = state.config().mapi.udp_repeat;
+    let session = session.clone();
+    tokio::spawn(async move {
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = match tokio::net::UdpSocket::bind(bind).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no UDP socket for push notifications");
+                session.udp_running.store(false, Ordering::Release);
+                return;
+            }
+        };
+        loop {
+            while !session.objects().queue.is_empty() && !session.stop.is_cancelled() {
+                if let Err(e) = socket.send_to(&context, addr).await {
+                    tracing::debug!(error = %e, %addr, "UDP push failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(repeat) => {}
+                    () = session.stop.cancelled() => {}
+                }
+            }
+            session.udp_running.store(false, Ordering::Release);
+            // Events queued while this task was ending: carry on unless another task did.
+            if session.objects().queue.is_empty()
+                || session.stop.is_cancelled()
+                || session.udp_running.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+        }
+    });
+}
+
+/// Herald's `RegisterPushNotification` request: EcRRegisterPushNotification for MAPI/HTTP.
+fn register_push(
+    state: &AppState,
+    echo: &Echo,
+    session: &Arc<Session>,
+    body: &[u8],
+    started: Instant,
+) -> Response {
+    let Ok(req) = mapihttp::RegisterPush::decode(body) else {
+        return echo.fail(
+            code::INVALID_REQUEST_BODY,
+            "the RegisterPushNotification body is malformed",
+        );
+    };
+    let answer = match req.target() {
+        Err(refused) => refused.code(),
+        Ok(addr) if state.egress().check(addr.ip()).is_err() => ec::ACCESS_DENIED,
+        Ok(addr) => {
+            *session.udp.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, req.context));
+            if session.wait.is_pending() {
+                udp_push(state, session);
+            }
+            0
+        }
+    };
+    echo.done(&mapihttp::status_error_body(answer), started, None)
 }
 
 /// Releases to apply after the answer: removes handles and a subscription's queued notifies.
