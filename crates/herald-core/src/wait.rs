@@ -47,9 +47,14 @@ impl AsyncWait {
 
     /// Marks notifications pending and completes the outstanding wait, if any.
     pub fn set_pending(&self) {
+        self.update_and_wake(|s| s.pending = true);
+    }
+
+    /// Applies `change` and wakes the outstanding wait (outside the lock).
+    fn update_and_wake(&self, change: impl FnOnce(&mut State)) {
         let waker = {
             let mut s = lock(&self.state);
-            s.pending = true;
+            change(&mut s);
             s.waker.take()
         };
         if let Some(w) = waker {
@@ -74,14 +79,7 @@ impl AsyncWait {
 
     /// Completes the outstanding wait (and every later one) with [`WaitOutcome::Exiting`].
     pub fn close(&self) {
-        let waker = {
-            let mut s = lock(&self.state);
-            s.closed = true;
-            s.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.update_and_wake(|s| s.closed = true);
     }
 
     /// Starts the session's one wait; it resolves when something is pending (at once if it

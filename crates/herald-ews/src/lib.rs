@@ -25,7 +25,10 @@ mod read;
 mod write;
 
 pub use dom::{Element, Ns, XmlError};
-pub use read::{ParseError, parse_notification, parse_request, parse_send_notification_result};
+pub use read::{
+    ParseError, parse_notification, parse_request, parse_send_notification_result,
+    request_operation,
+};
 pub use write::*;
 
 /// SOAP 1.1 envelope namespace.

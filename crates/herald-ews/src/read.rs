@@ -173,6 +173,14 @@ fn subscribe(op: &Element) -> Result<Subscribe, ParseError> {
     })
 }
 
+/// The operation a SOAP request names (the first element of its Body), if it is well-formed:
+/// for answering, by name, a request [`parse_request`] refused.
+pub fn request_operation(xml: &str) -> Option<String> {
+    let root = dom::parse(xml).ok()?;
+    let op = root.child("Body")?.children.first()?;
+    Some(op.name.clone())
+}
+
 /// Reads a SOAP request.
 pub fn parse_request(xml: &str) -> Result<RequestEnvelope, ParseError> {
     let root = dom::parse(xml)?;

@@ -23,6 +23,18 @@ fn aux<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], DecodeError> {
     r.bytes(n, "AuxiliaryBuffer")
 }
 
+/// Reads `StatusCode`: `Some(status)` when it is a failure (non-zero), which ends the body.
+fn failed(r: &mut Reader<'_>) -> Result<Option<u32>, DecodeError> {
+    let status = r.u32("StatusCode")?;
+    Ok((status != 0).then_some(status))
+}
+
+/// Writes a success's `StatusCode` (0) and `ErrorCode`.
+fn put_success(out: &mut Vec<u8>, error_code: u32) {
+    out.put_u32(0);
+    out.put_u32(error_code);
+}
+
 fn put_aux(out: &mut Vec<u8>, a: &[u8]) {
     out.put_u32(a.len() as u32);
     out.put(a);
@@ -95,8 +107,7 @@ impl ConnectResponse {
     /// Writes the body (StatusCode 0).
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::new();
-        out.put_u32(0);
-        out.put_u32(self.error_code);
+        put_success(&mut out, self.error_code);
         out.put_u32(self.polls_max);
         out.put_u32(self.retry_count);
         out.put_u32(self.retry_delay);
@@ -109,8 +120,7 @@ impl ConnectResponse {
     /// Reads the body; a non-zero StatusCode is returned as `Err(Ok(status))`.
     pub fn decode(buf: &[u8]) -> Result<Result<Self, u32>, DecodeError> {
         let mut r = Reader::new(buf);
-        let status = r.u32("StatusCode")?;
-        if status != 0 {
+        if let Some(status) = failed(&mut r)? {
             return Ok(Err(status));
         }
         let c = ConnectResponse {
@@ -192,8 +202,7 @@ impl ExecuteResponse {
     /// Writes the body (StatusCode 0, Flags 0, no auxiliary blocks).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.put_u32(0);
-        out.put_u32(self.error_code);
+        put_success(&mut out, self.error_code);
         out.put_u32(0);
         out.put_u32(self.rop_buffer.len() as u32);
         out.put(&self.rop_buffer);
@@ -204,8 +213,7 @@ impl ExecuteResponse {
     /// Reads the body; a non-zero StatusCode is returned as `Err(Ok(status))`.
     pub fn decode(buf: &[u8]) -> Result<Result<Self, u32>, DecodeError> {
         let mut r = Reader::new(buf);
-        let status = r.u32("StatusCode")?;
-        if status != 0 {
+        if let Some(status) = failed(&mut r)? {
             return Ok(Err(status));
         }
         let error_code = r.u32("ErrorCode")?;
@@ -233,8 +241,7 @@ impl NotificationWaitResponse {
     /// Writes the body (StatusCode 0).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16);
-        out.put_u32(0);
-        out.put_u32(self.error_code);
+        put_success(&mut out, self.error_code);
         out.put_u32(u32::from(self.event_pending));
         put_aux(&mut out, &[]);
         out
@@ -243,8 +250,7 @@ impl NotificationWaitResponse {
     /// Reads the body; a non-zero StatusCode is returned as `Err(Ok(status))`.
     pub fn decode(buf: &[u8]) -> Result<Result<Self, u32>, DecodeError> {
         let mut r = Reader::new(buf);
-        let status = r.u32("StatusCode")?;
-        if status != 0 {
+        if let Some(status) = failed(&mut r)? {
             return Ok(Err(status));
         }
         let error_code = r.u32("ErrorCode")?;
@@ -293,8 +299,7 @@ pub fn decode_disconnect_request(buf: &[u8]) -> Result<(), DecodeError> {
 /// Disconnect's success body (and any request's bare success: StatusCode, ErrorCode, aux).
 pub fn status_error_body(error_code: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(12);
-    out.put_u32(0);
-    out.put_u32(error_code);
+    put_success(&mut out, error_code);
     put_aux(&mut out, &[]);
     out
 }

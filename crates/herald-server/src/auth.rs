@@ -83,7 +83,7 @@ fn hash(key: &str) -> [u8; 32] {
 }
 
 /// Compares secrets without leaking where they differ through timing.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -105,6 +105,8 @@ pub struct Auth {
     file_keys: Mutex<(Option<SystemTime>, Vec<[u8; 32]>, Instant)>,
     decoding: Option<(DecodingKey, Validation)>,
     connections: Mutex<HashMap<String, u32>>,
+    /// Exchange users (Basic authentication): lower-cased address → password.
+    users: HashMap<String, String>,
 }
 
 impl Auth {
@@ -140,6 +142,11 @@ impl Auth {
             file_keys: Mutex::new((None, Vec::new(), Instant::now() - Duration::from_secs(10))),
             decoding,
             connections: Mutex::new(HashMap::new()),
+            users: config
+                .users
+                .iter()
+                .map(|(u, p)| (u.to_ascii_lowercase(), p.clone()))
+                .collect(),
         };
         auth.reload_key_file();
         Ok(auth)
@@ -148,6 +155,31 @@ impl Auth {
     /// Whether requests are authenticated at all.
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The user a request's Basic credentials name (EWS and MAPI/HTTP), lower-cased;
+    /// `Ok(None)` when authentication is off.
+    pub fn basic_user(&self, headers: &HeaderMap) -> Result<Option<String>, BasicChallenge> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let basic = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .ok_or(BasicChallenge)?;
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or(BasicChallenge)?;
+        let (user, password) = decoded.split_once(':').ok_or(BasicChallenge)?;
+        let user = user.to_ascii_lowercase();
+        match self.users.get(&user) {
+            Some(p) if constant_time_eq(p.as_bytes(), password.as_bytes()) => Ok(Some(user)),
+            _ => Err(BasicChallenge),
+        }
     }
 
     /// Re-reads the key file when it changed (checked at most once a second).
@@ -355,6 +387,32 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// A request without valid Basic credentials: 401 with a Basic challenge.
+pub struct BasicChallenge;
+
+impl axum::response::IntoResponse for BasicChallenge {
+    fn into_response(self) -> axum::response::Response {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"Herald\"")],
+            "authentication required",
+        )
+            .into_response()
+    }
+}
+
+/// The value of the cookie `name`, if the request carries it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_owned())
+}
+
 /// The credential in a request, from the header, the query or the cookie.
 fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(v) = headers
@@ -372,12 +430,7 @@ fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
             }
         }
     }
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix("herald_token=").map(str::to_owned))
+    cookie(headers, "herald_token")
 }
 
 fn percent_decode(s: &str) -> String {

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-const PRODUCER_KEY: &str = "producer-key-0123456789";
 /// One EWS "minute" on the servers under test.
 const MINUTE: &str = "2";
 
@@ -21,24 +20,10 @@ fn ews_server(auth: bool) -> (Server, tempfile::TempDir) {
 
 /// As [`ews_server`], with more `[ews]` settings.
 fn ews_server_with(auth: bool, ews: &str) -> (Server, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("herald.toml");
-    let mut toml = String::new();
-    if auth {
-        toml.push_str(&format!(
-            "[auth]\nkeys = [\"{PRODUCER_KEY}\"]\n[auth.users]\n\"alice@example.test\" = \"alice-pw\"\n\"bob@example.test\" = \"bob-pw\"\n"
-        ));
-    }
-    toml.push_str(&format!(
-        "[ews]\nminute = \"{MINUTE}s\"\nheartbeat = \"700ms\"\npush_retry_base = \"250ms\"\n{ews}\n"
-    ));
-    std::fs::write(&config, toml).unwrap();
-    let server = Server::start_in(
-        &tmp.path().join("d"),
-        &["--config", config.to_str().unwrap()],
-        &[],
-    );
-    (server, tmp)
+    let users = if auth { EXCHANGE_USERS } else { "" };
+    start_with_config(&format!(
+        "{users}[ews]\nminute = \"{MINUTE}s\"\nheartbeat = \"700ms\"\npush_retry_base = \"250ms\"\n{ews}\n"
+    ))
 }
 
 /// Runs sections of the exchangelib suite against a fresh server.

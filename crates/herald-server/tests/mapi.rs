@@ -20,25 +20,12 @@ use herald_rop::{
 };
 use herald_server::mapi::map::id_of;
 
-const KEY: &str = "producer-key-0123456789";
 const ALICE: &str = "alice@example.test";
 
 fn mapi_server(extra: &str) -> (Server, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("herald.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nkeys = [\"{KEY}\"]\n[auth.users]\n\"{ALICE}\" = \"alice-pw\"\n\"bob@example.test\" = \"bob-pw\"\n[mapi]\nnotification_wait = \"2s\"\npending_period = \"300ms\"\n{extra}\n"
-        ),
-    )
-    .unwrap();
-    let server = Server::start_in(
-        &tmp.path().join("d"),
-        &["--config", config.to_str().unwrap()],
-        &[],
-    );
-    (server, tmp)
+    start_with_config(&format!(
+        "{EXCHANGE_USERS}[mapi]\nnotification_wait = \"2s\"\npending_period = \"300ms\"\n{extra}\n"
+    ))
 }
 
 /// A MAPI/HTTP client: a cookie jar of one, and the handle table it carries between calls.
@@ -153,14 +140,9 @@ impl Client {
         }
         .encode()
         .unwrap();
-        let body = ExecuteRequest {
-            flags: 3,
-            rop_buffer,
-            max_rop_out,
-            aux: vec![],
-        }
-        .encode();
-        let a = self.post("Execute", body).await;
+        let a = self
+            .post("Execute", execute_body(rop_buffer, max_rop_out))
+            .await;
         assert_eq!(a.response_code, 0, "{}", String::from_utf8_lossy(&a.raw));
         let resp = ExecuteResponse::decode(&a.stream.unwrap().body)
             .unwrap()
@@ -169,6 +151,12 @@ impl Client {
         let buf = RopBuffer::decode(&resp.rop_buffer).unwrap();
         self.handles = buf.handles;
         decode_responses(&buf.rops).unwrap()
+    }
+
+    /// Sends an Execute body and reads its answer (`Err(status)` for a failure body).
+    async fn execute_raw(&mut self, body: Vec<u8>) -> Result<ExecuteResponse, u32> {
+        let a = self.post("Execute", body).await;
+        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap()
     }
 
     async fn execute(&mut self, rops: &[RopRequest]) -> Vec<RopResponse> {
@@ -209,6 +197,17 @@ impl Client {
     }
 }
 
+/// An Execute request body (NoCompression, NoXorMagic, no auxiliary blocks).
+fn execute_body(rop_buffer: Vec<u8>, max_rop_out: u32) -> Vec<u8> {
+    ExecuteRequest {
+        flags: 3,
+        rop_buffer,
+        max_rop_out,
+        aux: vec![],
+    }
+    .encode()
+}
+
 async fn publish(server: &Server, events: serde_json::Value) {
     publish_to(&server.base(), events).await
 }
@@ -216,7 +215,7 @@ async fn publish(server: &Server, events: serde_json::Value) {
 async fn publish_to(base: &str, events: serde_json::Value) {
     let r = client()
         .post(format!("{base}/v1/events"))
-        .bearer_auth(KEY)
+        .bearer_auth(PRODUCER_KEY)
         .json(&serde_json::json!({ "events": events }))
         .send()
         .await
@@ -445,18 +444,7 @@ async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
     assert_eq!(a.response_code, 0);
     assert_eq!(c.cookie, None, "the cookie is expired");
     c.cookie = old;
-    let a = c
-        .post(
-            "Execute",
-            ExecuteRequest {
-                flags: 3,
-                rop_buffer: vec![],
-                max_rop_out: 0x8000,
-                aux: vec![],
-            }
-            .encode(),
-        )
-        .await;
+    let a = c.post("Execute", execute_body(vec![], 0x8000)).await;
     assert_eq!(a.response_code, 10, "Context Not Found after Disconnect");
 }
 
@@ -465,13 +453,7 @@ async fn bad_requests_get_the_protocol_errors() {
     let (server, _tmp) = mapi_server("session_idle = \"2s\"");
     let mut c = Client::new(&server, ALICE);
     // No session yet: Execute without a cookie, and with an unknown one.
-    let exec = ExecuteRequest {
-        flags: 3,
-        rop_buffer: vec![],
-        max_rop_out: 0x8000,
-        aux: vec![],
-    }
-    .encode();
+    let exec = execute_body(vec![], 0x8000);
     assert_eq!(c.post("Execute", exec.clone()).await.response_code, 13);
     c.cookie = Some("nope".into());
     assert_eq!(c.post("Execute", exec.clone()).await.response_code, 10);
@@ -495,53 +477,15 @@ async fn bad_requests_get_the_protocol_errors() {
     .encode()
     .unwrap();
     buf.truncate(buf.len() - 9);
-    let a = c
-        .post(
-            "Execute",
-            ExecuteRequest {
-                flags: 3,
-                rop_buffer: buf,
-                max_rop_out: 0x8000,
-                aux: vec![],
-            }
-            .encode(),
-        )
-        .await;
-    let r = ExecuteResponse::decode(&a.stream.unwrap().body)
-        .unwrap()
-        .unwrap();
+    let r = c.execute_raw(execute_body(buf, 0x8000)).await.unwrap();
     assert_eq!((r.error_code, r.rop_buffer.len()), (ec::RPC_FORMAT, 0));
     // Oversized and undersized limits.
-    let a = c
-        .post(
-            "Execute",
-            ExecuteRequest {
-                flags: 3,
-                rop_buffer: vec![],
-                max_rop_out: 4,
-                aux: vec![],
-            }
-            .encode(),
-        )
-        .await;
     assert_eq!(
-        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap(),
+        c.execute_raw(execute_body(vec![], 4)).await,
         Err(ec::BUFFER_TOO_SMALL)
     );
-    let a = c
-        .post(
-            "Execute",
-            ExecuteRequest {
-                flags: 3,
-                rop_buffer: vec![],
-                max_rop_out: 0x50000,
-                aux: vec![],
-            }
-            .encode(),
-        )
-        .await;
     assert_eq!(
-        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap(),
+        c.execute_raw(execute_body(vec![], 0x50000)).await,
         Err(ec::BUFFER_TOO_LARGE)
     );
     // An unknown ROP: its failure with ecNotSupported, after the ROPs before it ran.
@@ -552,20 +496,12 @@ async fn bad_requests_get_the_protocol_errors() {
     rops.extend_from_slice(&[0x99, 0x00, 0x00, 0x01, 0x02]);
     let mut handles = c.handles.clone();
     handles.resize(4, u32::MAX);
-    let a = c
-        .post(
-            "Execute",
-            ExecuteRequest {
-                flags: 3,
-                rop_buffer: RopBuffer { rops, handles }.encode().unwrap(),
-                max_rop_out: 0x8000,
-                aux: vec![],
-            }
-            .encode(),
-        )
-        .await;
-    let r = ExecuteResponse::decode(&a.stream.unwrap().body)
-        .unwrap()
+    let r = c
+        .execute_raw(execute_body(
+            RopBuffer { rops, handles }.encode().unwrap(),
+            0x8000,
+        ))
+        .await
         .unwrap();
     let answers = decode_responses(&RopBuffer::decode(&r.rop_buffer).unwrap().rops).unwrap();
     assert_eq!(

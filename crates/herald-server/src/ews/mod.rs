@@ -18,7 +18,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use herald_core::{EventMask, Filter, Key, Notification as HNotification, Scope, Watermark};
 use herald_ews::{
     EventType, EwsEvent, FolderInfo, FolderRef, Notification, Request, Subscribe, SubscriptionKind,
@@ -69,6 +68,11 @@ impl EwsSub {
         if w > *c {
             *c = w;
         }
+    }
+
+    /// Whether `user` may use it (anyone, when authentication is off).
+    fn belongs_to(&self, user: &Option<String>) -> bool {
+        user.is_none() || self.owner.as_deref() == user.as_deref()
     }
 
     /// Whether a streaming connection serves it now.
@@ -142,6 +146,35 @@ impl Ews {
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
+    }
+
+    /// The subscription `id` if `user` may use it, else the EWS error code and text. An
+    /// expired id is `ErrorExpiredSubscription` when `tell_expired` (GetEvents), else not found.
+    fn for_user(
+        &self,
+        id: &str,
+        user: &Option<String>,
+        tell_expired: bool,
+    ) -> Result<Arc<EwsSub>, (&'static str, &'static str)> {
+        let Some(sub) = self.get(id) else {
+            if tell_expired && self.was_expired(id) {
+                return Err((
+                    "ErrorExpiredSubscription",
+                    "The subscription expired: it was not polled within its Timeout.",
+                ));
+            }
+            return Err((
+                "ErrorSubscriptionNotFound",
+                "The specified subscription was not found.",
+            ));
+        };
+        if !sub.belongs_to(user) {
+            return Err((
+                "ErrorSubscriptionAccessDenied",
+                "The subscription belongs to another account.",
+            ));
+        }
+        Ok(sub)
     }
 
     fn remove(&self, id: &str) -> Option<Arc<EwsSub>> {
@@ -233,48 +266,6 @@ fn op_error(op: &str, code: &str, text: &str) -> Response {
     ok(herald_ews::error_response(op, code, text))
 }
 
-/// A request without valid Basic credentials.
-pub(crate) struct Unauthorized;
-
-impl IntoResponse for Unauthorized {
-    fn into_response(self) -> Response {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"Herald\"")],
-            "authentication required",
-        )
-            .into_response()
-    }
-}
-
-/// Who is calling: `Ok(None)` when authentication is off.
-pub(crate) fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<Option<String>, Unauthorized> {
-    if !state.auth().enabled() {
-        return Ok(None);
-    }
-    let basic = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .ok_or(Unauthorized)?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(basic.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or(Unauthorized)?;
-    let (user, password) = decoded.split_once(':').ok_or(Unauthorized)?;
-    let users = &state.config().auth.users;
-    match users.iter().find(|(u, _)| u.eq_ignore_ascii_case(user)) {
-        Some((u, p)) if crate::auth::constant_time_eq(p.as_bytes(), password.as_bytes()) => {
-            Ok(Some(u.to_ascii_lowercase()))
-        }
-        _ => Err(Unauthorized),
-    }
-}
-
 /// The mailbox a request is about when it names none: the user's, else `X-AnchorMailbox`.
 fn default_mailbox(user: &Option<String>, headers: &HeaderMap) -> Option<String> {
     user.clone().or_else(|| {
@@ -330,9 +321,9 @@ fn check_mailbox(key: &Key, user: &Option<String>) -> Result<(), (&'static str, 
 
 /// The EWS endpoint.
 pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let user = match authenticate(&state, &headers) {
+    let user = match state.auth().basic_user(&headers) {
         Ok(u) => u,
-        Err(r) => return r.into_response(),
+        Err(challenge) => return challenge.into_response(),
     };
     let Ok(text) = std::str::from_utf8(&body) else {
         return xml(
@@ -352,7 +343,7 @@ pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Byt
             );
         }
         Err(e @ (herald_ews::ParseError::Missing(_) | herald_ews::ParseError::Invalid { .. })) => {
-            let op = operation_name(text);
+            let op = herald_ews::request_operation(text).unwrap_or_else(|| "Subscribe".into());
             return op_error(
                 &op,
                 "ErrorInvalidRequest",
@@ -382,25 +373,6 @@ pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Byt
         Request::Unsubscribe { subscription_id } => unsubscribe(&state, &user, &subscription_id),
         Request::GetFolder { folders } => get_folder(&user, &headers, &folders),
     }
-}
-
-/// The operation a request names, for error replies to requests that did not parse fully.
-fn operation_name(text: &str) -> String {
-    for op in [
-        "Subscribe",
-        "GetEvents",
-        "GetStreamingEvents",
-        "Unsubscribe",
-        "GetFolder",
-    ] {
-        if text.contains(&format!(":{op}>"))
-            || text.contains(&format!(":{op} "))
-            || text.contains(&format!("<{op}>"))
-        {
-            return op.to_owned();
-        }
-    }
-    "Subscribe".to_owned()
 }
 
 async fn subscribe(
@@ -518,10 +490,6 @@ async fn subscribe(
     ok(herald_ews::subscribe_ok(&id, watermark.as_deref()))
 }
 
-fn owned(sub: &EwsSub, user: &Option<String>) -> bool {
-    user.is_none() || sub.owner.as_deref() == user.as_deref()
-}
-
 /// Reads matching events after the subscription's cursor: up to `max`, scanning at most
 /// [`SCAN_BUDGET`] log events. Returns the events, the position reached, and whether more
 /// may be waiting.
@@ -566,27 +534,10 @@ async fn get_events(
 ) -> Response {
     let op = "GetEvents";
     let ews = state.ews();
-    let Some(sub) = ews.get(id) else {
-        if ews.was_expired(id) {
-            return op_error(
-                op,
-                "ErrorExpiredSubscription",
-                "The subscription expired: it was not polled within its Timeout.",
-            );
-        }
-        return op_error(
-            op,
-            "ErrorSubscriptionNotFound",
-            "The specified subscription was not found.",
-        );
+    let sub = match ews.for_user(id, user, true) {
+        Ok(s) => s,
+        Err((code, text)) => return op_error(op, code, text),
     };
-    if !owned(&sub, user) {
-        return op_error(
-            op,
-            "ErrorSubscriptionAccessDenied",
-            "The subscription belongs to another account.",
-        );
-    }
     if !matches!(sub.kind, Kind::Pull { .. }) {
         return op_error(
             op,
@@ -626,20 +577,10 @@ async fn get_events(
 fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Response {
     let op = "Unsubscribe";
     let ews = state.ews();
-    let Some(sub) = ews.get(id) else {
-        return op_error(
-            op,
-            "ErrorSubscriptionNotFound",
-            "The specified subscription was not found.",
-        );
+    let sub = match ews.for_user(id, user, false) {
+        Ok(s) => s,
+        Err((code, text)) => return op_error(op, code, text),
     };
-    if !owned(&sub, user) {
-        return op_error(
-            op,
-            "ErrorSubscriptionAccessDenied",
-            "The subscription belongs to another account.",
-        );
-    }
     if sub.kind == Kind::Push {
         // A push subscription ends only by the client answering Unsubscribe to a push.
         return op_error(
@@ -698,10 +639,6 @@ impl Drop for StreamPermit {
     }
 }
 
-fn one_chunk(body: String) -> Response {
-    ok(body)
-}
-
 fn streaming(
     state: &AppState,
     user: &Option<String>,
@@ -714,8 +651,8 @@ fn streaming(
     for id in &ids {
         match ews.get(id) {
             Some(s) if s.kind == Kind::Streaming => {
-                if !owned(&s, user) {
-                    return one_chunk(herald_ews::streaming_error(
+                if !s.belongs_to(user) {
+                    return ok(herald_ews::streaming_error(
                         "ErrorSubscriptionAccessDenied",
                         "The subscription belongs to another account.",
                         std::slice::from_ref(id),
@@ -727,7 +664,7 @@ fn streaming(
         }
     }
     if !bad.is_empty() {
-        return one_chunk(herald_ews::streaming_error(
+        return ok(herald_ews::streaming_error(
             "ErrorInvalidSubscription",
             "Subscription is invalid.",
             &bad,

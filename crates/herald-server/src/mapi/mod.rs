@@ -172,19 +172,6 @@ impl Mapi {
             s.wait.close();
         }
     }
-
-    /// How many sessions are open.
-    pub fn len(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
-
-    /// Whether no session is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The echoed request headers and the session's timers, for every response.
@@ -240,58 +227,27 @@ impl Echo {
     }
 
     /// A complete response stream: PROCESSING, DONE, the additional headers, the body.
-    fn done(&self, body: &[u8], started: Instant, extra: Option<(HeaderValue, bool)>) -> Response {
+    fn done(&self, body: &[u8], started: Instant, set_cookie: Option<HeaderValue>) -> Response {
         let mut out = mapihttp::PROCESSING.to_vec();
         out.extend(mapihttp::done(
             0,
             started.elapsed().as_millis() as u64,
-            &httpdate(),
+            &httpdate::fmt_http_date(std::time::SystemTime::now()),
             body,
         ));
         let mut h = self.headers(0, "application/mapi-http");
-        if let Some((cookie, _)) = extra {
+        if let Some(cookie) = set_cookie {
             h.insert(header::SET_COOKIE, cookie);
         }
         (StatusCode::OK, h, out).into_response()
     }
 }
 
-/// Now as an RFC 1123 date in GMT, as X-StartTime wants.
-fn httpdate() -> String {
-    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let ([sec, min, hour, dow, day, month], year) = logon_time(unix);
-    format!(
-        "{}, {day:02} {} {year} {hour:02}:{min:02}:{sec:02} GMT",
-        DAYS[usize::from(dow) % 7],
-        MONTHS[usize::from(month.clamp(1, 12)) - 1]
-    )
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.to_owned())
-}
-
 /// The mailbox a request names in `?MailboxId=`.
 fn mailbox_id(query: Option<&str>) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
+    url::form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k.eq_ignore_ascii_case("mailboxid"))
-        .map(|(_, v)| v.replace("%40", "@").to_ascii_lowercase())
+        .map(|(_, v)| v.to_ascii_lowercase())
         .filter(|v| !v.is_empty())
 }
 
@@ -321,11 +277,12 @@ pub async fn handle(
     if state.shutdown().is_cancelled() {
         return echo.fail(code::SHUTTING_DOWN, "the server is shutting down");
     }
-    let user = match crate::ews::authenticate(&state, &headers) {
+    let user = match state.auth().basic_user(&headers) {
         Ok(u) => u,
-        Err(e) => return e.into_response(),
+        Err(challenge) => return challenge.into_response(),
     };
-    match echo.request_type.to_ascii_lowercase().as_str() {
+    let request_type = echo.request_type.to_ascii_lowercase();
+    match request_type.as_str() {
         "connect" => connect(
             &state,
             &echo,
@@ -336,7 +293,7 @@ pub async fn handle(
             started,
         ),
         "execute" | "notificationwait" | "disconnect" | "ping" | "registerpushnotification" => {
-            let Some(id) = cookie(&headers, COOKIE) else {
+            let Some(id) = crate::auth::cookie(&headers, COOKIE) else {
                 return echo.fail(code::MISSING_COOKIE, "the MapiContext cookie is missing");
             };
             let Some(session) = state.mapi().get(&id) else {
@@ -352,7 +309,7 @@ pub async fn handle(
                 );
             }
             session.touch();
-            match echo.request_type.to_ascii_lowercase().as_str() {
+            match request_type.as_str() {
                 "execute" => execute(&state, &echo, &session, &body, started),
                 "notificationwait" => notification_wait(&state, echo, session, &body),
                 "registerpushnotification" => {
@@ -369,7 +326,7 @@ pub async fn handle(
                     echo.done(
                         &mapihttp::status_error_body(0),
                         started,
-                        Some((expired_cookie(), true)),
+                        Some(expired_cookie()),
                     )
                 }
                 _ => echo.done(&[], started, None),
@@ -403,7 +360,7 @@ fn connect(
         return echo.fail(code::INVALID_REQUEST_BODY, "the Connect body is malformed");
     };
     // A reconnect carries the old cookie: that session ends.
-    if let Some(old) = cookie(headers, COOKIE) {
+    if let Some(old) = crate::auth::cookie(headers, COOKIE) {
         if state.mapi().get(&old).is_some_and(|s| s.owner == user) {
             state.mapi().remove(&old);
         }
@@ -465,7 +422,7 @@ fn connect(
     .unwrap_or_default();
     let cookie = HeaderValue::from_str(&format!("{COOKIE}={id}; Path=/mapi/; HttpOnly"))
         .unwrap_or_else(|_| expired_cookie());
-    echo.done(&body, started, Some((cookie, true)))
+    echo.done(&body, started, Some(cookie))
 }
 
 /// Follows the log for the session's mailbox and queues a RopNotify per matching
@@ -644,11 +601,24 @@ fn register_push(
     echo.done(&mapihttp::status_error_body(answer), started, None)
 }
 
-/// Releases to apply after the answer: removes handles and a subscription's queued notifies.
+/// Releases a handle: its object, and for a subscription its registration and queued notifies.
 fn release(objects: &mut Objects, handle: u32) {
     if let Some(Object::Subscription { .. }) = objects.objects.remove(&handle) {
         objects.subscriptions.remove(&handle);
         objects.queue.retain(|(h, _)| *h != handle);
+    }
+}
+
+/// Releases every object `pick` chooses.
+fn release_where(objects: &mut Objects, pick: impl Fn(&Object) -> bool) {
+    let chosen: Vec<u32> = objects
+        .objects
+        .iter()
+        .filter(|(_, o)| pick(o))
+        .map(|(h, _)| *h)
+        .collect();
+    for h in chosen {
+        release(objects, h);
     }
 }
 
@@ -818,15 +788,10 @@ fn run_rop(
                 );
             }
             // Reusing a logon id replaces that logon.
-            let stale: Vec<u32> = objects
-                .objects
-                .iter()
-                .filter(|(_, o)| matches!(o, Object::Logon { logon_id } if *logon_id == l.logon_id))
-                .map(|(h, _)| *h)
-                .collect();
-            for h in stale {
-                release(objects, h);
-            }
+            release_where(
+                objects,
+                |o| matches!(o, Object::Logon { logon_id } if *logon_id == l.logon_id),
+            );
             let h = new_handle(
                 objects,
                 Object::Logon {
@@ -868,10 +833,10 @@ fn run_rop(
                 Ok(Object::Logon { logon_id } | Object::Folder { logon_id, .. })
                     if logon_id == o.logon_id =>
                 {
-                    let mine = known.key_of(o.folder_id).is_some_and(|k| {
-                        k.as_str()
-                            .is_some_and(|s| s.split('/').next() == Some(session.mailbox.as_str()))
-                    });
+                    let mailbox = Key::from(session.mailbox.as_str());
+                    let mine = known
+                        .key_of(o.folder_id)
+                        .is_some_and(|k| k.is_within(&mailbox));
                     if !mine {
                         return fail(id, o.output_handle_index, ec::NOT_FOUND);
                     }
@@ -927,20 +892,12 @@ fn run_rop(
                 release(objects, h);
                 if is_logon {
                     // Releasing a logon releases everything opened through it.
-                    let dependants: Vec<u32> = objects
-                        .objects
-                        .iter()
-                        .filter(|(_, o)| match o {
-                            Object::Folder { logon_id, .. } | Object::Subscription { logon_id } => {
-                                *logon_id == r.logon_id
-                            }
-                            Object::Logon { .. } => false,
-                        })
-                        .map(|(h, _)| *h)
-                        .collect();
-                    for d in dependants {
-                        release(objects, d);
-                    }
+                    release_where(objects, |o| match o {
+                        Object::Folder { logon_id } | Object::Subscription { logon_id } => {
+                            *logon_id == r.logon_id
+                        }
+                        Object::Logon { .. } => false,
+                    });
                 }
             }
             None
@@ -1026,7 +983,12 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
             event_pending,
         }
         .encode();
-        let done = mapihttp::done(0, started.elapsed().as_millis() as u64, &httpdate(), &body);
+        let done = mapihttp::done(
+            0,
+            started.elapsed().as_millis() as u64,
+            &httpdate::fmt_http_date(std::time::SystemTime::now()),
+            &body,
+        );
         let _ = tx.send(Bytes::from(done)).await;
     });
     (StatusCode::OK, headers, Body::from_stream(stream)).into_response()
@@ -1064,7 +1026,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=b; MapiContext=xyz; c=d"),
         );
-        assert_eq!(cookie(&h, COOKIE).as_deref(), Some("xyz"));
+        assert_eq!(crate::auth::cookie(&h, COOKIE).as_deref(), Some("xyz"));
         assert_eq!(
             mailbox_id(Some("MailboxId=Alice%40example.test")).as_deref(),
             Some("alice@example.test")

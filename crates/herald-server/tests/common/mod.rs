@@ -481,3 +481,23 @@ pub fn python() -> std::path::PathBuf {
     );
     py
 }
+
+/// The producer key of [`EXCHANGE_USERS`].
+pub const PRODUCER_KEY: &str = "producer-key-0123456789";
+
+/// Authentication for the Exchange endpoints' tests: a producer key and two users,
+/// Alice (`alice-pw`) and Bob (`bob-pw`).
+pub const EXCHANGE_USERS: &str = "[auth]\nkeys = [\"producer-key-0123456789\"]\n[auth.users]\n\"alice@example.test\" = \"alice-pw\"\n\"bob@example.test\" = \"bob-pw\"\n";
+
+/// Starts a server with this TOML configuration file, on a fresh data directory.
+pub fn start_with_config(toml: &str) -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(&config, toml).unwrap();
+    let server = Server::start_in(
+        &tmp.path().join("d"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    (server, tmp)
+}
