@@ -438,7 +438,8 @@ pub struct MapiConfig {
     /// Keep-alive interval of long responses (X-PendingPeriod).
     #[serde(with = "humantime_serde")]
     pub pending_period: Duration,
-    /// How often a UDP push datagram is repeated while notifications stay unfetched.
+    /// How often a UDP push datagram is repeated while notifications stay unfetched (MAPI
+    /// sessions and `udp` subscriptions of the JSON API).
     #[serde(with = "humantime_serde")]
     pub udp_repeat: Duration,
     /// Notifications queued per session before the session stops reading the log (nothing

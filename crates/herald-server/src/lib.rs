@@ -70,6 +70,7 @@ impl AppState {
             config.subscriptions.idle_timeout,
             config.limits.max_key_bytes,
             config.limits.queue_capacity,
+            config.mapi.udp_repeat,
         );
         durables.set_webhooks(Arc::new(webhook::WebhookContext {
             log: log.clone(),

@@ -68,6 +68,43 @@ pub enum Transport {
     Poll,
     /// Herald POSTs signed batches to a URL.
     Webhook,
+    /// As `poll`, and Herald sends a UDP datagram (the subscriber's context) while events
+    /// wait unacknowledged: at once, then every `mapi.udp_repeat`.
+    Udp,
+}
+
+/// Where a `udp` subscription's datagrams go, and what they carry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSpec {
+    /// `host:port` (an IP address; the egress policy applies).
+    pub address: String,
+    /// The datagram's payload, base64, at most 16 bytes (as MAPI's push context).
+    pub context: String,
+}
+
+impl UdpSpec {
+    /// The target and the payload, checked: an IP socket address and at most 16 bytes.
+    pub fn target(&self) -> Result<(std::net::SocketAddr, Vec<u8>), FieldError> {
+        use base64::Engine;
+        let addr = self.address.parse().map_err(|_| FieldError {
+            field: "udp.address".into(),
+            message: "an IP address and port, e.g. 192.0.2.7:4000".into(),
+        })?;
+        let context = base64::engine::general_purpose::STANDARD
+            .decode(&self.context)
+            .map_err(|_| FieldError {
+                field: "udp.context".into(),
+                message: "base64".into(),
+            })?;
+        if context.len() > 16 {
+            return Err(FieldError {
+                field: "udp.context".into(),
+                message: format!("at most 16 bytes, not {}", context.len()),
+            });
+        }
+        Ok((addr, context))
+    }
 }
 
 /// A signing secret and, once rotated out, when it stops being used.
@@ -111,6 +148,9 @@ pub struct SubscriptionSpec {
     /// The endpoint, for webhook subscriptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
+    /// The datagram target, for udp subscriptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpSpec>,
 }
 
 /// One durable subscription, live.
@@ -284,6 +324,7 @@ struct DurablesInner {
     idle_timeout: Duration,
     max_key: usize,
     queue_capacity: usize,
+    udp_repeat: Duration,
 }
 
 impl Durables {
@@ -293,6 +334,7 @@ impl Durables {
         idle_timeout: Duration,
         max_key: usize,
         queue_capacity: usize,
+        udp_repeat: Duration,
     ) -> Self {
         Durables {
             inner: Arc::new(DurablesInner {
@@ -302,6 +344,7 @@ impl Durables {
                 idle_timeout,
                 max_key,
                 queue_capacity,
+                udp_repeat,
             }),
         }
     }
@@ -352,6 +395,7 @@ impl Durables {
         after: Option<Watermark>,
         owner: Option<String>,
         webhook: Option<WebhookSpec>,
+        udp: Option<UdpSpec>,
     ) -> Result<Arc<Durable>, DurableError> {
         let filter = filter_json.to_filter(self.inner.max_key)?;
         let bounds = self.inner.log.bounds()?;
@@ -368,6 +412,7 @@ impl Durables {
             created_at: Timestamp::now().0,
             owner,
             webhook,
+            udp,
         };
         let id = uuid::Uuid::new_v4().to_string();
         let bytes =
@@ -385,6 +430,7 @@ impl Durables {
         acked: Watermark,
     ) -> Arc<Durable> {
         let transport = spec.transport;
+        let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
         let sub = Arc::new(Durable {
             id: id.clone(),
             spec: Mutex::new(spec),
@@ -400,12 +446,15 @@ impl Durables {
         });
         self.subs().insert(id, sub.clone());
         match transport {
-            Transport::Poll => {
+            Transport::Poll | Transport::Udp => {
                 tokio::spawn(watch(
                     self.inner.log.clone(),
                     sub.clone(),
                     self.inner.queue_capacity,
                 ));
+                if let Some((addr, context)) = udp {
+                    tokio::spawn(ping_udp(sub.clone(), addr, context, self.inner.udp_repeat));
+                }
             }
             Transport::Webhook => {
                 let ctx = self
@@ -630,7 +679,8 @@ impl Durables {
             .subs()
             .values()
             .filter(|s| {
-                s.spec().transport == Transport::Poll && s.idle_for() > self.inner.idle_timeout
+                matches!(s.spec().transport, Transport::Poll | Transport::Udp)
+                    && s.idle_for() > self.inner.idle_timeout
             })
             .map(|s| s.id.clone())
             .collect();
@@ -689,6 +739,45 @@ async fn watch(log: EmbeddedLog, sub: Arc<Durable>, queue_capacity: usize) {
                     return;
                 }
             },
+        }
+    }
+}
+
+/// Sends `context` to `addr` while events wait unacknowledged: at once, then every
+/// `repeat`; quiet once the subscriber has acknowledged everything.
+async fn ping_udp(
+    sub: Arc<Durable>,
+    addr: std::net::SocketAddr,
+    context: Vec<u8>,
+    repeat: Duration,
+) {
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(id = %sub.id, error = %e, "no UDP socket for a udp subscription");
+            return;
+        }
+    };
+    loop {
+        // A `Notified` made before the check sees every later change.
+        let changed = sub.changed.notified();
+        if !sub.pending() {
+            tokio::select! {
+                () = changed => continue,
+                () = sub.stop.cancelled() => return,
+            }
+        }
+        if let Err(e) = socket.send_to(&context, addr).await {
+            tracing::debug!(id = %sub.id, error = %e, %addr, "UDP ping failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(repeat) => {}
+            () = sub.stop.cancelled() => return,
         }
     }
 }

@@ -16,7 +16,9 @@ use crate::AppState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::json::EventJson;
-use crate::subscriptions::{Durable, DurableError, FilterJson, SecretSpec, Transport, WebhookSpec};
+use crate::subscriptions::{
+    Durable, DurableError, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec,
+};
 use axum::Extension;
 
 /// A new durable subscription.
@@ -32,7 +34,8 @@ pub struct CreateSubscription {
     /// Comma-separated kinds (default: all).
     #[serde(default)]
     pub kinds: Option<String>,
-    /// `poll` (long-poll `wait` + `events`) or `webhook` (Herald POSTs to `url`).
+    /// `poll` (long-poll `wait` + `events`), `webhook` (Herald POSTs to `url`) or `udp`
+    /// (as poll, with datagrams to `udp.address` while events wait).
     pub transport: String,
     /// Start after this watermark (default: with the next event).
     #[serde(default)]
@@ -41,6 +44,9 @@ pub struct CreateSubscription {
     /// addresses are refused unless the operator allows them).
     #[serde(default)]
     pub url: Option<String>,
+    /// For `udp`: where datagrams go and what they carry.
+    #[serde(default)]
+    pub udp: Option<UdpSpec>,
 }
 
 /// A durable subscription as the API shows it.
@@ -68,6 +74,9 @@ pub struct SubscriptionView {
     /// For webhooks: the endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// For udp subscriptions: the datagram target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpSpec>,
     /// For webhooks: `active`, `paused` or `disabled`, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
@@ -115,6 +124,7 @@ fn view(state: &AppState, d: &Durable) -> SubscriptionView {
         lag: last.saturating_sub(d.acked().0),
         owner: spec.owner.clone(),
         url: webhook.map(|w| w.url.clone()),
+        udp: spec.udp.clone(),
         state: webhook.map(|w| w.state.clone()),
         reason: webhook.and_then(|w| w.reason.clone()),
         delivery: webhook.map(|_| d.delivery()),
@@ -157,7 +167,7 @@ impl From<DurableError> for ApiError {
     }
 }
 
-/// Creates a durable subscription (`poll`, or `webhook` with a `url`).
+/// Creates a durable subscription (`poll`, `webhook` with a `url`, or `udp` with `udp`).
 #[utoipa::path(
     post, path = "/v1/subscriptions", tag = "subscribe",
     request_body = CreateSubscription,
@@ -178,10 +188,11 @@ pub(super) async fn create(
     let transport = match req.transport.as_str() {
         "poll" => Transport::Poll,
         "webhook" => Transport::Webhook,
+        "udp" => Transport::Udp,
         other => {
             return Err(ApiError::field(
                 "transport",
-                format!("unknown transport {other:?}; one of poll, webhook"),
+                format!("unknown transport {other:?}; one of poll, webhook, udp"),
             ));
         }
     };
@@ -231,13 +242,30 @@ pub(super) async fn create(
         (Transport::Webhook, None) => {
             return Err(ApiError::field("url", "required for webhook subscriptions"));
         }
-        (Transport::Poll, Some(_)) => {
+        (Transport::Poll | Transport::Udp, Some(_)) => {
             return Err(ApiError::field(
                 "url",
                 "only webhook subscriptions take a url",
             ));
         }
-        (Transport::Poll, None) => (None, None),
+        (Transport::Poll | Transport::Udp, None) => (None, None),
+    };
+    let udp = match (transport, req.udp) {
+        (Transport::Udp, Some(spec)) => {
+            let (addr, _) = spec.target().map_err(|e| ApiError::field_in("", e))?;
+            state
+                .egress()
+                .check(addr.ip())
+                .map_err(|e| ApiError::field("udp.address", e))?;
+            Some(spec)
+        }
+        (Transport::Udp, None) => {
+            return Err(ApiError::field("udp", "required for udp subscriptions"));
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::field("udp", "only udp subscriptions take udp"));
+        }
+        (_, None) => None,
     };
     let d = state
         .durables()
@@ -247,6 +275,7 @@ pub(super) async fn create(
             req.after.map(Watermark),
             principal.owner(),
             webhook,
+            udp,
         )
         .await?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
