@@ -45,8 +45,10 @@
 
 mod dispatch;
 mod event;
+pub mod hooks;
 mod hub;
 mod key;
+pub mod offline;
 mod pool;
 mod sink;
 mod subscription;

@@ -1,6 +1,6 @@
 //! The engine's behavioural contract, one test per numbered property (P1–P28) of the MAPI
-//! digest §6. Properties P29–P40 (offline state and connection hooks) belong to the
-//! connection-state work and are tested there.
+//! digest §6. Properties P29–P40 (offline state and connection hooks) are in `connection.rs`
+//! and, over HTTP, in the server's `tests/connection.rs`.
 
 mod common;
 
