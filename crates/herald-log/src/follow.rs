@@ -27,6 +27,50 @@ impl Default for FollowOptions {
     }
 }
 
+/// Opens and closes a [`Gate`]: closed, followers hold their next batch until it opens
+/// again (a server going offline pauses deliveries without losing a place in the log).
+#[derive(Debug)]
+pub struct GateSwitch(tokio::sync::watch::Sender<bool>);
+
+impl GateSwitch {
+    /// A switch, open or closed.
+    pub fn new(open: bool) -> GateSwitch {
+        GateSwitch(tokio::sync::watch::Sender::new(open))
+    }
+
+    /// Opens or closes every gate of this switch.
+    pub fn set_open(&self, open: bool) {
+        self.0.send_replace(open);
+    }
+
+    /// Whether the gates are open.
+    pub fn is_open(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// A gate that follows this switch.
+    pub fn gate(&self) -> Gate {
+        Gate(self.0.subscribe())
+    }
+}
+
+/// The receiving side of a [`GateSwitch`].
+#[derive(Clone, Debug)]
+pub struct Gate(tokio::sync::watch::Receiver<bool>);
+
+impl Gate {
+    /// Whether deliveries may go now.
+    pub fn is_open(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until the gate is open (at once if it is; forever never: a dropped switch counts
+    /// as open). Cancel-safe.
+    pub async fn opened(&mut self) {
+        let _ = self.0.wait_for(|open| *open).await;
+    }
+}
+
 /// Why a follower stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -61,6 +105,9 @@ pub struct Follower<L> {
     live: Receiver,
     phase: Phase,
     options: FollowOptions,
+    gate: Option<Gate>,
+    /// A batch taken while the gate was closed, handed out when it opens.
+    held: Option<Batch>,
 }
 
 impl<L> std::fmt::Debug for Follower<L> {
@@ -95,7 +142,15 @@ impl<L: EventLog + Clone> Follower<L> {
             live,
             phase: Phase::CatchUp,
             options,
+            gate: None,
+            held: None,
         })
+    }
+
+    /// Holds every batch until `gate` is open.
+    pub fn gated(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The watermark of the last event read (handed out or skipped by the filter).
@@ -103,8 +158,19 @@ impl<L: EventLog + Clone> Follower<L> {
         self.cursor
     }
 
-    /// The next events, in order; waits for live ones once caught up.
+    /// The next events, in order; waits for live ones once caught up, and for the gate to be
+    /// open. Cancel-safe: a batch taken while waiting for the gate is kept for the next call.
     pub async fn next(&mut self) -> Result<Batch, FollowError> {
+        if self.held.is_none() {
+            self.held = Some(self.next_ungated().await?);
+        }
+        if let Some(gate) = &mut self.gate {
+            gate.opened().await;
+        }
+        self.held.take().ok_or(FollowError::Closed)
+    }
+
+    async fn next_ungated(&mut self) -> Result<Batch, FollowError> {
         loop {
             match self.phase {
                 Phase::CatchUp => {

@@ -41,7 +41,7 @@ pub use embedded::{EmbeddedLog, LogOptions, Retention, SubscriptionRecord};
 
 /// The log file's name inside the data directory.
 pub const LOG_FILE: &str = embedded::LOG_FILE;
-pub use follow::{FollowError, FollowOptions, Follower};
+pub use follow::{FollowError, FollowOptions, Follower, Gate, GateSwitch};
 pub use record::RecordError;
 
 /// Whether an append waits for the disk.

@@ -621,3 +621,52 @@ fn many_clones_share_one_log_and_close_flushes() {
         Err(AppendError::Log(LogError::Closed))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_gate_holds_deliveries_and_opening_it_resumes_in_order_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), unlimited());
+    let switch = GateSwitch::new(true);
+    let mut follower = Follower::start(
+        &log,
+        filter("k"),
+        Watermark(0),
+        FollowOptions {
+            page: 16,
+            queue_capacity: 8,
+        },
+    )
+    .unwrap()
+    .gated(switch.gate());
+    log.append(vec![event("k/a", 1)], AppendOptions::default())
+        .await
+        .unwrap();
+    let first = follower.next().await.unwrap();
+    assert_eq!(first.len(), 1);
+    switch.set_open(false);
+    // More than the live queue holds arrive while closed.
+    for i in 0..100u32 {
+        log.append(vec![event("k/b", 2 + i)], AppendOptions::default())
+            .await
+            .unwrap();
+    }
+    // Nothing comes out while closed, however often the caller gives up and asks again.
+    for _ in 0..3 {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), follower.next())
+                .await
+                .is_err()
+        );
+    }
+    switch.set_open(true);
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), follower.next())
+            .await
+            .unwrap()
+            .unwrap();
+        got.extend(batch.iter().map(|n| n.watermark.unwrap().0));
+    }
+    let expected: Vec<u64> = (2..=101).collect();
+    assert_eq!(got, expected);
+}
