@@ -266,10 +266,12 @@ impl Auth {
             return Ok(());
         };
         let key = filter.scope.key();
-        let within = c
-            .prefixes
-            .iter()
-            .any(|prefix| prefix.is_empty() || key.is_within(&Key::from(prefix.as_str())));
+        // A subscriber may always watch the presence of its own connections.
+        let own_presence = Key::from(crate::connections::owner_presence(&c.sub).as_str());
+        let within = key.is_within(&own_presence)
+            || c.prefixes
+                .iter()
+                .any(|prefix| prefix.is_empty() || key.is_within(&Key::from(prefix.as_str())));
         if !within {
             let what = match &filter.scope {
                 Scope::Exact(_) => "key",

@@ -8,7 +8,11 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::api::{PublishRequest, PublishResponse, StatusResponse, SubscriptionView};
+use crate::api::{
+    PublishRequest, PublishResponse, SetState, StateNotification, StateView, StatusResponse,
+    SubscriptionView,
+};
+use crate::connections::ConnectionView;
 use crate::json::EventJson;
 
 /// Where the server is and how to authenticate.
@@ -87,6 +91,74 @@ impl Client {
     /// The server's status.
     pub async fn status(&self) -> anyhow::Result<StatusResponse> {
         self.json(self.request(reqwest::Method::GET, "/v1/status"))
+            .await
+    }
+
+    /// The server's state.
+    pub async fn state(&self) -> anyhow::Result<StateView> {
+        self.json(self.request(reqwest::Method::GET, "/v1/state"))
+            .await
+    }
+
+    /// Takes the server online or offline; with `block`, answers when the transition is done.
+    pub async fn set_state(&self, online: bool, block: bool) -> anyhow::Result<StateView> {
+        let body = SetState {
+            state: if online { "online" } else { "offline" }.into(),
+            block,
+        };
+        self.json(self.request(reqwest::Method::PUT, "/v1/state").json(&body))
+            .await
+    }
+
+    /// Prints the server's state transitions (`start`, `change`, `done`) until interrupted.
+    pub async fn watch_state(
+        &self,
+        token: u32,
+        json: bool,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<()> {
+        let resp = self
+            .request(reqwest::Method::GET, "/v1/state/advise")
+            .query(&[("token", token)])
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "the server answered {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
+        while let Some(item) = events.next().await {
+            let ev = item.context("the advise stream broke")?;
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"event": ev.event, "data": serde_json::from_str::<serde_json::Value>(&ev.data).unwrap_or_default()})
+                )?;
+            } else if let Ok(n) = serde_json::from_str::<StateNotification>(&ev.data) {
+                writeln!(
+                    out,
+                    "{:<7} {} -> {}  (token {})",
+                    ev.event, n.old, n.new, n.client_token
+                )?;
+            } else if ev.event == "advised" {
+                writeln!(out, "advised: {}", ev.data)?;
+            }
+            out.flush()?;
+            if ev.event == "shutdown" {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Client connections.
+    pub async fn connections(&self) -> anyhow::Result<Vec<ConnectionView>> {
+        self.json(self.request(reqwest::Method::GET, "/v1/connections"))
             .await
     }
 
@@ -197,6 +269,14 @@ pub fn human(e: &EventJson) -> String {
     }
     if let Some(c) = &e.message_class {
         s.push_str(&format!("  {c}"));
+    }
+    if let Some(c) = &e.connection_state {
+        let name = |v: u32| match v {
+            herald_core::STATE_ONLINE => "online",
+            herald_core::STATE_OFFLINE => "offline",
+            _ => "?",
+        };
+        s.push_str(&format!("  {} -> {}", name(c.old_state), name(c.new_state)));
     }
     s
 }

@@ -31,6 +31,12 @@ pub struct Config {
     pub ews: EwsConfig,
     /// MAPI over HTTP notifications.
     pub mapi: MapiConfig,
+    /// Client connections: their presence and leases.
+    pub connections: ConnectionsConfig,
+    /// The server's own online/offline state.
+    pub state: StateConfig,
+    /// Hooks called before and after every connect and cancel.
+    pub hooks: HooksConfig,
     /// Log output.
     pub logging: LoggingConfig,
     /// How long a graceful shutdown waits for connections to finish.
@@ -50,6 +56,9 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             ews: EwsConfig::default(),
             mapi: MapiConfig::default(),
+            connections: ConnectionsConfig::default(),
+            state: StateConfig::default(),
+            hooks: HooksConfig::default(),
             logging: LoggingConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -278,7 +287,10 @@ pub struct Overrides {
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 11] = [
+const ENV_KEYS: [&str; 14] = [
+    "connections",
+    "state",
+    "hooks",
     "ews",
     "mapi",
     "listen",
@@ -457,4 +469,122 @@ impl Default for MapiConfig {
             max_queue: 65_536,
         }
     }
+}
+
+/// Client connections (SSE and WebSocket streams, long-poll and webhook subscriptions, EWS
+/// streaming connections, MAPI sessions).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// A client not heard from for this long is offline: a WebSocket that answers no ping, a
+    /// long-poll client that stops polling, a TCP peer that stops acknowledging. A stream
+    /// whose lease expires is closed.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Publish every connection's state changes as `connection_state` events on
+    /// `$herald/presence/<owner>/<id>` (two log appends per connection). Off, connections are
+    /// still listed and hooked, but nobody can subscribe to their presence.
+    pub presence: bool,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            lease: Duration::from_secs(45),
+            presence: true,
+        }
+    }
+}
+
+/// The server's own state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Start offline (deliveries paused until `herald state online`).
+    pub start_offline: bool,
+    /// How long going offline waits for pushes already being sent (webhooks, EWS push).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            start_offline: false,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Hooks called before and after connects and cancels.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Write every connect and cancel, with its result, to the audit log (the
+    /// `herald::audit` tracing target).
+    pub audit: bool,
+    /// Most retries of one failed operation that hooks may ask for (default 3).
+    pub max_retries: Option<u32>,
+    /// Allow and deny rules by owner and key prefix.
+    pub access: AccessConfig,
+    /// External hooks, called over HTTP in this order of registration.
+    pub http: Vec<HttpHookConfig>,
+}
+
+/// Allow and deny rules for connects: a connect whose owner and target match a `deny` rule is
+/// refused unless it also matches an `allow` rule; with `allow` rules and no `deny` rule,
+/// only what they allow connects.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Rules that let a connect through.
+    pub allow: Vec<AccessRule>,
+    /// Rules that refuse a connect.
+    pub deny: Vec<AccessRule>,
+}
+
+/// One allow or deny rule; a field left out matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessRule {
+    /// The owner (token subject, mailbox), or `*`.
+    pub owner: Option<String>,
+    /// A key prefix (path form: `alice/inbox` covers `alice/inbox/…`).
+    pub prefix: Option<String>,
+    /// A transport (`sse`, `ws`, `poll`, `webhook`, `udp`, `ews`, `mapi`).
+    pub transport: Option<String>,
+}
+
+/// An external hook: Herald POSTs JSON before and after each operation and reads the
+/// decision from the answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHookConfig {
+    /// Its name, in logs and refusals.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where to POST (http or https).
+    pub url: String,
+    /// How long to wait for an answer.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What an unreachable, slow or malformed hook means: `open` lets the operation go on,
+    /// `closed` refuses it.
+    #[serde(default)]
+    pub failure: HookFailure,
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// What a failing external hook means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookFailure {
+    /// Go on as if the hook had said nothing (fail-open).
+    #[default]
+    Open,
+    /// Refuse the operation (fail-closed).
+    Closed,
 }

@@ -288,6 +288,16 @@ impl EventJson {
         max_key: usize,
     ) -> Result<Notification, FieldError> {
         let key = parse_key("key", &self.key, max_key)?;
+        if self.key == crate::connections::RESERVED_PREFIX
+            || self
+                .key
+                .starts_with(&format!("{}/", crate::connections::RESERVED_PREFIX))
+        {
+            return Err(field_err(
+                "key",
+                "keys under $herald/ are the server's own (presence); producers may not publish there",
+            ));
+        }
         let kind = EventKind::from_name(&self.kind).ok_or_else(|| {
             let names: Vec<&str> = EventKind::ALL
                 .iter()

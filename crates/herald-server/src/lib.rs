@@ -8,14 +8,17 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod egress;
 pub mod error;
 pub mod ews;
 pub mod frames;
+pub mod hooks;
 pub mod json;
 pub mod mapi;
 pub mod metrics;
 pub mod serve;
+pub mod state;
 pub mod subscriptions;
 pub mod webhook;
 
@@ -45,6 +48,9 @@ struct StateInner {
     egress: egress::EgressPolicy,
     ews: Arc<ews::Ews>,
     mapi: Arc<mapi::Mapi>,
+    connections: connections::Connections,
+    server_state: state::ServerState,
+    hooks: Arc<herald_core::hooks::Hooks>,
     push_client: reqwest::Client,
     shutdown: CancellationToken,
     started: Instant,
@@ -65,8 +71,19 @@ impl AppState {
         let auth = Arc::new(auth::Auth::new(&config.auth, &config.data_dir)?);
         let log = EmbeddedLog::open(&config.data_dir, config.log_options(), hub)?;
         let frames = Arc::new(frames::EventCache::default());
+        let server_state =
+            state::ServerState::new(config.state.start_offline, config.state.drain_timeout);
+        let connections = connections::Connections::new(
+            log.clone(),
+            config.connections.lease,
+            config.connections.presence,
+        );
+        let hooks = Arc::new(hooks::from_config(&config.hooks)?);
         let durables = subscriptions::Durables::new(
             log.clone(),
+            connections.clone(),
+            server_state.clone(),
+            hooks.clone(),
             config.subscriptions.idle_timeout,
             config.limits.max_key_bytes,
             config.limits.queue_capacity,
@@ -79,6 +96,7 @@ impl AppState {
             config: config.webhooks.clone(),
             frames: frames.clone(),
             queue_capacity: config.limits.queue_capacity,
+            server_state: server_state.clone(),
         }));
         let restored = durables.restore()?;
         if restored > 0 {
@@ -97,6 +115,9 @@ impl AppState {
                 egress,
                 ews: Arc::default(),
                 mapi: Arc::default(),
+                connections,
+                server_state,
+                hooks,
                 shutdown,
                 started: Instant::now(),
             }),
@@ -148,6 +169,35 @@ impl AppState {
         &self.inner.mapi
     }
 
+    /// Client connections and their presence.
+    pub fn connections(&self) -> &connections::Connections {
+        &self.inner.connections
+    }
+
+    /// The server's own online/offline state.
+    pub fn server_state(&self) -> &state::ServerState {
+        &self.inner.server_state
+    }
+
+    /// The connection hooks.
+    pub fn hooks(&self) -> &Arc<herald_core::hooks::Hooks> {
+        &self.inner.hooks
+    }
+
+    /// Follows `filter` after `after`, holding deliveries while the server is offline.
+    pub fn follow(
+        &self,
+        filter: herald_core::Filter,
+        after: herald_core::Watermark,
+    ) -> Result<herald_log::Follower<EmbeddedLog>, herald_log::FollowError> {
+        let options = herald_log::FollowOptions {
+            queue_capacity: self.inner.config.limits.queue_capacity,
+            ..Default::default()
+        };
+        herald_log::Follower::start(&self.inner.log, filter, after, options)
+            .map(|f| f.gated(self.inner.server_state.gate()))
+    }
+
     /// The outbound client for EWS push notifications (egress policy applied).
     pub fn push_client(&self) -> &reqwest::Client {
         &self.inner.push_client
@@ -184,6 +234,7 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
         app(state.clone()),
         shutdown.clone(),
         timeout,
+        Some(state.config().connections.lease),
     ));
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing streams and draining requests");
@@ -197,6 +248,8 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     state.durables().stop_all();
     state.ews().stop_all();
     state.mapi().stop_all();
+    // Streams dropped at shutdown have published their offline events; write them.
+    state.connections().flush().await;
     let log = state.log().clone();
     tokio::task::spawn_blocking(move || log.close()).await??;
     tracing::info!("herald stopped; the log is flushed");
@@ -208,18 +261,26 @@ async fn sweep_idle(state: AppState) {
     let every = (state.config().subscriptions.idle_timeout / 4)
         .min(state.config().ews.minute / 4)
         .min(state.config().mapi.session_idle / 4)
+        .min(state.config().connections.lease / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         state.durables().expire_idle().await;
+        state.connections().expire_leases();
         let expired = state.ews().expire(state.config().ews.minute);
-        if expired > 0 {
-            tracing::debug!(expired, "EWS pull subscriptions expired");
+        if !expired.is_empty() {
+            tracing::debug!(expired = expired.len(), "EWS subscriptions expired");
+        }
+        for sub in expired {
+            hooks::cancelled(state.hooks(), sub.cancel_request("expiry", true));
         }
         let ended = state.mapi().expire(state.config().mapi.session_idle);
-        if ended > 0 {
-            tracing::debug!(ended, "idle MAPI sessions destroyed");
+        if !ended.is_empty() {
+            tracing::debug!(ended = ended.len(), "idle MAPI sessions destroyed");
+        }
+        for session in ended {
+            hooks::cancelled(state.hooks(), session.cancel_request("expiry", true));
         }
     }
 }

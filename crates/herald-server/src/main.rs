@@ -86,6 +86,29 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show the server's state, or take it `online` or `offline` (deliveries pause while
+    /// offline; events are still accepted). `--watch` prints transitions as they happen.
+    State {
+        /// `online` or `offline`; without it, print the state.
+        #[arg(value_parser = ["online", "offline"])]
+        set: Option<String>,
+        /// Return only when the transition is done.
+        #[arg(long)]
+        block: bool,
+        /// Print every transition (start, change, done) until interrupted.
+        #[arg(long, conflicts_with = "set")]
+        watch: bool,
+        /// The client token echoed in watched notifications.
+        #[arg(long, default_value_t = 0)]
+        client_token: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List client connections and whether they are online.
+    Connections {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the server's health and figures.
     Status {
         #[command(flatten)]
@@ -331,6 +354,56 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                     println!(
                         "{:<38} {:<6} {:>10} {:>8} {:<8} {filter}",
                         s.id, "poll", s.acked, s.lag, s.pending
+                    );
+                }
+            }
+        }
+        Command::State {
+            set,
+            block,
+            watch,
+            client_token,
+            client,
+        } => {
+            let c = Client::new(&client.server, client.token)?;
+            if watch {
+                let mut out = std::io::stdout();
+                tokio::select! {
+                    r = c.watch_state(client_token, client.json, &mut out) => r?,
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                return Ok(());
+            }
+            let s = match set.as_deref() {
+                Some(target) => c.set_state(target == "online", block).await?,
+                None => c.state().await?,
+            };
+            if client.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else if s.transitioning {
+                println!("{} (transition in progress)", s.state);
+            } else {
+                println!("{}", s.state);
+            }
+        }
+        Command::Connections { client } => {
+            let c = Client::new(&client.server, client.token)?;
+            let list = c.connections().await?;
+            if client.json {
+                for v in list {
+                    println!("{}", serde_json::to_string(&v)?);
+                }
+            } else if list.is_empty() {
+                println!("no connections");
+            } else {
+                println!(
+                    "{:<40} {:<8} {:<8} {:<16} {:>8}  presence key",
+                    "id", "via", "state", "owner", "idle ms"
+                );
+                for v in list {
+                    println!(
+                        "{:<40} {:<8} {:<8} {:<16} {:>8}  {}",
+                        v.id, v.transport, v.state, v.owner, v.idle_ms, v.presence_key
                     );
                 }
             }

@@ -28,6 +28,12 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "herald_webhook_failures_total";
     /// Gauge: the log's last watermark.
     pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
+    /// Counter: connections going online or offline, by new state.
+    pub const PRESENCE_CHANGES: &str = "herald_presence_changes_total";
+    /// Gauge: the server's state (1 online, 0 offline).
+    pub const SERVER_ONLINE: &str = "herald_server_online";
+    /// Counter: hook calls, by phase and decision.
+    pub const HOOK_CALLS: &str = "herald_hook_calls_total";
 }
 
 /// The process's metrics recorder and its renderer.
@@ -98,6 +104,12 @@ fn describe() {
     metrics::describe_gauge!(DURABLE_SUBSCRIPTIONS, "Durable subscriptions.");
     metrics::describe_counter!(WEBHOOK_ATTEMPTS, "Webhook delivery attempts.");
     metrics::describe_counter!(WEBHOOK_FAILURES, "Failed webhook delivery attempts.");
+    metrics::describe_counter!(
+        PRESENCE_CHANGES,
+        "Connections going online or offline, by new state."
+    );
+    metrics::describe_gauge!(SERVER_ONLINE, "The server's state: 1 online, 0 offline.");
+    metrics::describe_counter!(HOOK_CALLS, "Connection hook calls, by phase and decision.");
     metrics::describe_gauge!(LOG_LAST_WATERMARK, "The log's last watermark.");
 }
 

@@ -18,13 +18,32 @@ use tokio_util::task::TaskTracker;
 /// How long a client has to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Makes the kernel notice a peer that vanished (killed machine, lost network) within about
+/// `lease`: keep-alive probes on idle connections, and a limit on how long sent data may stay
+/// unacknowledged. The stream then fails, and its connection goes offline.
+fn set_lease(stream: &tokio::net::TcpStream, lease: Duration) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let probe = (lease / 3).max(Duration::from_secs(1));
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(probe)
+            .with_interval((lease / 9).max(Duration::from_secs(1)))
+            .with_retries(3),
+    )?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(lease))?;
+    Ok(())
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits up to `drain` for
-/// open connections to finish. Returns whether they all did.
+/// open connections to finish. Returns whether they all did. With `lease`, dead peers are
+/// detected within about that long (see [`set_lease`]).
 pub async fn serve_http1(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     drain: Duration,
+    lease: Option<Duration>,
 ) -> bool {
     let connections = TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -45,6 +64,11 @@ pub async fn serve_http1(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                if let Some(lease) = lease {
+                    if let Err(e) = set_lease(&stream, lease) {
+                        tracing::debug!(%peer, error = %e, "cannot set TCP keep-alive");
+                    }
+                }
                 let service = TowerToHyperService::new(router.clone());
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), service)

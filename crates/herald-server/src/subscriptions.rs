@@ -169,6 +169,8 @@ pub struct Durable {
     changed: Notify,
     touched: Mutex<Instant>,
     stop: CancellationToken,
+    /// Its presence; taken (published offline) when the subscription is deleted.
+    conn: Mutex<Option<crate::connections::Conn>>,
 }
 
 impl Durable {
@@ -284,6 +286,25 @@ impl Durable {
 
     fn touch(&self) {
         *self.touched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        if let Some(c) = self.conn().as_ref() {
+            c.renew();
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Option<crate::connections::Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the subscriber online or offline (a webhook endpoint answering or failing).
+    pub fn set_online(&self, online: bool) {
+        if let Some(c) = self.conn().as_ref() {
+            c.set_online(online);
+        }
+    }
+
+    /// Keeps the subscriber's lease while a long-poll waits.
+    fn busy(&self) -> Option<crate::connections::BusyGuard> {
+        self.conn().as_ref().map(|c| c.busy())
     }
 
     fn idle_for(&self) -> Duration {
@@ -319,6 +340,9 @@ pub struct Durables {
 
 struct DurablesInner {
     log: EmbeddedLog,
+    connections: crate::connections::Connections,
+    server_state: crate::state::ServerState,
+    hooks: Arc<herald_core::hooks::Hooks>,
     webhooks: Mutex<Option<Arc<crate::webhook::WebhookContext>>>,
     subs: Mutex<HashMap<String, Arc<Durable>>>,
     idle_timeout: Duration,
@@ -329,8 +353,12 @@ struct DurablesInner {
 
 impl Durables {
     /// The manager; call [`Durables::restore`] once at start.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         log: EmbeddedLog,
+        connections: crate::connections::Connections,
+        server_state: crate::state::ServerState,
+        hooks: Arc<herald_core::hooks::Hooks>,
         idle_timeout: Duration,
         max_key: usize,
         queue_capacity: usize,
@@ -339,6 +367,9 @@ impl Durables {
         Durables {
             inner: Arc::new(DurablesInner {
                 log,
+                connections,
+                server_state,
+                hooks,
                 webhooks: Mutex::new(None),
                 subs: Mutex::new(HashMap::new()),
                 idle_timeout,
@@ -387,9 +418,12 @@ impl Durables {
         Ok(restored)
     }
 
-    /// Creates a subscription starting after `after` (default: now). Durable when it returns.
+    /// Creates subscription `id` starting after `after` (default: now). Durable when it
+    /// returns.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
+        id: String,
         filter_json: FilterJson,
         transport: Transport,
         after: Option<Watermark>,
@@ -414,7 +448,6 @@ impl Durables {
             webhook,
             udp,
         };
-        let id = uuid::Uuid::new_v4().to_string();
         let bytes =
             serde_json::to_vec(&spec).map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
         self.inner.log.put_subscription(&id, bytes).await?;
@@ -431,6 +464,18 @@ impl Durables {
     ) -> Arc<Durable> {
         let transport = spec.transport;
         let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
+        let (transport_name, lease) = match transport {
+            Transport::Poll => ("poll", crate::connections::Lease::Renewed),
+            Transport::Udp => ("udp", crate::connections::Lease::Renewed),
+            Transport::Webhook => ("webhook", crate::connections::Lease::None),
+        };
+        let conn = self.inner.connections.open(
+            Some(id.clone()),
+            transport_name,
+            owner_name(spec.owner.as_deref()),
+            &target_of(&filter),
+            lease,
+        );
         let sub = Arc::new(Durable {
             id: id.clone(),
             spec: Mutex::new(spec),
@@ -443,12 +488,14 @@ impl Durables {
             changed: Notify::new(),
             touched: Mutex::new(Instant::now()),
             stop: CancellationToken::new(),
+            conn: Mutex::new(Some(conn)),
         });
         self.subs().insert(id, sub.clone());
         match transport {
             Transport::Poll | Transport::Udp => {
                 tokio::spawn(watch(
                     self.inner.log.clone(),
+                    self.inner.server_state.gate(),
                     sub.clone(),
                     self.inner.queue_capacity,
                 ));
@@ -593,8 +640,14 @@ impl Durables {
             .remove(id)
             .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
         sub.stop.cancel();
+        sub.conn().take();
         self.inner.log.delete_subscription(id).await?;
         Ok(())
+    }
+
+    /// The hooks, to run around creating and deleting subscriptions.
+    pub fn hooks(&self) -> &Arc<herald_core::hooks::Hooks> {
+        &self.inner.hooks
     }
 
     /// Waits up to `timeout` for events after the acknowledged watermark.
@@ -605,6 +658,7 @@ impl Durables {
         shutdown: &CancellationToken,
     ) -> Result<bool, DurableError> {
         let sub = self.get(id)?;
+        let _busy = sub.busy();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = sub.changed.notified();
@@ -636,6 +690,12 @@ impl Durables {
         if limit == 0 {
             return Ok((Vec::new(), after, sub.pending()));
         }
+        // Offline, nothing past what the (gated) watcher had seen is handed out.
+        let ceiling = if self.inner.server_state.delivering() {
+            Watermark(u64::MAX)
+        } else {
+            sub.latest()
+        };
         // Scan at most a bounded number of log events per request, so a sparse filter over a
         // long log answers promptly; the cursor lets the client continue.
         let mut cursor = after;
@@ -655,6 +715,9 @@ impl Durables {
             for n in page {
                 scanned += 1;
                 let w = n.watermark.unwrap_or(cursor);
+                if w > ceiling {
+                    break;
+                }
                 if sub.filter.matches(&n) {
                     out.push(n);
                 }
@@ -686,7 +749,17 @@ impl Durables {
             .collect();
         let mut n = 0;
         for id in idle {
-            if self.delete(&id).await.is_ok() {
+            let Some(sub) = self.subs().get(&id).cloned() else {
+                continue;
+            };
+            let req = hook_request(&sub).cancel("expiry", true);
+            let removed = self
+                .inner
+                .hooks
+                .run(&req, || self.delete(&id))
+                .await
+                .is_ok();
+            if removed {
                 tracing::info!(%id, "durable subscription expired after being idle");
                 n += 1;
             }
@@ -712,13 +785,13 @@ impl Durables {
 
 /// Follows the log from the subscription's acknowledged watermark and records the newest
 /// matching event, waking long-polls.
-async fn watch(log: EmbeddedLog, sub: Arc<Durable>, queue_capacity: usize) {
+async fn watch(log: EmbeddedLog, gate: herald_log::Gate, sub: Arc<Durable>, queue_capacity: usize) {
     let options = FollowOptions {
         queue_capacity,
         ..Default::default()
     };
     let mut follower = match Follower::start(&log, sub.filter.clone(), sub.acked(), options) {
-        Ok(f) => f,
+        Ok(f) => f.gated(gate),
         Err(e) => {
             note_expired(&sub, &e);
             return;
@@ -793,4 +866,35 @@ fn note_expired(sub: &Durable, e: &herald_log::FollowError) {
     } else {
         tracing::warn!(id = %sub.id, error = %e, "durable subscription watcher stopped");
     }
+}
+
+/// The owner as presence and hooks name it (`anonymous` when auth is off or an API key made it).
+pub fn owner_name(owner: Option<&str>) -> &str {
+    owner.unwrap_or("anonymous")
+}
+
+/// What a filter follows, as hooks and `GET /v1/connections` show it: the key, or the
+/// subtree with a trailing `/`.
+pub fn target_of(filter: &Filter) -> String {
+    match &filter.scope {
+        Scope::Exact(k) => k.to_string(),
+        Scope::Subtree(k) => format!("{k}/"),
+    }
+}
+
+/// The hook request describing a connect to `sub`.
+pub fn hook_request(sub: &Durable) -> herald_core::hooks::HookRequest {
+    let spec = sub.spec();
+    let transport = match spec.transport {
+        Transport::Poll => "poll",
+        Transport::Udp => "udp",
+        Transport::Webhook => "webhook",
+    };
+    herald_core::hooks::HookRequest::new(
+        herald_core::hooks::Operation::Connect,
+        sub.id.clone(),
+        owner_name(spec.owner.as_deref()),
+        transport,
+        target_of(&sub.filter),
+    )
 }

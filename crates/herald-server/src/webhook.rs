@@ -99,6 +99,8 @@ pub struct WebhookContext {
     pub frames: Arc<EventCache>,
     /// Queue capacity for followers.
     pub queue_capacity: usize,
+    /// The server's state: offline holds deliveries.
+    pub server_state: crate::state::ServerState,
 }
 
 /// The key operational events about webhook subscriptions are published on:
@@ -230,7 +232,15 @@ async fn deliver(
             d.attempts = attempt;
             d.next_attempt_at = None;
         });
-        match send(ctx, sub, &url, msg_id, body.clone()).await {
+        // Offline, the attempt waits here; going offline waits for this one to finish.
+        let push = tokio::select! {
+            p = ctx.server_state.push() => p,
+            () = sub.stopped() => return false,
+        };
+        let outcome = send(ctx, sub, &url, msg_id, body.clone()).await;
+        drop(push);
+        sub.set_online(matches!(outcome, Attempt::Delivered));
+        match outcome {
             Attempt::Delivered => {
                 let was_failing = sub.delivery().failing_since.is_some();
                 sub.set_delivery(|d| {
@@ -444,7 +454,7 @@ pub async fn run(ctx: Arc<WebhookContext>, durables: Durables, sub: Arc<Durable>
         };
         let mut follower =
             match Follower::start(&ctx.log, sub.filter().clone(), sub.acked(), options) {
-                Ok(f) => f,
+                Ok(f) => f.gated(ctx.server_state.gate()),
                 Err(e) => {
                     let reason = match &e {
                         FollowError::Position(ReadError::Expired { .. }) => {

@@ -2,6 +2,7 @@
 
 mod events;
 mod ops;
+mod state;
 mod stream;
 mod subs;
 mod ws;
@@ -12,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use utoipa::OpenApi;
 
 use crate::AppState;
@@ -20,6 +21,7 @@ use crate::error::ApiError;
 
 pub use events::{PublishRequest, PublishResponse};
 pub use ops::StatusResponse;
+pub use state::{SetState, StateNotification, StateView};
 pub use subs::{CreateSubscription, EventsPage, SubscriptionView, WaitResponse};
 pub use ws::{ClientFrame, ServerFrame};
 
@@ -48,12 +50,21 @@ pub use ws::{ClientFrame, ServerFrame};
         ops::metrics,
         ops::status,
         ops::openapi,
+        state::get_state,
+        state::put_state,
+        state::advise,
+        state::unadvise,
+        state::connections,
     ),
     components(schemas(
         crate::json::EventJson,
         crate::error::ErrorBody,
         ws::ClientFrame,
         ws::ServerFrame,
+        state::StateView,
+        state::SetState,
+        state::StateNotification,
+        crate::connections::ConnectionView,
     )),
     tags(
         (name = "produce", description = "Publishing events"),
@@ -83,6 +94,10 @@ pub fn app(state: AppState) -> Router {
             post(subs::rotate_secret),
         )
         .route("/v1/status", get(ops::status))
+        .route("/v1/state", get(state::get_state).put(state::put_state))
+        .route("/v1/state/advise", get(state::advise))
+        .route("/v1/state/advise/{token}", delete(state::unadvise))
+        .route("/v1/connections", get(state::connections))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)

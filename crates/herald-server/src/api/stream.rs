@@ -18,15 +18,20 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use herald_core::Watermark;
-use herald_log::{EmbeddedLog, EventLog, FollowError, FollowOptions, Follower, ReadError};
+use herald_log::{EmbeddedLog, EventLog, FollowError, Follower, ReadError};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::AppState;
+use crate::connections::{Conn, Lease};
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
+use crate::hooks::{self, refused};
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
+use crate::subscriptions::{owner_name, target_of};
+use herald_core::hooks::{HookError, HookRequest, Operation};
+use tokio_util::sync::CancellationToken;
 
 /// What to stream.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -91,14 +96,38 @@ pub(super) async fn stream(
         Some(w) => Watermark(w),
         None => state.log().bounds().map_err(ApiError::internal)?.last,
     };
-    let options = FollowOptions {
-        queue_capacity: limits.queue_capacity,
-        ..Default::default()
+    let owner = principal.owner();
+    let owner = owner_name(owner.as_deref());
+    let id = format!("sse-{}", uuid::Uuid::new_v4().simple());
+    let target = target_of(&filter);
+    let req = HookRequest::new(Operation::Connect, id.clone(), owner, "sse", target.clone());
+    let started = state
+        .hooks()
+        .run(&req, || async {
+            let follower = state.follow(filter.clone(), after)?;
+            let conn =
+                state
+                    .connections()
+                    .open(Some(id.clone()), "sse", owner, &target, Lease::Renewed);
+            Ok::<_, FollowError>((follower, conn))
+        })
+        .await;
+    let start = match started {
+        Ok((follower, conn)) => Ok(Opened {
+            follower,
+            conn,
+            req,
+        }),
+        Err(HookError::Failed(e)) => Err(e),
+        Err(HookError::Cancelled { hook, reason }) => return Err(refused(&hook, &reason)),
     };
-    let start = Follower::start(state.log(), filter, after, options);
     let body = Body::from_stream(events(start, state.clone(), permit));
     Ok((
         [
+            (
+                header::HeaderName::from_static("herald-connection"),
+                id.as_str(),
+            ),
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
             (header::HeaderName::from_static("x-accel-buffering"), "no"),
@@ -108,12 +137,32 @@ pub(super) async fn stream(
         .into_response())
 }
 
+/// A stream that passed its hooks.
+struct Opened {
+    follower: Follower<EmbeddedLog>,
+    conn: Conn,
+    req: HookRequest,
+}
+
 struct StreamState {
     follower: Option<Follower<EmbeddedLog>>,
     ending: Option<Bytes>,
     state: AppState,
+    /// The connection's presence and its hook request, for the cancel hooks at the end.
+    conn: Option<(Conn, HookRequest)>,
+    /// Why the stream ended, for the cancel hooks.
+    reason: &'static str,
     _gauge: ConnectionGauge,
     _permit: ConnectionPermit,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if let Some((conn, req)) = self.conn.take() {
+            drop(conn);
+            hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+        }
+    }
 }
 
 fn final_event(e: &FollowError) -> Bytes {
@@ -139,18 +188,20 @@ fn final_event(e: &FollowError) -> Bytes {
 /// The body: every batch the follower yields is written as one chunk (one socket write for
 /// many events); a comment keeps an idle stream open; a named event ends it.
 fn events(
-    start: Result<Follower<EmbeddedLog>, FollowError>,
+    start: Result<Opened, FollowError>,
     state: AppState,
     permit: ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    let (follower, ending) = match start {
-        Ok(f) => (Some(f), None),
-        Err(e) => (None, Some(final_event(&e))),
+    let (follower, ending, conn) = match start {
+        Ok(o) => (Some(o.follower), None, Some((o.conn, o.req))),
+        Err(e) => (None, Some(final_event(&e)), None),
     };
     let s = StreamState {
         follower,
         ending,
         state,
+        conn,
+        reason: "close",
         _gauge: ConnectionGauge::open("sse"),
         _permit: permit,
     };
@@ -161,6 +212,15 @@ fn events(
         }
         let keepalive = s.state.config().limits.keepalive;
         let shutdown = s.state.shutdown().clone();
+        // Being polled means the last chunk went out: the client is (as far as TCP knows)
+        // still there.
+        let expired = match &s.conn {
+            Some((conn, _)) => {
+                conn.renew();
+                conn.expired().clone()
+            }
+            None => CancellationToken::new(),
+        };
         let follower = s.follower.as_mut()?;
         let chunk = tokio::select! {
             next = follower.next() => match next {
@@ -179,8 +239,14 @@ fn events(
                 }
             },
             () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
+            () = expired.cancelled() => {
+                s.follower = None;
+                s.reason = "expiry";
+                sse_named("closed", &serde_json::json!({"code": "lease_expired", "message": "the connection's lease expired; reconnect with Last-Event-ID"}))
+            }
             () = shutdown.cancelled() => {
                 s.follower = None;
+                s.reason = "shutdown";
                 sse_named("shutdown", &serde_json::json!({"code": "shutdown", "message": "the server is shutting down; reconnect with Last-Event-ID"}))
             }
         };

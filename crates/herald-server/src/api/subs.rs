@@ -17,9 +17,11 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::json::EventJson;
 use crate::subscriptions::{
-    Durable, DurableError, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec,
+    Durable, DurableError, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec, hook_request,
+    owner_name, target_of,
 };
 use axum::Extension;
+use herald_core::hooks::{HookRequest, Operation};
 
 /// A new durable subscription.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -267,17 +269,30 @@ pub(super) async fn create(
         }
         (_, None) => None,
     };
+    let id = uuid::Uuid::new_v4().to_string();
+    let owner = principal.owner();
+    let hook = HookRequest::new(
+        Operation::Connect,
+        id.clone(),
+        owner_name(owner.as_deref()),
+        req.transport.as_str(),
+        target_of(&engine_filter),
+    );
     let d = state
-        .durables()
-        .create(
-            filter,
-            transport,
-            req.after.map(Watermark),
-            principal.owner(),
-            webhook,
-            udp,
-        )
-        .await?;
+        .hooks()
+        .run(&hook, || {
+            state.durables().create(
+                id.clone(),
+                filter.clone(),
+                transport,
+                req.after.map(Watermark),
+                owner.clone(),
+                webhook.clone(),
+                udp.clone(),
+            )
+        })
+        .await
+        .map_err(crate::hooks::api_error)?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
         .set(state.durables().list().len() as f64);
     let mut v = view(&state, &d);
@@ -384,8 +399,13 @@ pub(super) async fn delete(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    owned(&state, &principal, &id)?;
-    state.durables().delete(&id).await?;
+    let sub = owned(&state, &principal, &id)?;
+    let hook = hook_request(&sub).cancel("unsubscribe", false);
+    state
+        .hooks()
+        .run(&hook, || state.durables().delete(&id))
+        .await
+        .map_err(crate::hooks::api_error)?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
         .set(state.durables().list().len() as f64);
     Ok(StatusCode::NO_CONTENT)

@@ -11,16 +11,21 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::response::Response;
 use herald_core::{Filter, Watermark};
-use herald_log::{EventLog, FollowError, FollowOptions, Follower, ReadError};
+use herald_log::{EventLog, FollowError, Follower, ReadError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::connections::{Conn, Lease};
+use crate::hooks::{self, refused};
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
+use crate::subscriptions::{owner_name, target_of};
+use herald_core::hooks::{HookError, HookRequest, Operation};
+use std::convert::Infallible;
 
 /// A frame the client sends.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -129,6 +134,28 @@ pub(super) async fn websocket(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let owner = owner_name(principal.owner().as_deref()).to_owned();
+    let id = format!("ws-{}", uuid::Uuid::new_v4().simple());
+    let req = HookRequest::new(Operation::Connect, id.clone(), owner.clone(), "ws", "");
+    let opened = state
+        .hooks()
+        .run(&req, || async {
+            Ok::<_, Infallible>(state.connections().open(
+                Some(id.clone()),
+                "ws",
+                &owner,
+                "",
+                Lease::Renewed,
+            ))
+        })
+        .await;
+    let conn = match opened {
+        Ok(conn) => conn,
+        Err(HookError::Cancelled { hook, reason }) => {
+            return refused(&hook, &reason).into_response();
+        }
+        Err(HookError::Failed(never)) => match never {},
+    };
     // tungstenite's default buffers (128 KiB to read, more to write) would cost every idle
     // connection well over 100 KiB; client frames are small.
     upgrade
@@ -137,12 +164,14 @@ pub(super) async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1024 * 1024)
-        .on_upgrade(move |socket| connection(state, socket, principal, permit))
+        .on_upgrade(move |socket| connection(state, socket, principal, permit, conn, req))
 }
 
 struct Sub {
     task: JoinHandle<()>,
     durable: Option<String>,
+    /// For the cancel hooks when it ends.
+    req: HookRequest,
 }
 
 /// A frame on its way out: typed, or already serialized (events, whose JSON is shared by
@@ -167,8 +196,12 @@ async fn connection(
     mut socket: WebSocket,
     principal: Principal,
     _permit: ConnectionPermit,
+    conn: Conn,
+    req: HookRequest,
 ) {
     let _gauge = ConnectionGauge::open("websocket");
+    let mut reason = "close";
+    let expired = conn.expired().clone();
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
@@ -178,7 +211,8 @@ async fn connection(
         tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = handle(&state, &principal, &mut subs, &out_tx, text.as_str()).await;
+                    conn.renew();
+                    let reply = handle(&state, &principal, conn.id(), &mut subs, &out_tx, text.as_str()).await;
                     if let Some(frame) = reply {
                         if send(&mut socket, &frame).await.is_err() {
                             break;
@@ -192,7 +226,8 @@ async fn connection(
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
+                // Pongs and pings: the client is alive.
+                Some(Ok(_)) => conn.renew(),
             },
             Some(out) = out_rx.recv() => {
                 let sent = match out {
@@ -208,7 +243,13 @@ async fn connection(
                     break;
                 }
             }
+            () = expired.cancelled() => {
+                reason = "expiry";
+                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "lease expired: no answer to pings".into() }))).await;
+                break;
+            }
             () = shutdown.cancelled() => {
+                reason = "shutdown";
                 let _ = send(&mut socket, &ServerFrame::Shutdown).await;
                 let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
                 break;
@@ -217,7 +258,10 @@ async fn connection(
     }
     for (_, s) in subs {
         s.task.abort();
+        hooks::cancelled(state.hooks(), s.req.cancel(reason, true));
     }
+    drop(conn);
+    hooks::cancelled(state.hooks(), req.cancel(reason, true));
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {
@@ -237,6 +281,7 @@ fn error(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFr
 async fn handle(
     state: &AppState,
     principal: &Principal,
+    conn_id: &str,
     subs: &mut HashMap<String, Sub>,
     out: &mpsc::Sender<Outgoing>,
     text: &str,
@@ -304,21 +349,40 @@ async fn handle(
                     Err(e) => return Some(error(Some(id), "internal", e.to_string())),
                 },
             };
-            let options = FollowOptions {
-                queue_capacity: state.config().limits.queue_capacity,
-                ..Default::default()
-            };
-            let follower = match Follower::start(state.log(), filter, start, options) {
+            let req = HookRequest::new(
+                Operation::Connect,
+                format!("{conn_id}/{id}"),
+                owner_name(principal.owner().as_deref()),
+                "ws",
+                target_of(&filter),
+            );
+            let started = state
+                .hooks()
+                .run(&req, || {
+                    std::future::ready(state.follow(filter.clone(), start))
+                })
+                .await;
+            let follower = match started {
                 Ok(f) => f,
-                Err(FollowError::Position(ReadError::Expired {
-                    oldest_available, ..
-                })) => {
+                Err(HookError::Cancelled { hook, reason }) => {
+                    return Some(error(
+                        Some(id),
+                        "refused_by_hook",
+                        format!("{hook}: {reason}"),
+                    ));
+                }
+                Err(HookError::Failed(FollowError::Position(ReadError::Expired {
+                    oldest_available,
+                    ..
+                }))) => {
                     return Some(ServerFrame::Expired {
                         id,
                         oldest_available: oldest_available.0,
                     });
                 }
-                Err(e) => return Some(error(Some(id), "invalid_position", e.to_string())),
+                Err(HookError::Failed(e)) => {
+                    return Some(error(Some(id), "invalid_position", e.to_string()));
+                }
             };
             // Announce before the task can send events.
             if out
@@ -337,14 +401,32 @@ async fn handle(
                 Sub {
                     task,
                     durable: subscription,
+                    req,
                 },
             );
             None
         }
-        ClientFrame::Unsubscribe { id } => match subs.remove(&id) {
+        ClientFrame::Unsubscribe { id } => match subs.get(&id) {
             Some(s) => {
-                s.task.abort();
-                Some(ServerFrame::Unsubscribed { id })
+                let req = s.req.clone().cancel("unsubscribe", false);
+                let ended = state
+                    .hooks()
+                    .run(&req, || {
+                        if let Some(s) = subs.remove(&id) {
+                            s.task.abort();
+                        }
+                        std::future::ready(Ok::<_, Infallible>(()))
+                    })
+                    .await;
+                match ended {
+                    Ok(()) => Some(ServerFrame::Unsubscribed { id }),
+                    Err(HookError::Cancelled { hook, reason }) => Some(error(
+                        Some(id),
+                        "refused_by_hook",
+                        format!("{hook}: {reason}"),
+                    )),
+                    Err(HookError::Failed(never)) => match never {},
+                }
             }
             None => Some(error(
                 Some(id),

@@ -18,15 +18,18 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use herald_core::hooks::{HookError, HookRequest, Operation};
 use herald_core::{EventMask, Filter, Key, Notification as HNotification, Scope, Watermark};
 use herald_ews::{
     EventType, EwsEvent, FolderInfo, FolderRef, Notification, Request, Subscribe, SubscriptionKind,
     SubscriptionStatus,
 };
-use herald_log::{EmbeddedLog, EventLog, FollowOptions, Follower, ReadError};
+use herald_log::{EmbeddedLog, EventLog, ReadError};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use crate::connections::{Conn, Lease};
+use crate::hooks;
 use map::{id_of, key_of, watermark_from, watermark_of};
 
 /// Most events in one notification.
@@ -56,9 +59,16 @@ pub struct EwsSub {
     stop: CancellationToken,
     /// The streaming connection currently serving it.
     stream: Mutex<Option<CancellationToken>>,
+    /// What its connect hooks were told; its cancel hooks get the same.
+    hook: HookRequest,
 }
 
 impl EwsSub {
+    /// The hook request for ending it.
+    pub fn cancel_request(&self, reason: &str, forced: bool) -> HookRequest {
+        self.hook.clone().cancel(reason, forced)
+    }
+
     fn cursor(&self) -> Watermark {
         *self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -200,8 +210,8 @@ impl Ews {
 
     /// Removes pull subscriptions past their Timeout without a GetEvents, and streaming
     /// subscriptions that have had no connection for 30 EWS minutes; `minute` is the length
-    /// of an EWS minute. Returns how many were removed.
-    pub fn expire(&self, minute: Duration) -> usize {
+    /// of an EWS minute. Returns those removed.
+    pub fn expire(&self, minute: Duration) -> Vec<Arc<EwsSub>> {
         let now = Instant::now();
         let mut gone = Vec::new();
         {
@@ -219,19 +229,19 @@ impl Ews {
                 };
                 if !keep {
                     s.stop.cancel();
-                    gone.push(id.clone());
+                    gone.push((id.clone(), s.clone()));
                 }
                 keep
             });
         }
+        let (gone, subs): (Vec<String>, Vec<Arc<EwsSub>>) = gone.into_iter().unzip();
         let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
         expired.retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
         if expired.len() + gone.len() > TOMBSTONE_CAP {
             expired.clear();
         }
-        let n = gone.len();
         expired.extend(gone.into_iter().map(|id| (id, now)));
-        n
+        subs
     }
 
     fn was_expired(&self, id: &str) -> bool {
@@ -369,8 +379,10 @@ pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Byt
         Request::GetStreamingEvents {
             subscription_ids,
             connection_timeout_minutes,
-        } => streaming(&state, &user, subscription_ids, connection_timeout_minutes),
-        Request::Unsubscribe { subscription_id } => unsubscribe(&state, &user, &subscription_id),
+        } => streaming(&state, &user, subscription_ids, connection_timeout_minutes).await,
+        Request::Unsubscribe { subscription_id } => {
+            unsubscribe(&state, &user, &subscription_id).await
+        }
         Request::GetFolder { folders } => get_folder(&user, &headers, &folders),
     }
 }
@@ -466,6 +478,13 @@ async fn subscribe(
         SubscriptionKind::Streaming => (Kind::Streaming, None),
     };
     let id = format!("HS{}", uuid::Uuid::new_v4().simple());
+    let hook = HookRequest::new(
+        Operation::Connect,
+        id.clone(),
+        user.as_deref().unwrap_or("anonymous"),
+        "ews",
+        mailbox.to_string(),
+    );
     let sub = Arc::new(EwsSub {
         id: id.clone(),
         owner: user.clone(),
@@ -477,11 +496,21 @@ async fn subscribe(
         last_used: Mutex::new(Instant::now()),
         stop: CancellationToken::new(),
         stream: Mutex::new(None),
+        hook: hook.clone(),
     });
-    ews.subs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), sub.clone());
+    let made = state
+        .hooks()
+        .run(&hook, || {
+            ews.subs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), sub.clone());
+            std::future::ready(Ok::<_, Infallible>(()))
+        })
+        .await;
+    if let Err(e) = made {
+        return op_error(op, "ErrorAccessDenied", &refusal(e));
+    }
     tracing::debug!(%id, ?kind, "EWS subscription created");
     if let Some((url, frequency)) = push {
         tokio::spawn(push_worker(state.clone(), sub, url, frequency));
@@ -549,7 +578,13 @@ async fn get_events(
         return op_error(op, "ErrorInvalidWatermark", "The watermark is invalid.");
     }
     sub.touch();
-    match dequeue(state.log(), &sub, MAX_EVENTS).await {
+    // Offline, nothing is handed out: the answer is a status event at the same watermark.
+    let max = if state.server_state().delivering() {
+        MAX_EVENTS
+    } else {
+        0
+    };
+    match dequeue(state.log(), &sub, max).await {
         Ok((mut events, cursor, more)) => {
             sub.advance(cursor);
             if events.is_empty() {
@@ -564,7 +599,7 @@ async fn get_events(
         }
         Err(e) => {
             // EWS deletes a subscription whose events cannot be read.
-            ews.remove(id);
+            end(state, &sub, "close");
             let code = match e {
                 ReadError::Expired { .. } => "ErrorEventNotFound",
                 _ => "ErrorReadEventsFailed",
@@ -574,7 +609,15 @@ async fn get_events(
     }
 }
 
-fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Response {
+/// The text of a refusal by a hook.
+fn refusal(e: HookError<Infallible>) -> String {
+    match e {
+        HookError::Cancelled { hook, reason } => format!("Refused by {hook}: {reason}"),
+        HookError::Failed(never) => match never {},
+    }
+}
+
+async fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Response {
     let op = "Unsubscribe";
     let ews = state.ews();
     let sub = match ews.for_user(id, user, false) {
@@ -589,8 +632,18 @@ fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Response {
             "Push subscriptions end when the client answers Unsubscribe.",
         );
     }
-    ews.remove(id);
-    ok(herald_ews::unsubscribe_ok())
+    let req = sub.cancel_request("unsubscribe", false);
+    let ended = state
+        .hooks()
+        .run(&req, || {
+            ews.remove(id);
+            std::future::ready(Ok::<_, Infallible>(()))
+        })
+        .await;
+    match ended {
+        Ok(()) => ok(herald_ews::unsubscribe_ok()),
+        Err(e) => op_error(op, "ErrorAccessDenied", &refusal(e)),
+    }
 }
 
 fn get_folder(user: &Option<String>, headers: &HeaderMap, folders: &[FolderRef]) -> Response {
@@ -639,7 +692,7 @@ impl Drop for StreamPermit {
     }
 }
 
-fn streaming(
+async fn streaming(
     state: &AppState,
     user: &Option<String>,
     ids: Vec<String>,
@@ -685,13 +738,39 @@ fn streaming(
     }
     let permit = StreamPermit {
         state: state.clone(),
-        owner,
+        owner: owner.clone(),
+    };
+    let conn_id = format!("ews-{}", uuid::Uuid::new_v4().simple());
+    let target = ids.join(",");
+    let req = HookRequest::new(
+        Operation::Connect,
+        conn_id.clone(),
+        owner.clone(),
+        "ews",
+        target.clone(),
+    );
+    let opened = state
+        .hooks()
+        .run(&req, || {
+            std::future::ready(Ok::<_, Infallible>(state.connections().open(
+                Some(conn_id.clone()),
+                "ews",
+                &owner,
+                &target,
+                Lease::Renewed,
+            )))
+        })
+        .await;
+    let conn = match opened {
+        Ok(c) => c,
+        Err(e) => return op_error("GetStreamingEvents", "ErrorAccessDenied", &refusal(e)),
     };
     let body = Body::from_stream(stream_body(
         state.clone(),
         subs,
         state.config().ews.minute * timeout_minutes,
         permit,
+        (conn, req),
     ));
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }
@@ -716,12 +795,19 @@ struct StreamState {
     deadline: tokio::time::Instant,
     done: bool,
     stop: CancellationToken,
+    /// The connection's presence and connect hook request.
+    conn: Option<(Conn, HookRequest)>,
+    reason: &'static str,
     _permit: StreamPermit,
 }
 
 impl Drop for StreamState {
     fn drop(&mut self) {
         self.stop.cancel();
+        if let Some((conn, req)) = self.conn.take() {
+            drop(conn);
+            hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+        }
         // A streaming subscription's idle clock starts when its last connection ends.
         for sub in &self.subs {
             sub.touch();
@@ -734,6 +820,7 @@ fn stream_body(
     subs: Vec<Arc<EwsSub>>,
     timeout: Duration,
     permit: StreamPermit,
+    conn: (Conn, HookRequest),
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let stop = CancellationToken::new();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -748,15 +835,10 @@ fn stream_body(
         {
             old.cancel();
         }
-        let (log, sub, tx) = (state.log().clone(), sub.clone(), tx.clone());
-        let queue_capacity = state.config().limits.queue_capacity;
+        let (app, sub, tx) = (state.clone(), sub.clone(), tx.clone());
         let gone = sub.stop.clone();
         tokio::spawn(async move {
-            let options = FollowOptions {
-                queue_capacity,
-                ..Default::default()
-            };
-            let mut follower = match Follower::start(&log, sub.filter(), sub.cursor(), options) {
+            let mut follower = match app.follow(sub.filter(), sub.cursor()) {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(Feed::Failed(i, e.to_string())).await;
@@ -800,6 +882,8 @@ fn stream_body(
         deadline: tokio::time::Instant::now() + timeout,
         done: false,
         stop,
+        conn: Some(conn),
+        reason: "close",
         _permit: permit,
     };
     futures_util::stream::unfold(s, |mut s| async move {
@@ -816,6 +900,13 @@ fn stream_body(
                 return None;
             }
             let shutdown = s.state.shutdown().clone();
+            let expired = match &s.conn {
+                Some((conn, _)) => {
+                    conn.renew();
+                    conn.expired().clone()
+                }
+                None => CancellationToken::new(),
+            };
             tokio::select! {
                 feed = s.rx.recv() => match feed {
                     Some(Feed::Batch(i, batch)) => {
@@ -868,8 +959,14 @@ fn stream_body(
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
                     s.done = true;
                 }
+                () = expired.cancelled() => {
+                    s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
+                    s.reason = "expiry";
+                    s.done = true;
+                }
                 () = shutdown.cancelled() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
+                    s.reason = "shutdown";
                     s.done = true;
                 }
             }
@@ -891,15 +988,11 @@ async fn push_worker(state: AppState, sub: Arc<EwsSub>, url: String, frequency: 
     if !push(&state, &sub, &url, frequency, &status).await {
         return;
     }
-    let options = FollowOptions {
-        queue_capacity: state.config().limits.queue_capacity,
-        ..Default::default()
-    };
-    let mut follower = match Follower::start(state.log(), sub.filter(), sub.cursor(), options) {
+    let mut follower = match state.follow(sub.filter(), sub.cursor()) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(id = %sub.id, error = %e, "EWS push subscription cannot follow; dropped");
-            state.ews().remove(&sub.id);
+            end(&state, &sub, "close");
             return;
         }
     };
@@ -924,7 +1017,7 @@ async fn push_worker(state: AppState, sub: Arc<EwsSub>, url: String, frequency: 
             }
             Some(Err(e)) => {
                 tracing::warn!(id = %sub.id, error = %e, "EWS push subscription stopped");
-                state.ews().remove(&sub.id);
+                end(&state, &sub, "close");
                 return;
             }
             Some(Ok(batch)) => {
@@ -975,12 +1068,18 @@ async fn push(
     let client = state.push_client();
     let mut wait = state.config().ews.push_retry_base;
     loop {
+        // Offline, the attempt waits here; going offline waits for this one to finish.
+        let push = tokio::select! {
+            p = state.server_state().push() => p,
+            () = sub.stop.cancelled() => return false,
+        };
         let result = client
             .post(url)
             .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
             .body(body.clone())
             .send()
             .await;
+        drop(push);
         match result {
             Ok(r) if r.status().is_success() => {
                 let reply = r.text().await.unwrap_or_default();
@@ -989,7 +1088,7 @@ async fn push(
                     SubscriptionStatus::Ok => true,
                     SubscriptionStatus::Unsubscribe => {
                         tracing::info!(id = %sub.id, "EWS push subscription ended by the client");
-                        state.ews().remove(&sub.id);
+                        end(state, sub, "unsubscribe");
                         false
                     }
                 };
@@ -999,7 +1098,7 @@ async fn push(
         }
         if wait > frequency {
             tracing::warn!(id = %sub.id, "EWS push subscription dropped after retries exceeded StatusFrequency");
-            state.ews().remove(&sub.id);
+            end(state, sub, "expiry");
             return false;
         }
         tokio::select! {
@@ -1007,5 +1106,13 @@ async fn push(
             () = sub.stop.cancelled() => return false,
         }
         wait *= 2;
+    }
+}
+
+/// Removes a subscription that ended on its own (the client answered Unsubscribe, pushes
+/// failed, its events can no longer be read), with its cancel hooks.
+fn end(state: &AppState, sub: &EwsSub, reason: &str) {
+    if state.ews().remove(&sub.id).is_some() {
+        hooks::cancelled(state.hooks(), sub.cancel_request(reason, true));
     }
 }

@@ -20,8 +20,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use herald_core::hooks::{HookError, HookRequest, Operation};
 use herald_core::{AsyncWait, EventMask, Filter, Key, Scope, Watermark};
-use herald_log::{EventLog, FollowOptions, Follower};
+use herald_log::EventLog;
 use herald_rop::mapihttp::{
     self, ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse,
     NotificationWaitResponse,
@@ -33,6 +34,8 @@ use herald_rop::{
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use crate::connections::{BusyGuard, Conn, Lease};
+use crate::hooks;
 use map::KnownFolders;
 
 /// X-ResponseCode values (MS-OXCMAPIHTTP 2.2.3.3.3).
@@ -97,11 +100,31 @@ pub struct Session {
     udp: Mutex<Option<(std::net::SocketAddr, Vec<u8>)>>,
     /// Whether the UDP repeat task is running.
     udp_running: AtomicBool,
+    /// Its presence; taken (published offline) when the session ends.
+    conn: Mutex<Option<Conn>>,
+    /// What its connect hooks were told; its cancel hooks get the same.
+    hook: HookRequest,
 }
 
 impl Session {
     fn touch(&self) {
         *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        if let Some(c) = self.conn().as_ref() {
+            c.renew();
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busy(&self) -> Option<BusyGuard> {
+        self.conn().as_ref().map(|c| c.busy())
+    }
+
+    /// The hook request for ending it.
+    pub fn cancel_request(&self, reason: &str, forced: bool) -> HookRequest {
+        self.hook.clone().cancel(reason, forced)
     }
 
     fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
@@ -135,15 +158,16 @@ impl Mapi {
         if let Some(s) = &s {
             s.stop.cancel();
             s.wait.close();
+            s.conn().take();
         }
         s
     }
 
     /// Destroys sessions idle for longer than `idle` (a session with a NotificationWait open
-    /// is not idle). Returns how many.
-    pub fn expire(&self, idle: Duration) -> usize {
+    /// is not idle). Returns them.
+    pub fn expire(&self, idle: Duration) -> Vec<Arc<Session>> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let before = sessions.len();
+        let mut gone = Vec::new();
         sessions.retain(|_, s| {
             let quiet = s
                 .last_used
@@ -154,10 +178,12 @@ impl Mapi {
             if !keep {
                 s.stop.cancel();
                 s.wait.close();
+                s.conn().take();
+                gone.push(s.clone());
             }
             keep
         });
-        before - sessions.len()
+        gone
     }
 
     /// Ends every session (at shutdown): outstanding waits complete with ecExiting.
@@ -283,15 +309,18 @@ pub async fn handle(
     };
     let request_type = echo.request_type.to_ascii_lowercase();
     match request_type.as_str() {
-        "connect" => connect(
-            &state,
-            &echo,
-            user,
-            query.as_deref(),
-            &headers,
-            &body,
-            started,
-        ),
+        "connect" => {
+            connect(
+                &state,
+                &echo,
+                user,
+                query.as_deref(),
+                &headers,
+                &body,
+                started,
+            )
+            .await
+        }
         "execute" | "notificationwait" | "disconnect" | "ping" | "registerpushnotification" => {
             let Some(id) = crate::auth::cookie(&headers, COOKIE) else {
                 return echo.fail(code::MISSING_COOKIE, "the MapiContext cookie is missing");
@@ -322,12 +351,29 @@ pub async fn handle(
                             "the Disconnect body is malformed",
                         );
                     }
-                    state.mapi().remove(&id);
-                    echo.done(
-                        &mapihttp::status_error_body(0),
-                        started,
-                        Some(expired_cookie()),
-                    )
+                    let req = session.cancel_request("unsubscribe", false);
+                    let ended = state
+                        .hooks()
+                        .run(&req, || {
+                            state.mapi().remove(&id);
+                            std::future::ready(Ok::<_, String>(()))
+                        })
+                        .await;
+                    match ended {
+                        Ok(()) => echo.done(
+                            &mapihttp::status_error_body(0),
+                            started,
+                            Some(expired_cookie()),
+                        ),
+                        Err(e) => {
+                            tracing::info!(reason = %refusal(e), "a hook refused a MAPI Disconnect");
+                            echo.done(
+                                &mapihttp::status_error_body(ec::ACCESS_DENIED),
+                                started,
+                                None,
+                            )
+                        }
+                    }
                 }
                 _ => echo.done(&[], started, None),
             }
@@ -347,7 +393,15 @@ fn expired_cookie() -> HeaderValue {
     HeaderValue::from_static("MapiContext=; Path=/mapi/; Max-Age=0; HttpOnly")
 }
 
-fn connect(
+/// The text of a refusal by a hook.
+fn refusal(e: HookError<String>) -> String {
+    match e {
+        HookError::Cancelled { hook, reason } => format!("refused by {hook}: {reason}"),
+        HookError::Failed(e) => e,
+    }
+}
+
+async fn connect(
     state: &AppState,
     echo: &Echo,
     user: Option<String>,
@@ -362,7 +416,9 @@ fn connect(
     // A reconnect carries the old cookie: that session ends.
     if let Some(old) = crate::auth::cookie(headers, COOKIE) {
         if state.mapi().get(&old).is_some_and(|s| s.owner == user) {
-            state.mapi().remove(&old);
+            if let Some(s) = state.mapi().remove(&old) {
+                hooks::cancelled(state.hooks(), s.cancel_request("replaced", true));
+            }
         }
     }
     let mailbox = mailbox_id(query).or_else(|| user.clone());
@@ -385,6 +441,14 @@ fn connect(
         return refuse(LOGIN_PERM);
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let owner = user.as_deref().unwrap_or("anonymous").to_owned();
+    let hook = HookRequest::new(
+        Operation::Connect,
+        format!("mapi-{id}"),
+        owner.clone(),
+        "mapi",
+        mailbox.clone(),
+    );
     let session = Arc::new(Session {
         owner: user.clone(),
         mailbox: mailbox.clone(),
@@ -397,18 +461,42 @@ fn connect(
         stop: CancellationToken::new(),
         udp: Mutex::new(None),
         udp_running: AtomicBool::new(false),
+        conn: Mutex::new(None),
+        hook: hook.clone(),
     });
     let start = state.log().bounds().map_or(Watermark(0), |b| b.last);
-    if let Err(e) = spawn_reader(state, session.clone(), start) {
-        tracing::warn!(error = %e, "a MAPI session cannot follow the log");
-        return refuse(ec::LOGIN_FAILURE);
+    let made = state
+        .hooks()
+        .run(&hook, || {
+            let made = spawn_reader(state, session.clone(), start).map(|()| {
+                *session.conn() = Some(state.connections().open(
+                    Some(hook.connection.clone()),
+                    "mapi",
+                    &owner,
+                    &mailbox,
+                    Lease::Renewed,
+                ));
+                state
+                    .mapi()
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), session.clone());
+            });
+            std::future::ready(made)
+        })
+        .await;
+    match made {
+        Ok(()) => {}
+        Err(e @ HookError::Cancelled { .. }) => {
+            tracing::info!(reason = %refusal(e), %mailbox, "a hook refused a MAPI Connect");
+            return refuse(ec::ACCESS_DENIED);
+        }
+        Err(e) => {
+            tracing::warn!(error = %refusal(e), "a MAPI session cannot follow the log");
+            return refuse(ec::LOGIN_FAILURE);
+        }
     }
-    state
-        .mapi()
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), session);
     tracing::debug!(%mailbox, user_dn = %req.user_dn, "MAPI session connected");
     let body = ConnectResponse {
         error_code: 0,
@@ -432,12 +520,7 @@ fn spawn_reader(state: &AppState, session: Arc<Session>, start: Watermark) -> Re
         scope: Scope::Subtree(Key::from(session.mailbox.as_str())),
         mask: EventMask::ALL,
     };
-    let options = FollowOptions {
-        queue_capacity: state.config().limits.queue_capacity,
-        ..Default::default()
-    };
-    let mut follower =
-        Follower::start(state.log(), filter, start, options).map_err(|e| e.to_string())?;
+    let mut follower = state.follow(filter, start).map_err(|e| e.to_string())?;
     let state = state.clone();
     let max_queue = state.config().mapi.max_queue.max(1);
     tokio::spawn(async move {
@@ -951,7 +1034,10 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
     let shutdown = state.shutdown().clone();
     let wait = session.wait.begin();
     let headers = echo.headers(0, "application/mapi-http");
+    // A client waiting for notifications is present however long the wait.
+    let busy = session.busy();
     let stream = async_stream(move |tx| async move {
+        let _busy = busy;
         let _ = tx.send(Bytes::from_static(mapihttp::PROCESSING)).await;
         let (error_code, event_pending) = match wait {
             Err(_) => (ec::REJECTED, false),

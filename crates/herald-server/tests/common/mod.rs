@@ -46,6 +46,9 @@ impl Server {
             .arg(data_dir)
             .args(args)
             .env("HERALD_LOG", "warn")
+            // Most tests count watermarks from 1; presence events would take some. The
+            // connection tests turn it on.
+            .env("HERALD_CONNECTIONS__PRESENCE", "false")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (k, v) in env {
@@ -303,6 +306,7 @@ impl Receiver {
             app,
             stop,
             Duration::from_millis(10),
+            None,
         ));
     }
 

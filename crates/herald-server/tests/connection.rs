@@ -1,0 +1,1094 @@
+//! Connection state and connection hooks against a running server: the server's own state
+//! (offline pauses every delivery, online resumes from each watermark) advised to a real SSE
+//! client; presence events for clients going online and offline, leases that expire; and
+//! external hooks served by a real HTTP server in the test, which cancel, retry and time out.
+//! Tests named `pNN_…` check property NN of the MAPI digest §6 over HTTP.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Starts a server with this TOML and presence events on.
+fn start(toml: &str) -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(&config, toml).unwrap();
+    let server = Server::start_in(
+        &tmp.path().join("d"),
+        &["--config", config.to_str().unwrap()],
+        &[("HERALD_CONNECTIONS__PRESENCE", "true")],
+    );
+    (server, tmp)
+}
+
+async fn put_state(server: &Server, state: &str, block: bool) -> (u16, Value) {
+    let r = client()
+        .put(server.url("/v1/state"))
+        .json(&json!({"state": state, "block": block}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+async fn get_json(server: &Server, path: &str) -> Value {
+    client()
+        .get(server.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// An SSE stream of named events with JSON data.
+struct Events {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = (String, Value)> + Send>>,
+}
+
+impl Events {
+    async fn open(url: String) -> Events {
+        let resp = client_no_timeout().get(url).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let stream =
+            eventsource_stream::EventStream::new(resp.bytes_stream()).filter_map(|e| async move {
+                e.ok()
+                    .map(|e| (e.event, serde_json::from_str(&e.data).unwrap_or_default()))
+            });
+        Events {
+            stream: Box::pin(stream),
+        }
+    }
+
+    async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("no event in time")
+            .expect("the stream ended")
+    }
+
+    /// The next presence event whose key contains `part`.
+    async fn presence(&mut self, part: &str) -> Value {
+        loop {
+            let (name, data) = self.next().await;
+            if name == "connection_state" && data["key"].as_str().unwrap().contains(part) {
+                return data;
+            }
+        }
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connection(server: &Server, id: &str) -> Option<Value> {
+    let list = get_json(server, "/v1/connections").await;
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .cloned()
+}
+
+// ---- the server's state ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p30_p32_an_sse_client_sees_start_change_done_with_its_token_for_each_transition() {
+    let (server, _t) = start("");
+    let mut advise = Events::open(server.url("/v1/state/advise?token=77")).await;
+    let (name, first) = advise.next().await;
+    assert_eq!(name, "advised");
+    assert_eq!(first["client_token"], 77);
+    assert_eq!(first["state"], "online");
+    assert!(first["advise_token"].as_u64().unwrap() > 0);
+
+    let (status, body) = put_state(&server, "offline", false).await;
+    assert_eq!(status, 202, "{body}");
+    for (i, phase) in ["start", "change", "done"].into_iter().enumerate() {
+        let (name, n) = advise.next().await;
+        assert_eq!(name, phase);
+        assert_eq!(n["notify_type"], i + 1);
+        assert_eq!(n["client_token"], 77);
+        assert_eq!(n["mask"], 3);
+        assert_eq!(
+            (n["old_state"].as_u64(), n["new_state"].as_u64()),
+            (Some(2), Some(1))
+        );
+        assert_eq!(
+            (n["old"].as_str(), n["new"].as_str()),
+            (Some("online"), Some("offline"))
+        );
+    }
+    let (status, body) = put_state(&server, "online", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["state"], "online");
+    assert_eq!(body["transitioning"], false);
+    let phases: Vec<String> = [
+        advise.next().await,
+        advise.next().await,
+        advise.next().await,
+    ]
+    .into_iter()
+    .map(|(name, n)| {
+        assert_eq!(n["client_token"], 77);
+        assert_eq!(
+            (n["old_state"].as_u64(), n["new_state"].as_u64()),
+            (Some(1), Some(2))
+        );
+        name
+    })
+    .collect();
+    assert_eq!(phases, ["start", "change", "done"]);
+    let s = get_json(&server, "/v1/state").await;
+    assert_eq!(s["state"], "online");
+    assert_eq!(s["capabilities"], 3);
+    assert_eq!(s["advised"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p29_advise_without_a_notify_callback_or_with_a_bad_mask_is_refused() {
+    let (server, _t) = start("");
+    let r = client()
+        .get(server.url("/v1/state/advise?callback_type=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_interface");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("0x80004002")
+    );
+    for query in ["mask=0x40000000", "advise_types=2", "mask=banana"] {
+        let r = client()
+            .get(server.url(&format!("/v1/state/advise?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            ["invalid_arg", "invalid_field"].contains(&body["error"]["code"].as_str().unwrap()),
+            "{body}"
+        );
+    }
+    assert_eq!(get_json(&server, "/v1/state").await["advised"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p31_unadvise_always_succeeds_and_stops_the_notifications() {
+    let (server, _t) = start("");
+    let mut advise = Events::open(server.url("/v1/state/advise?token=5")).await;
+    let token = advise.next().await.1["advise_token"].as_u64().unwrap();
+    for t in [
+        token.to_string(),
+        token.to_string(),
+        "999999".into(),
+        "x".into(),
+    ] {
+        let r = client()
+            .delete(server.url(&format!("/v1/state/advise/{t}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    assert_eq!(get_json(&server, "/v1/state").await["advised"], 0);
+    assert_eq!(put_state(&server, "offline", true).await.0, 200);
+    // The callback was released: the stream ends without another notification.
+    let next = tokio::time::timeout(WAIT, advise.stream.next())
+        .await
+        .unwrap();
+    assert!(next.is_none(), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p34_a_change_returns_at_once_and_another_during_the_transition_is_pending() {
+    let (server, _t) = start("[webhooks]\nrequest_timeout = \"20s\"\n");
+    let mut recv = Receiver::start().await;
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "webhook", "url": recv.url(), "subtree": "slow"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    wait_until("the endpoint is verified", || {
+        let n = recv.requests().len();
+        async move { n >= 1 }
+    })
+    .await;
+    // A delivery on the wire that takes 3 s: going offline waits for it.
+    recv.set(Mode::Slow(Duration::from_secs(3)));
+    publish_ok(&server, json!([created("slow/1")])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (status, body) = put_state(&server, "offline", false).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["transitioning"], true, "it returned before the end");
+    for block in [false, true] {
+        let (status, body) = put_state(&server, "online", block).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "pending");
+    }
+    wait_until("the transition ends", || async {
+        get_json(&server, "/v1/state").await["transitioning"] == false
+    })
+    .await;
+    assert_eq!(get_json(&server, "/v1/state").await["state"], "offline");
+    assert_eq!(
+        recv.delivered_keys(),
+        ["slow/1"],
+        "the delivery in flight finished"
+    );
+    // Blocking: the answer comes when the transition is done.
+    let (status, body) = put_state(&server, "online", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["state"].as_str(), body["transitioning"].as_bool()),
+        (Some("online"), Some(false))
+    );
+    let (status, body) = put_state(&server, "sideways", false).await;
+    assert_eq!(status, 400, "{body}");
+    recv.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_pauses_every_delivery_and_online_resumes_each_from_its_watermark() {
+    let (server, _t) = start("");
+    let mut recv = Receiver::start().await;
+    let mut sse = SseClient::connect(&server, "subtree=p", None).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "A", "subtree": "p"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let subscribed: Value =
+        serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(subscribed["type"], "subscribed");
+    let poll: Value = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "subtree": "p"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let poll_id = poll["id"].as_str().unwrap().to_owned();
+    let hook = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "webhook", "url": recv.url(), "subtree": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status(), 201);
+    wait_until("the endpoint is verified", || {
+        let n = recv.requests().len();
+        async move { n >= 1 }
+    })
+    .await;
+
+    assert_eq!(put_state(&server, "offline", true).await.0, 200);
+    let events: Vec<Value> = (0..10).map(|i| created(&format!("p/{i}"))).collect();
+    let watermarks = publish_ok(&server, Value::Array(events)).await;
+    assert_eq!(watermarks.len(), 10, "offline, events are still accepted");
+
+    assert!(
+        sse.quiet_for(Duration::from_millis(700)).await,
+        "SSE delivered while offline"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ws.next())
+            .await
+            .is_err(),
+        "WebSocket delivered while offline"
+    );
+    let wait = get_json(
+        &server,
+        &format!("/v1/subscriptions/{poll_id}/wait?timeout=1"),
+    )
+    .await;
+    assert_eq!(wait["pending"], false);
+    let page = get_json(&server, &format!("/v1/subscriptions/{poll_id}/events")).await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 0, "{page}");
+    assert!(
+        recv.delivered_watermarks().is_empty(),
+        "webhook delivered while offline"
+    );
+
+    assert_eq!(put_state(&server, "online", true).await.0, 200);
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(sse.next().await.unwrap().id.parse::<u64>().unwrap());
+    }
+    assert_eq!(got, watermarks, "SSE: every event, in order");
+    let mut ws_got = Vec::new();
+    while ws_got.len() < 10 {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if v["type"] == "event" {
+            ws_got.push(v["event"]["watermark"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(ws_got, watermarks, "WebSocket: every event, in order");
+    let wait = get_json(
+        &server,
+        &format!("/v1/subscriptions/{poll_id}/wait?timeout=5"),
+    )
+    .await;
+    assert_eq!(wait["pending"], true);
+    let page = get_json(
+        &server,
+        &format!("/v1/subscriptions/{poll_id}/events?limit=100"),
+    )
+    .await;
+    let polled: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["watermark"].as_u64().unwrap())
+        .collect();
+    assert_eq!(polled, watermarks, "long-poll: every event, in order");
+    assert_eq!(
+        recv.wait_for(10, WAIT).await,
+        watermarks,
+        "webhook: every event, in order"
+    );
+    recv.down().await;
+}
+
+// ---- presence ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_watches_another_connection_go_online_and_offline() {
+    let (server, _t) = start("");
+    let mut watcher = Events::open(server.url("/v1/stream?subtree=$herald/presence")).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    let online = watcher.presence("/ws-").await;
+    let key = online["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("$herald/presence/anonymous/ws-"), "{key}");
+    let state = &online["connection_state"];
+    assert_eq!(
+        (state["old_state"].as_u64(), state["new_state"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(state["changed_mask"], 3);
+    let id = key.rsplit('/').next().unwrap().to_owned();
+    let listed = connection(&server, &id).await.expect("listed");
+    assert_eq!(listed["state"], "online");
+    assert_eq!(listed["transport"], "ws");
+    assert_eq!(listed["presence_key"], key);
+
+    ws.send(Message::Close(None)).await.unwrap();
+    drop(ws);
+    let offline = watcher.presence(&id).await;
+    assert_eq!(offline["key"], key);
+    let state = &offline["connection_state"];
+    assert_eq!(
+        (state["old_state"].as_u64(), state["new_state"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(
+        connection(&server, &id).await.is_none(),
+        "a closed connection is no longer listed"
+    );
+    // And producers cannot fake presence.
+    let r = publish(&server, json!([created("$herald/presence/anonymous/x")])).await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_stops_answering_pings_goes_offline_when_its_lease_expires() {
+    let hooks = HookServer::start(|_, _| json!({})).await;
+    let (server, _t) = start(&format!(
+        "[connections]\nlease = \"2s\"\n[limits]\nkeepalive = \"300ms\"\n{}",
+        hooks.config(&["audit"])
+    ));
+    let mut watcher = Events::open(server.url("/v1/stream?subtree=$herald/presence")).await;
+    // Connected, then never read again: pings go unanswered.
+    let (_ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    let online = watcher.presence("/ws-").await;
+    let id = online["key"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let started = Instant::now();
+    let offline = watcher.presence(&id).await;
+    assert_eq!(offline["connection_state"]["new_state"], 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "offline only after the lease"
+    );
+    assert!(connection(&server, &id).await.is_none());
+    // The expiry counts as a cancel for the hooks, and cannot be refused.
+    wait_until("the cancel hook ran", || {
+        let calls = hooks.calls();
+        let id = id.clone();
+        async move {
+            calls.iter().any(|(_, c)| {
+                c["operation"] == "cancel"
+                    && c["connection"] == id.as_str()
+                    && c["reason"] == "expiry"
+                    && c["forced"] == true
+            })
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_client_that_stops_polling_goes_offline_and_back_online_when_it_polls() {
+    let (server, _t) = start("[connections]\nlease = \"2s\"\n");
+    let poll: Value = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "subtree": "lp"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = poll["id"].as_str().unwrap().to_owned();
+    assert_eq!(connection(&server, &id).await.unwrap()["state"], "online");
+    // A wait longer than the lease keeps it online.
+    let wait = get_json(&server, &format!("/v1/subscriptions/{id}/wait?timeout=3")).await;
+    assert_eq!(wait["pending"], false);
+    assert_eq!(connection(&server, &id).await.unwrap()["state"], "online");
+    wait_until("the lease expires", || async {
+        connection(&server, &id).await.unwrap()["state"] == "offline"
+    })
+    .await;
+    let mut watcher = Events::open(server.url(&format!(
+        "/v1/stream?key=$herald/presence/anonymous/{id}&after=0"
+    )))
+    .await;
+    let (_, first) = watcher.next().await;
+    let (_, second) = watcher.next().await;
+    assert_eq!(first["connection_state"]["new_state"], 2);
+    assert_eq!(second["connection_state"]["new_state"], 1);
+    get_json(&server, &format!("/v1/subscriptions/{id}/wait?timeout=0")).await;
+    assert_eq!(connection(&server, &id).await.unwrap()["state"], "online");
+    assert_eq!(watcher.next().await.1["connection_state"]["new_state"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_endpoint_is_offline_until_it_answers_again() {
+    let (server, _t) = start(
+        "[webhooks]\nretry_base = \"100ms\"\nretry_cap = \"300ms\"\nrequest_timeout = \"1s\"\nfail_after = \"1h\"\n",
+    );
+    let mut recv = Receiver::start().await;
+    let sub: Value = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "webhook", "url": recv.url(), "subtree": "wh"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sub["id"].as_str().unwrap().to_owned();
+    wait_until("the endpoint is verified", || {
+        let n = recv.requests().len();
+        async move { n >= 1 }
+    })
+    .await;
+    recv.set(Mode::Status(503, None));
+    publish_ok(&server, json!([created("wh/1")])).await;
+    wait_until("the webhook is offline", || async {
+        connection(&server, &id).await.unwrap()["state"] == "offline"
+    })
+    .await;
+    recv.set(Mode::Ok);
+    wait_until("the webhook is online again", || async {
+        connection(&server, &id).await.unwrap()["state"] == "online"
+    })
+    .await;
+    assert_eq!(recv.wait_for_keys(1, WAIT).await, ["wh/1"]);
+    recv.down().await;
+}
+
+// ---- hooks ----
+
+type Policy = dyn Fn(&str, &Value) -> Value + Send + Sync;
+
+/// A real HTTP server playing external hooks: every path is a hook; it records each call
+/// and answers what the policy says (`{"delay_ms": n}` in the answer makes it slow).
+struct HookServer {
+    port: u16,
+    calls: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl HookServer {
+    async fn start(policy: impl Fn(&str, &Value) -> Value + Send + Sync + 'static) -> HookServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let calls: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let policy: Arc<Policy> = Arc::new(policy);
+        let recorded = calls.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: String| {
+            let (calls, policy) = (recorded.clone(), policy.clone());
+            async move {
+                let call: Value = serde_json::from_str(&body).unwrap_or_default();
+                let path = uri.path().trim_start_matches('/').to_owned();
+                calls.lock().unwrap().push((path.clone(), call.clone()));
+                let mut answer = policy(&path, &call);
+                if let Some(ms) = answer.get("delay_ms").and_then(Value::as_u64) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    answer.as_object_mut().unwrap().remove("delay_ms");
+                }
+                axum::Json(answer)
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        HookServer { port, calls }
+    }
+
+    /// `[[hooks.http]]` entries for these paths (`path` or `path:closed` for fail-closed).
+    fn config(&self, paths: &[&str]) -> String {
+        let mut s = String::new();
+        for p in paths {
+            let (name, failure) = p.split_once(':').unwrap_or((p, "open"));
+            s.push_str(&format!(
+                "[[hooks.http]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{}/{name}\"\ntimeout = \"400ms\"\nfailure = \"{failure}\"\n",
+                self.port
+            ));
+        }
+        s
+    }
+
+    fn calls(&self) -> Vec<(String, Value)> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// `path phase operation` of every call so far.
+    fn trace(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .map(|(p, c)| {
+                format!(
+                    "{p} {} {}",
+                    c["phase"].as_str().unwrap(),
+                    c["operation"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_calls(&self, n: usize) -> Vec<(String, Value)> {
+        wait_until("the hooks are called", || {
+            let len = self.calls().len();
+            async move { len >= n }
+        })
+        .await;
+        self.calls()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p35_before_gets_a_null_context_and_success_and_after_gets_the_real_result() {
+    let hooks = HookServer::start(|_, c| {
+        if c["phase"] == "before" {
+            json!({"context": {"n": 1}})
+        } else {
+            json!({})
+        }
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["a"]));
+    let sub = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "k/1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sub.status(), 201);
+    let calls = hooks.wait_calls(2).await;
+    let (_, before) = &calls[0];
+    assert_eq!(before["phase"], "before");
+    assert_eq!(before["operation"], "connect");
+    assert_eq!(before["context"], Value::Null);
+    assert_eq!(before["status"], "success");
+    assert_eq!(before["transport"], "poll");
+    assert_eq!(before["target"], "k/1");
+    let (_, after) = &calls[1];
+    assert_eq!(after["phase"], "after");
+    assert_eq!(after["status"], "success");
+    // A failed connect: the after call says so.
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "k/2", "after": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a position ahead of the log");
+    let calls = hooks.wait_calls(4).await;
+    assert_eq!(calls[3].1["status"], "failed");
+    assert!(
+        calls[3].1["error"].as_str().unwrap().contains("ahead"),
+        "{}",
+        calls[3].1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p36_no_context_means_no_after_call_and_a_context_comes_back_unchanged() {
+    let context = json!({"ticket": "T-9", "nested": {"list": [1, 2, 3]}, "n": 1.5});
+    let ctx = context.clone();
+    let hooks = HookServer::start(move |path, c| match (path, c["phase"].as_str().unwrap()) {
+        ("keeper", "before") => json!({"decision": "proceed", "context": ctx}),
+        _ => json!({}),
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["silent", "keeper"]));
+    let mut sse = SseClient::connect(&server, "key=x/1", None).await;
+    let calls = hooks.wait_calls(3).await;
+    assert_eq!(
+        hooks.trace()[..3],
+        [
+            "keeper before connect",
+            "silent before connect",
+            "keeper after connect"
+        ]
+    );
+    assert_eq!(calls[2].1["context"], context);
+    assert!(sse.quiet_for(Duration::from_millis(300)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hooks.calls().len(),
+        3,
+        "no after call for the hook that kept no context"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p37_a_before_hook_cancels_and_the_client_gets_a_403_with_the_reason_and_no_after_call() {
+    let hooks = HookServer::start(|_, c| {
+        if c["phase"] == "before" && c["target"].as_str().unwrap().starts_with("secret") {
+            json!({"decision": "cancel", "reason": "secrets are not for you"})
+        } else {
+            json!({"context": "seen"})
+        }
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["gate"]));
+    for r in [
+        client()
+            .get(server.url("/v1/stream?key=secret/plans"))
+            .send()
+            .await
+            .unwrap(),
+        client()
+            .post(server.url("/v1/subscriptions"))
+            .json(&json!({"transport": "poll", "subtree": "secret"}))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 403);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "refused_by_hook");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("secrets are not for you")
+        );
+    }
+    assert_eq!(
+        hooks.trace(),
+        ["gate before connect", "gate before connect"],
+        "no after calls"
+    );
+    assert!(
+        get_json(&server, "/v1/subscriptions")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The same hook lets other keys through, and hears the stream's end as a forced cancel.
+    let sse = SseClient::connect(&server, "key=public/news", None).await;
+    hooks.wait_calls(4).await;
+    drop(sse);
+    let calls = hooks.wait_calls(6).await;
+    let cancel = &calls[4].1;
+    assert_eq!(
+        (cancel["phase"].as_str(), cancel["operation"].as_str()),
+        (Some("before"), Some("cancel"))
+    );
+    assert_eq!(
+        (cancel["reason"].as_str(), cancel["forced"].as_bool()),
+        (Some("close"), Some(true))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p38_a_retry_after_a_failure_reruns_the_operation_without_a_second_before_call() {
+    let herald_url: Arc<Mutex<String>> = Arc::default();
+    let url = herald_url.clone();
+    let hooks = HookServer::start(move |_, c| {
+        if c["phase"] == "before" {
+            return json!({"context": 1});
+        }
+        if c["status"] == "failed" {
+            // Make the failed request valid (its `after` is one event ahead), then retry.
+            let base = url.lock().unwrap().clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let r = client()
+                        .post(format!("{base}/v1/events"))
+                        .json(&json!({"events": [{"key": "r/1", "kind": "object_created"}]}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                })
+            });
+            return json!({"decision": "retry"});
+        }
+        json!({"decision": "retry"})
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["retrier"]));
+    *herald_url.lock().unwrap() = server.base();
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "r/1", "after": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let calls = hooks.calls();
+    let summary: Vec<String> = calls
+        .iter()
+        .map(|(_, c)| {
+            format!(
+                "{} {}",
+                c["phase"].as_str().unwrap(),
+                c["status"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(summary, ["before success", "after failed", "after success"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p39_before_calls_run_in_reverse_registration_order_and_after_calls_in_reverse_of_that() {
+    let hooks = HookServer::start(|_, _| json!({"context": true})).await;
+    let (server, _t) = start(&hooks.config(&["first", "second", "third"]));
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "o/1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        hooks.trace(),
+        [
+            "third before connect",
+            "second before connect",
+            "first before connect",
+            "first after connect",
+            "second after connect",
+            "third after connect"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p40_requests_refused_up_front_and_subscriptions_restored_at_start_call_no_hook() {
+    let hooks = HookServer::start(|_, _| json!({"context": 1})).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(&config, hooks.config(&["h"])).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let env = [("HERALD_CONNECTIONS__PRESENCE", "true")];
+    let mut server = Server::start_in(&tmp.path().join("d"), &args, &env);
+    // Bad input is refused before any attempt.
+    for body in [
+        json!({"transport": "carrier-pigeon", "key": "a"}),
+        json!({"transport": "poll", "key": "/bad//key"}),
+        json!({"transport": "poll"}),
+    ] {
+        let r = client()
+            .post(server.url("/v1/subscriptions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    let r = client()
+        .get(server.url("/v1/stream?kinds=nonsense"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(hooks.calls().is_empty(), "{:?}", hooks.trace());
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "kept/1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(hooks.calls().len(), 2);
+    // A restart restores the subscription without a connect.
+    assert!(server.terminate());
+    let port = server.port;
+    let server = Server::start_on(port, &tmp.path().join("d"), &args, &env);
+    assert_eq!(
+        get_json(&server, "/v1/subscriptions")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hooks.calls().len(), 2, "{:?}", hooks.trace());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_that_times_out_lets_through_when_open_and_refuses_when_closed() {
+    let hooks = HookServer::start(|_, _| json!({"delay_ms": 2000})).await;
+    let (open, _t1) = start(&hooks.config(&["lazy"]));
+    let started = Instant::now();
+    let _sse = SseClient::connect(&open, "key=t/1", None).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "the timeout applied"
+    );
+    let (closed, _t2) = start(&hooks.config(&["lazy:closed"]));
+    let r = client()
+        .get(closed.url("/v1/stream?key=t/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{body}"
+    );
+    // An unreachable hook is the same.
+    let (gone, _t3) = start(
+        "[[hooks.http]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/\"\ntimeout = \"500ms\"\nfailure = \"closed\"\n",
+    );
+    let r = client()
+        .get(gone.url("/v1/stream?key=t/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_is_a_cancel_a_hook_may_refuse() {
+    let hooks = HookServer::start(|_, c| {
+        if c["operation"] == "cancel" && c["target"] == "locked/1" && c["phase"] == "before" {
+            json!({"decision": "cancel", "reason": "locked subscriptions stay"})
+        } else {
+            json!({})
+        }
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["h"]));
+    let mut ids = Vec::new();
+    for key in ["locked/1", "free/1"] {
+        let v: Value = client()
+            .post(server.url("/v1/subscriptions"))
+            .json(&json!({"transport": "poll", "key": key}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let r = client()
+        .delete(server.url(&format!("/v1/subscriptions/{}", ids[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .delete(server.url(&format!("/v1/subscriptions/{}", ids[1])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let left = get_json(&server, "/v1/subscriptions").await;
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["id"], ids[0].as_str());
+    let cancels: Vec<Value> = hooks
+        .calls()
+        .into_iter()
+        .filter(|(_, c)| c["operation"] == "cancel")
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(cancels.len(), 2);
+    assert!(
+        cancels
+            .iter()
+            .all(|c| c["reason"] == "unsubscribe" && c["forced"] == false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_list_refuses_by_owner_and_prefix_over_every_protocol() {
+    let (server, _t) = start(&format!(
+        "{EXCHANGE_USERS}[hooks]\naudit = true\n[[hooks.access.deny]]\nprefix = \"secret\"\n[[hooks.access.deny]]\nowner = \"bob@example.test\"\ntransport = \"ews\"\n[[hooks.access.deny]]\nowner = \"bob@example.test\"\ntransport = \"mapi\"\n"
+    ));
+    let api = |r: reqwest::RequestBuilder| r.bearer_auth(PRODUCER_KEY);
+    let r = api(client().get(server.url("/v1/stream?subtree=secret")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hooks.access.deny")
+    );
+    let r = api(client().get(server.url("/v1/stream?key=public/1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // EWS: the refusal is an EWS error.
+    let subscribe = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body><m:Subscribe><m:PullSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:Timeout>5</t:Timeout></m:PullSubscriptionRequest></m:Subscribe></s:Body></s:Envelope>";
+    let ews = |user: &str, pw: &str| {
+        client()
+            .post(server.url("/EWS/Exchange.asmx"))
+            .header("content-type", "text/xml; charset=utf-8")
+            .basic_auth(user, Some(pw))
+            .body(subscribe)
+            .send()
+    };
+    let bob = ews("bob@example.test", "bob-pw")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(bob.contains("ErrorAccessDenied"), "{bob}");
+    let alice = ews("alice@example.test", "alice-pw")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(alice.contains("NoError"), "{alice}");
+    // MAPI: Connect answers ecAccessDenied.
+    let connect = |user: &'static str, pw: &'static str| {
+        let body = herald_rop::mapihttp::ConnectRequest {
+            user_dn: "/o=Herald/cn=Recipients/cn=x".into(),
+            flags: 0,
+            code_page: 1252,
+            lcid_sort: 0x409,
+            lcid_string: 0x409,
+            aux: vec![],
+        }
+        .encode()
+        .unwrap();
+        client()
+            .post(server.url(&format!("/mapi/emsmdb/?MailboxId={user}")))
+            .basic_auth(user, Some(pw))
+            .header("content-type", "application/mapi-http")
+            .header("x-requesttype", "Connect")
+            .header("x-requestid", "{E2EA6C1C-E61B-49E9-9CFB-38184F907552}:1")
+            .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
+            .body(body)
+            .send()
+    };
+    let error_code = |raw: &[u8]| {
+        let stream = herald_rop::mapihttp::ResponseStream::parse(raw).unwrap();
+        herald_rop::mapihttp::ConnectResponse::decode(&stream.body)
+            .unwrap()
+            .unwrap()
+            .error_code
+    };
+    let bob = connect("bob@example.test", "bob-pw")
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&bob), 0x8007_0005);
+    let alice = connect("alice@example.test", "alice-pw")
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&alice), 0);
+}
+
+#[test]
+fn the_cli_sets_and_shows_the_state_and_lists_connections() {
+    let server = Server::start();
+    let run = |args: &[&str]| {
+        let out = herald()
+            .args(args)
+            .arg("--server")
+            .arg(server.base())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&["state"]).trim(), "online");
+    assert_eq!(run(&["state", "offline", "--block"]).trim(), "offline");
+    assert_eq!(run(&["state"]).trim(), "offline");
+    assert_eq!(run(&["state", "online", "--block"]).trim(), "online");
+    assert_eq!(run(&["connections"]).trim(), "no connections");
+}
