@@ -272,3 +272,77 @@ fn overflow_accounts_for_every_event_and_keeps_order() {
         );
     });
 }
+
+/// State changes racing each other and an unadvise: transitions never interleave (each
+/// adviser sees whole start/change/done triples, each starting where the last ended), a
+/// change during a transition is refused as pending, and after unadvise returns at most the
+/// one notification already under way reaches the callback.
+#[test]
+fn racing_state_changes_never_interleave_and_unadvise_stops_the_callback() {
+    use herald_core::offline::{AdviseInfo, FLAG_BLOCK, OfflineState, SetStateError};
+    use herald_core::{ConnectionStateChange, STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE};
+    explore(|| {
+        let state = OfflineState::new(STATE_ONLINE);
+        let seen: Arc<Mutex<Vec<(u32, u32, u32)>>> = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        state
+            .advise(
+                0,
+                AdviseInfo::notify(1, move |n: &ConnectionStateChange| {
+                    s.lock()
+                        .unwrap()
+                        .push((n.phase as u32, n.old_state, n.new_state));
+                }),
+            )
+            .unwrap();
+        let unadvised = Arc::new(AtomicBool::new(false));
+        let late = Arc::new(AtomicUsize::new(0));
+        let (u, l) = (unadvised.clone(), late.clone());
+        let token = state
+            .advise(
+                0,
+                AdviseInfo::notify(2, move |_: &ConnectionStateChange| {
+                    if u.load(Ordering::SeqCst) {
+                        l.fetch_add(1, Ordering::SeqCst);
+                    }
+                }),
+            )
+            .unwrap();
+        let mut threads = Vec::new();
+        for target in [STATE_OFFLINE, STATE_ONLINE, STATE_OFFLINE] {
+            let st = state.clone();
+            threads.push(thread::spawn(move || {
+                match st.set_current_state(FLAG_BLOCK, STATE_OFFLINE_MASK, target) {
+                    Ok(()) | Err(SetStateError::Pending) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }));
+        }
+        let st = state.clone();
+        threads.push(thread::spawn(move || {
+            st.unadvise(0, token);
+            unadvised.store(true, Ordering::SeqCst);
+        }));
+        for t in threads {
+            t.join().unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len() % 3, 0, "{seen:?}");
+        let mut current = STATE_ONLINE;
+        for triple in seen.chunks(3) {
+            let (old, new) = (triple[0].1, triple[0].2);
+            assert_eq!(
+                old, current,
+                "a transition starts where the last ended: {seen:?}"
+            );
+            assert_ne!(old, new);
+            let phases: Vec<u32> = triple.iter().map(|t| t.0).collect();
+            assert_eq!(phases, [1, 2, 3], "interleaved: {seen:?}");
+            assert!(triple.iter().all(|t| (t.1, t.2) == (old, new)));
+            current = new;
+        }
+        assert_eq!(state.current_state(), current);
+        assert!(!state.is_transitioning());
+        assert!(late.load(Ordering::SeqCst) <= 1, "notified after unadvise");
+    });
+}

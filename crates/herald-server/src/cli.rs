@@ -162,6 +162,23 @@ impl Client {
             .await
     }
 
+    /// Closes connection `id`.
+    pub async fn kick(&self, id: &str) -> anyhow::Result<()> {
+        let resp = self
+            .request(reqwest::Method::DELETE, &format!("/v1/connections/{id}"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "the server answered {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     /// Durable subscriptions.
     pub async fn subs(&self) -> anyhow::Result<Vec<SubscriptionView>> {
         self.json(self.request(reqwest::Method::GET, "/v1/subscriptions"))

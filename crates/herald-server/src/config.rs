@@ -347,6 +347,24 @@ impl Config {
         })
     }
 
+    /// Refuses a lease that streams could not renew in time (they renew on every write).
+    pub fn check_timers(&self) -> Result<(), String> {
+        let lease = self.connections.lease;
+        for (name, every) in [
+            ("limits.keepalive", self.limits.keepalive),
+            ("ews.heartbeat", self.ews.heartbeat),
+        ] {
+            if lease <= every {
+                return Err(format!(
+                    "connections.lease ({}) must be longer than {name} ({}): streams renew their lease each time they write",
+                    humantime::format_duration(lease),
+                    humantime::format_duration(every)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses to serve without authentication on a non-loopback address, unless told to.
     pub fn check_exposure(&self) -> Result<(), String> {
         if self.listen.ip().is_loopback() || self.auth.enabled() || self.auth.allow_open {

@@ -72,6 +72,8 @@ struct Entry {
     leased: bool,
     expired: CancellationToken,
     generation: u64,
+    /// Set when an operator kicked it (its end is then a kick, already hooked).
+    kicked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Tells registrations of the same id apart.
@@ -213,6 +215,7 @@ impl Connections {
             idle_ms: 0,
         };
         let expired = CancellationToken::new();
+        let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.publish(&view, STATE_OFFLINE, STATE_ONLINE);
         let previous = self.inner.entries().insert(
@@ -224,6 +227,7 @@ impl Connections {
                 leased: lease == Lease::Renewed,
                 expired: expired.clone(),
                 generation,
+                kicked: kicked.clone(),
             },
         );
         if let Some(p) = previous {
@@ -236,6 +240,7 @@ impl Connections {
             inner: self.inner.clone(),
             expired,
             generation,
+            kicked,
         }
     }
 
@@ -280,6 +285,25 @@ impl Connections {
         expired.len()
     }
 
+    /// The connection `id`, if open.
+    pub fn get(&self, id: &str) -> Option<ConnectionView> {
+        self.inner.entries().get(id).map(|e| e.view.clone())
+    }
+
+    /// Ends a stream or session (an operator's kick): it is told to close, and its end
+    /// counts as a kick, whose hooks the caller has run. Returns whether it was open.
+    pub fn kick(&self, id: &str) -> bool {
+        let entries = self.inner.entries();
+        match entries.get(id) {
+            Some(e) => {
+                e.kicked.store(true, std::sync::atomic::Ordering::SeqCst);
+                e.expired.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Resolves once every presence event published so far is in the log.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -301,6 +325,7 @@ pub struct Conn {
     inner: Arc<Inner>,
     expired: CancellationToken,
     generation: u64,
+    kicked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -351,9 +376,20 @@ impl Conn {
         self.inner.set(&self.id, online);
     }
 
-    /// Cancelled when the lease expires (or the id is registered again): a stream closes.
+    /// Cancelled when the lease expires, the connection is kicked, or the id is registered
+    /// again: a stream closes.
     pub fn expired(&self) -> &CancellationToken {
         &self.expired
+    }
+
+    /// Why [`Conn::expired`] fired: `kick` or `expiry`.
+    pub fn end_reason(&self) -> &'static str {
+        if self.was_kicked() { "kick" } else { "expiry" }
+    }
+
+    /// Whether an operator kicked it (its cancel hooks have run already).
+    pub fn was_kicked(&self) -> bool {
+        self.kicked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the connection is online now.

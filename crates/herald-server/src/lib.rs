@@ -65,6 +65,7 @@ impl AppState {
             ..Default::default()
         });
         config.check_exposure().map_err(anyhow::Error::msg)?;
+        config.check_timers().map_err(anyhow::Error::msg)?;
         // Outbound HTTPS (webhooks, EWS push) uses rustls with the ring provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let egress = config.egress().map_err(anyhow::Error::msg)?;

@@ -109,6 +109,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Close a client's stream or session (hooks hear it as a cancel and may refuse).
+    Kick {
+        /// The connection id (from `herald connections`).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the server's health and figures.
     Status {
         #[command(flatten)]
@@ -406,6 +413,13 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                         v.id, v.transport, v.state, v.owner, v.idle_ms, v.presence_key
                     );
                 }
+            }
+        }
+        Command::Kick { id, client } => {
+            let c = Client::new(&client.server, client.token)?;
+            c.kick(&id).await?;
+            if !client.json {
+                println!("kicked {id}");
             }
         }
         Command::Status { client } => {

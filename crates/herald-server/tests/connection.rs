@@ -14,6 +14,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// A 2 s lease, with streams writing often enough to renew it.
+const SHORT_LEASE: &str = "[connections]\nlease = \"2s\"\n[limits]\nkeepalive = \"300ms\"\n[ews]\nheartbeat = \"500ms\"\n";
+
 /// Starts a server with this TOML and presence events on.
 fn start(toml: &str) -> (Server, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
@@ -431,10 +434,7 @@ async fn a_client_watches_another_connection_go_online_and_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_that_stops_answering_pings_goes_offline_when_its_lease_expires() {
     let hooks = HookServer::start(|_, _| json!({})).await;
-    let (server, _t) = start(&format!(
-        "[connections]\nlease = \"2s\"\n[limits]\nkeepalive = \"300ms\"\n{}",
-        hooks.config(&["audit"])
-    ));
+    let (server, _t) = start(&format!("{SHORT_LEASE}{}", hooks.config(&["audit"])));
     let mut watcher = Events::open(server.url("/v1/stream?subtree=$herald/presence")).await;
     // Connected, then never read again: pings go unanswered.
     let (_ws, _) =
@@ -475,7 +475,7 @@ async fn a_websocket_that_stops_answering_pings_goes_offline_when_its_lease_expi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_client_that_stops_polling_goes_offline_and_back_online_when_it_polls() {
-    let (server, _t) = start("[connections]\nlease = \"2s\"\n");
+    let (server, _t) = start(SHORT_LEASE);
     let poll: Value = client()
         .post(server.url("/v1/subscriptions"))
         .json(&json!({"transport": "poll", "subtree": "lp"}))
@@ -1091,4 +1091,272 @@ fn the_cli_sets_and_shows_the_state_and_lists_connections() {
     assert_eq!(run(&["state"]).trim(), "offline");
     assert_eq!(run(&["state", "online", "--block"]).trim(), "online");
     assert_eq!(run(&["connections"]).trim(), "no connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_kicks_a_stream_and_hooks_hear_it_once_and_may_refuse() {
+    let hooks = HookServer::start(|_, c| {
+        if c["phase"] == "before" && c["reason"] == "kick" && c["target"] == "vip/1" {
+            json!({"decision": "cancel", "reason": "VIPs stay"})
+        } else {
+            json!({})
+        }
+    })
+    .await;
+    let (server, _t) = start(&hooks.config(&["h"]));
+    let mut watcher = Events::open(server.url("/v1/stream?subtree=$herald/presence")).await;
+    let r = client_no_timeout()
+        .get(server.url("/v1/stream?key=plain/1"))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["herald-connection"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut plain = eventsource_stream::EventStream::new(r.bytes_stream());
+    let vip = client_no_timeout()
+        .get(server.url("/v1/stream?key=vip/1"))
+        .send()
+        .await
+        .unwrap();
+    let vip_id = vip.headers()["herald-connection"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    watcher.presence(&id).await;
+
+    let out = herald()
+        .args(["kick", &id, "--server", &server.base()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let closed = tokio::time::timeout(WAIT, plain.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.event, "closed");
+    assert!(closed.data.contains("kicked"));
+    assert!(
+        tokio::time::timeout(WAIT, plain.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "the stream ended"
+    );
+    assert_eq!(
+        watcher.presence(&id).await["connection_state"]["new_state"],
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kicks: Vec<Value> = hooks
+        .calls()
+        .into_iter()
+        .filter(|(_, c)| c["operation"] == "cancel" && c["connection"] == id.as_str())
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(
+        kicks.len(),
+        1,
+        "one cancel, not a second one for the close: {kicks:?}"
+    );
+    assert_eq!(
+        (kicks[0]["reason"].as_str(), kicks[0]["forced"].as_bool()),
+        (Some("kick"), Some(false))
+    );
+
+    let r = client()
+        .delete(server.url(&format!("/v1/connections/{vip_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        connection(&server, &vip_id).await.unwrap()["state"],
+        "online"
+    );
+    let r = client()
+        .delete(server.url("/v1/connections/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    drop(vip);
+}
+
+#[test]
+fn a_lease_streams_cannot_renew_in_time_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(&config, "[connections]\nlease = \"10s\"\n").unwrap();
+    let out = herald()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connections.lease") && err.contains("limits.keepalive"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ews_streaming_connections_and_mapi_sessions_are_connections_too() {
+    let (server, _t) = start(EXCHANGE_USERS);
+    let admin = |path: &str| {
+        client()
+            .get(server.url(path))
+            .bearer_auth(PRODUCER_KEY)
+            .send()
+    };
+    let by_transport = |list: &Value, t: &str| -> Vec<Value> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["transport"] == t)
+            .cloned()
+            .collect()
+    };
+    // EWS: a streaming connection is online while it is open.
+    let envelope = |body: &str| {
+        format!(
+            "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>{body}</s:Body></s:Envelope>"
+        )
+    };
+    let ews = |body: String| {
+        client_no_timeout()
+            .post(server.url("/EWS/Exchange.asmx"))
+            .header("content-type", "text/xml; charset=utf-8")
+            .basic_auth("alice@example.test", Some("alice-pw"))
+            .body(body)
+            .send()
+    };
+    let subscribed = ews(envelope("<m:Subscribe><m:StreamingSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes></m:StreamingSubscriptionRequest></m:Subscribe>"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sub_id = subscribed
+        .split("<m:SubscriptionId>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+    let stream = ews(envelope(&format!("<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub_id}</t:SubscriptionId></m:SubscriptionIds><m:ConnectionTimeout>30</m:ConnectionTimeout></m:GetStreamingEvents>")))
+        .await
+        .unwrap();
+    let mut body = stream.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let list: Value = admin("/v1/connections")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let streams = by_transport(&list, "ews");
+    assert_eq!(streams.len(), 1, "{list}");
+    assert_eq!(streams[0]["owner"], "alice@example.test");
+    assert_eq!(streams[0]["state"], "online");
+    assert_eq!(streams[0]["target"], sub_id.as_str());
+    drop(body);
+    wait_until("the EWS stream is gone", || async {
+        let list: Value = admin("/v1/connections")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        by_transport(&list, "ews").is_empty()
+    })
+    .await;
+
+    // MAPI: a session is a connection from Connect to Disconnect.
+    let mapi = |request_type: &'static str, body: Vec<u8>, cookie: Option<String>| {
+        let mut r = client()
+            .post(server.url("/mapi/emsmdb/?MailboxId=alice@example.test"))
+            .basic_auth("alice@example.test", Some("alice-pw"))
+            .header("content-type", "application/mapi-http")
+            .header("x-requesttype", request_type)
+            .header("x-requestid", "{E2EA6C1C-E61B-49E9-9CFB-38184F907552}:1")
+            .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
+            .body(body);
+        if let Some(c) = cookie {
+            r = r.header("cookie", format!("MapiContext={c}"));
+        }
+        r.send()
+    };
+    let connect = herald_rop::mapihttp::ConnectRequest {
+        user_dn: "/o=Herald/cn=Recipients/cn=alice".into(),
+        flags: 0,
+        code_page: 1252,
+        lcid_sort: 0x409,
+        lcid_string: 0x409,
+        aux: vec![],
+    }
+    .encode()
+    .unwrap();
+    let r = mapi("Connect", connect, None).await.unwrap();
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("MapiContext=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let list: Value = admin("/v1/connections")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sessions = by_transport(&list, "mapi");
+    assert_eq!(sessions.len(), 1, "{list}");
+    assert_eq!(sessions[0]["id"], format!("mapi-{cookie}"));
+    assert_eq!(sessions[0]["owner"], "alice@example.test");
+    assert_eq!(sessions[0]["state"], "online");
+    let r = mapi("Disconnect", vec![], Some(cookie)).await.unwrap();
+    assert_eq!(r.headers()["x-responsecode"], "0");
+    let list: Value = admin("/v1/connections")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(by_transport(&list, "mapi").is_empty(), "{list}");
+    // Both left presence events behind: online, then offline, per connection.
+    let mut watcher = Events::open(format!(
+        "{}&access_token={PRODUCER_KEY}",
+        server.url("/v1/stream?subtree=$herald/presence/alice@example.test&after=0")
+    ))
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let e = watcher.next().await.1;
+        let key = e["key"].as_str().unwrap().to_owned();
+        let transport = if key.contains("/ews-") { "ews" } else { "mapi" };
+        seen.push(format!(
+            "{transport} {}",
+            e["connection_state"]["new_state"]
+        ));
+    }
+    assert_eq!(seen, ["ews 2", "ews 1", "mapi 2", "mapi 1"]);
 }

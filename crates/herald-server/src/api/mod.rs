@@ -55,6 +55,7 @@ pub use ws::{ClientFrame, ServerFrame};
         state::advise,
         state::unadvise,
         state::connections,
+        state::kick,
     ),
     components(schemas(
         crate::json::EventJson,
@@ -98,6 +99,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/state/advise", get(state::advise))
         .route("/v1/state/advise/{token}", delete(state::unadvise))
         .route("/v1/connections", get(state::connections))
+        .route("/v1/connections/{id}", delete(state::kick))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)

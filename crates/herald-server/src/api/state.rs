@@ -23,6 +23,7 @@ use crate::connections::ConnectionView;
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
 use crate::state::state_name;
+use herald_core::hooks::{HookRequest, Operation};
 
 /// The server's state.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -346,4 +347,64 @@ pub(super) async fn connections(
             && q.state.as_deref().is_none_or(|s| c.state == s)
     });
     Json(list)
+}
+
+/// Closes a client's stream or session (a kick). Hooks hear it as a cancel, and may refuse
+/// it. Durable subscriptions are not kicked: delete them.
+#[utoipa::path(
+    delete, path = "/v1/connections/{id}", tag = "operate",
+    params(("id" = String, Path, description = "The connection id")),
+    responses(
+        (status = 204, description = "Kicked: the client is told and the connection closes"),
+        (status = 403, description = "This needs an API key, or a hook refused", body = crate::error::ErrorBody),
+        (status = 404, description = "No such connection", body = crate::error::ErrorBody),
+        (status = 409, description = "A durable subscription's connection: delete the subscription instead", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn kick(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.auth().require_admin(&principal)?;
+    let Some(view) = state.connections().get(&id) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no connection {id:?}"),
+        ));
+    };
+    if matches!(view.transport.as_str(), "poll" | "udp" | "webhook") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "durable",
+            format!("{id} is a durable subscription: DELETE /v1/subscriptions/{id} ends it"),
+        ));
+    }
+    let req = HookRequest::new(
+        Operation::Cancel,
+        id.clone(),
+        view.owner,
+        view.transport.clone(),
+        view.target,
+    )
+    .cancel("kick", false);
+    state
+        .hooks()
+        .run(&req, || {
+            if view.transport == "mapi" {
+                state.mapi().kick(&id);
+            } else {
+                state.connections().kick(&id);
+            }
+            std::future::ready(Ok::<_, Infallible>(()))
+        })
+        .await
+        .map_err(|e| match e {
+            herald_core::hooks::HookError::Cancelled { hook, reason } => {
+                crate::hooks::refused(&hook, &reason)
+            }
+            herald_core::hooks::HookError::Failed(never) => match never {},
+        })?;
+    Ok(StatusCode::NO_CONTENT)
 }

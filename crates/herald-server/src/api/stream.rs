@@ -159,8 +159,11 @@ struct StreamState {
 impl Drop for StreamState {
     fn drop(&mut self) {
         if let Some((conn, req)) = self.conn.take() {
+            let kicked = conn.was_kicked();
             drop(conn);
-            hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+            if !kicked {
+                hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+            }
         }
     }
 }
@@ -241,8 +244,13 @@ fn events(
             () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
             () = expired.cancelled() => {
                 s.follower = None;
-                s.reason = "expiry";
-                sse_named("closed", &serde_json::json!({"code": "lease_expired", "message": "the connection's lease expired; reconnect with Last-Event-ID"}))
+                let why = s.conn.as_ref().map_or("expiry", |(c, _)| c.end_reason());
+                s.reason = why;
+                if why == "kick" {
+                    sse_named("closed", &serde_json::json!({"code": "kicked", "message": "an operator closed this connection"}))
+                } else {
+                    sse_named("closed", &serde_json::json!({"code": "lease_expired", "message": "the connection's lease expired; reconnect with Last-Event-ID"}))
+                }
             }
             () = shutdown.cancelled() => {
                 s.follower = None;

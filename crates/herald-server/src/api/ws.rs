@@ -244,8 +244,9 @@ async fn connection(
                 }
             }
             () = expired.cancelled() => {
-                reason = "expiry";
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "lease expired: no answer to pings".into() }))).await;
+                reason = conn.end_reason();
+                let why = if reason == "kick" { "closed by an operator" } else { "lease expired: no answer to pings" };
+                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: why.into() }))).await;
                 break;
             }
             () = shutdown.cancelled() => {
@@ -260,8 +261,11 @@ async fn connection(
         s.task.abort();
         hooks::cancelled(state.hooks(), s.req.cancel(reason, true));
     }
+    let kicked = conn.was_kicked();
     drop(conn);
-    hooks::cancelled(state.hooks(), req.cancel(reason, true));
+    if !kicked {
+        hooks::cancelled(state.hooks(), req.cancel(reason, true));
+    }
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {

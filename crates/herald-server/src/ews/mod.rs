@@ -805,8 +805,11 @@ impl Drop for StreamState {
     fn drop(&mut self) {
         self.stop.cancel();
         if let Some((conn, req)) = self.conn.take() {
+            let kicked = conn.was_kicked();
             drop(conn);
-            hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+            if !kicked {
+                hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+            }
         }
         // A streaming subscription's idle clock starts when its last connection ends.
         for sub in &self.subs {
@@ -961,7 +964,7 @@ fn stream_body(
                 }
                 () = expired.cancelled() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
-                    s.reason = "expiry";
+                    s.reason = s.conn.as_ref().map_or("expiry", |(c, _)| c.end_reason());
                     s.done = true;
                 }
                 () = shutdown.cancelled() => {

@@ -163,6 +163,15 @@ impl Mapi {
         s
     }
 
+    /// Ends the session whose connection id is `conn_id` (`mapi-<session>`), as an
+    /// operator's kick; returns whether there was one.
+    pub fn kick(&self, conn_id: &str) -> bool {
+        conn_id
+            .strip_prefix("mapi-")
+            .and_then(|id| self.remove(id))
+            .is_some()
+    }
+
     /// Destroys sessions idle for longer than `idle` (a session with a NotificationWait open
     /// is not idle). Returns them.
     pub fn expire(&self, idle: Duration) -> Vec<Arc<Session>> {
