@@ -388,7 +388,11 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
             if client.json {
                 println!("{}", serde_json::to_string(&s)?);
             } else if s.transitioning {
-                println!("{} (transition in progress)", s.state);
+                // A change returns at once: say where it is going.
+                println!(
+                    "{} (transition in progress)",
+                    set.as_deref().unwrap_or(&s.state)
+                );
             } else {
                 println!("{}", s.state);
             }

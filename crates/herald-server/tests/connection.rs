@@ -912,6 +912,23 @@ async fn a_hook_that_times_out_lets_through_when_open_and_refuses_when_closed() 
             .contains("unavailable"),
         "{body}"
     );
+    // So is a hook that answers nonsense.
+    let nonsense = HookServer::start(|_, _| json!({"decision": "maybe"})).await;
+    let (confused, _t4) = start(&nonsense.config(&["confused:closed"]));
+    let r = client()
+        .get(confused.url("/v1/stream?key=t/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown decision"),
+        "{body}"
+    );
     // An unreachable hook is the same.
     let (gone, _t3) = start(
         "[[hooks.http]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/\"\ntimeout = \"500ms\"\nfailure = \"closed\"\n",
@@ -1359,4 +1376,74 @@ async fn ews_streaming_connections_and_mapi_sessions_are_connections_too() {
         ));
     }
     assert_eq!(seen, ["ews 2", "ews 1", "mapi 2", "mapi 1"]);
+}
+
+/// The README's walk-through: `herald tail` on the presence subtree shows another client come
+/// online and go offline, in plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_tail_shows_another_client_go_offline() {
+    use std::io::{BufRead, BufReader};
+    let (server, _t) = start("");
+    let mut tail = herald()
+        .args([
+            "tail",
+            "$herald/presence",
+            "--subtree",
+            "--server",
+            &server.base(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait for tail's own connection to show up, then open and close another client.
+    wait_until("tail is connected", || async {
+        let list = get_json(&server, "/v1/connections").await;
+        list.as_array().unwrap().len() == 1
+    })
+    .await;
+    let tails = get_json(&server, "/v1/connections").await[0]["id"].clone();
+    let other = SseClient::connect(&server, "key=k/1", None).await;
+    let list = get_json(&server, "/v1/connections").await;
+    let id = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].clone())
+        .find(|id| *id != tails)
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(other);
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains(&id) && l.ends_with("online -> offline"))
+    {
+        assert!(Instant::now() < deadline, "tail printed {lines:#?}");
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(&id)
+            && l.contains("connection_state")
+            && l.ends_with("offline -> online")),
+        "{lines:#?}"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
 }
