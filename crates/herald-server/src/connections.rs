@@ -304,6 +304,15 @@ impl Connections {
         }
     }
 
+    /// Marks every connection offline (the server is stopping: none of them is served any
+    /// more). Durable subscriptions come back online when restored.
+    pub fn all_offline(&self) {
+        let ids: Vec<String> = self.inner.entries().keys().cloned().collect();
+        for id in ids {
+            self.inner.set(&id, false);
+        }
+    }
+
     /// Resolves once every presence event published so far is in the log.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();

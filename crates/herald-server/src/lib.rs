@@ -249,7 +249,8 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     state.durables().stop_all();
     state.ews().stop_all();
     state.mapi().stop_all();
-    // Streams dropped at shutdown have published their offline events; write them.
+    // Every connection is offline now; write those presence events before the log closes.
+    state.connections().all_offline();
     state.connections().flush().await;
     let log = state.log().clone();
     tokio::task::spawn_blocking(move || log.close()).await??;

@@ -1447,3 +1447,40 @@ async fn herald_tail_shows_another_client_go_offline() {
     let _ = tail.kill();
     let _ = tail.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_takes_every_connection_offline_and_restored_subscriptions_online_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("HERALD_CONNECTIONS__PRESENCE", "true")];
+    let mut server = Server::start_in(&tmp.path().join("d"), &[], &env);
+    let sub: Value = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "key": "r/1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sub["id"].as_str().unwrap().to_owned();
+    assert!(server.terminate());
+    let port = server.port;
+    let server = Server::start_on(port, &tmp.path().join("d"), &[], &env);
+    let mut history = Events::open(server.url(&format!(
+        "/v1/stream?key=$herald/presence/anonymous/{id}&after=0"
+    )))
+    .await;
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        states.push(
+            history.next().await.1["connection_state"]["new_state"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        states,
+        [2, 1, 2],
+        "online, offline at shutdown, online when restored"
+    );
+}
