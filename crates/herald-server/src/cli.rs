@@ -140,6 +140,11 @@ impl Client {
                     serde_json::json!({"event": ev.event, "data": serde_json::from_str::<serde_json::Value>(&ev.data).unwrap_or_default()})
                 )?;
             } else if let Ok(n) = serde_json::from_str::<StateNotification>(&ev.data) {
+                // Only online/offline changes are understood; anything else is ignored, as
+                // Outlook's clients must (MAPIOFFLINE_NOTIFY filter).
+                if !(1..=3).contains(&n.notify_type) || n.mask != herald_core::STATE_OFFLINE_MASK {
+                    continue;
+                }
                 writeln!(
                     out,
                     "{:<7} {} -> {}  (token {})",

@@ -209,6 +209,9 @@ async fn send(
     outcome
 }
 
+/// Consecutive failed attempts after which a webhook endpoint counts as offline.
+const OFFLINE_AFTER_FAILURES: u32 = 3;
+
 /// Sends `body` until it is delivered, the endpoint is gone, the subscription pauses (failing
 /// longer than `fail_after`) or stops. Returns whether it was delivered.
 async fn deliver(
@@ -239,7 +242,13 @@ async fn deliver(
         };
         let outcome = send(ctx, sub, &url, msg_id, body.clone()).await;
         drop(push);
-        sub.set_online(matches!(outcome, Attempt::Delivered));
+        // Presence: online at the first success, offline once it keeps failing (a single
+        // failed attempt that the next retry fixes is not worth telling).
+        if matches!(outcome, Attempt::Delivered) {
+            sub.set_online(true);
+        } else if attempt >= OFFLINE_AFTER_FAILURES {
+            sub.set_online(false);
+        }
         match outcome {
             Attempt::Delivered => {
                 let was_failing = sub.delivery().failing_since.is_some();
@@ -256,6 +265,7 @@ async fn deliver(
                 return true;
             }
             Attempt::Gone => {
+                sub.set_online(false);
                 let reason = "the endpoint answered 410 Gone";
                 tracing::warn!(id = %sub.id, %url, "webhook disabled: {reason}");
                 durables
@@ -279,6 +289,7 @@ async fn deliver(
                         humantime::format_duration(Duration::from_secs(failing_for.as_secs()))
                     );
                     tracing::warn!(id = %sub.id, %url, "webhook paused: {reason}");
+                    sub.set_online(false);
                     durables
                         .set_webhook_state(&sub.id, "paused", Some(&reason))
                         .await;
