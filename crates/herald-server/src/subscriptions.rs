@@ -702,7 +702,8 @@ impl Durables {
         let mut out = Vec::new();
         let mut scanned = 0;
         let budget = limit.saturating_mul(16).max(4096);
-        while out.len() < limit && scanned < budget {
+        let mut capped = false;
+        while out.len() < limit && scanned < budget && !capped {
             let page = self
                 .inner
                 .log
@@ -716,6 +717,7 @@ impl Durables {
                 scanned += 1;
                 let w = n.watermark.unwrap_or(cursor);
                 if w > ceiling {
+                    capped = true;
                     break;
                 }
                 if sub.filter.matches(&n) {
