@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -1483,4 +1483,73 @@ async fn a_restart_takes_every_connection_offline_and_restored_subscriptions_onl
         [2, 1, 2],
         "online, offline at shutdown, online when restored"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ews_push_endpoint_is_a_connection_offline_while_it_cannot_be_reached() {
+    let (server, _t) = start(&format!(
+        "{EXCHANGE_USERS}[ews]\nminute = \"1s\"\nheartbeat = \"500ms\"\npush_retry_base = \"200ms\"\n"
+    ));
+    let mut recv = Receiver::start().await;
+    let subscribe = format!(
+        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body><m:Subscribe><m:PushSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:StatusFrequency>3</t:StatusFrequency><t:URL>{}</t:URL></m:PushSubscriptionRequest></m:Subscribe></s:Body></s:Envelope>",
+        recv.url()
+    );
+    let answer = client()
+        .post(server.url("/EWS/Exchange.asmx"))
+        .header("content-type", "text/xml; charset=utf-8")
+        .basic_auth("alice@example.test", Some("alice-pw"))
+        .body(subscribe)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let id = answer
+        .split("<m:SubscriptionId>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_owned();
+    let state = |server: &Server, id: String| {
+        let r = client()
+            .get(server.url("/v1/connections"))
+            .bearer_auth(PRODUCER_KEY)
+            .send();
+        async move {
+            let list: Value = r.await.unwrap().json().await.unwrap();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["id"] == id.as_str())
+                .map(|c| c["state"].as_str().unwrap().to_owned())
+        }
+    };
+    assert_eq!(state(&server, id.clone()).await.as_deref(), Some("online"));
+    recv.down().await;
+    publish_ok_with_key(&server, json!([created("alice@example.test/inbox/m1")])).await;
+    wait_until("the push endpoint is offline", || {
+        state(&server, id.clone()).map(|s| s.as_deref() == Some("offline"))
+    })
+    .await;
+    recv.up().await;
+    wait_until("the push endpoint is online again", || {
+        state(&server, id.clone()).map(|s| s.as_deref() == Some("online"))
+    })
+    .await;
+    recv.down().await;
+}
+
+async fn publish_ok_with_key(server: &Server, events: Value) {
+    let r = client()
+        .post(server.url("/v1/events"))
+        .bearer_auth(PRODUCER_KEY)
+        .json(&json!({"events": events}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -61,9 +61,18 @@ pub struct EwsSub {
     stream: Mutex<Option<CancellationToken>>,
     /// What its connect hooks were told; its cancel hooks get the same.
     hook: HookRequest,
+    /// A push subscription's endpoint as a connection: online while it takes notifications.
+    conn: Mutex<Option<Conn>>,
 }
 
 impl EwsSub {
+    /// Marks a push subscription's endpoint online or offline.
+    fn set_online(&self, online: bool) {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.set_online(online);
+        }
+    }
+
     /// The hook request for ending it.
     pub fn cancel_request(&self, reason: &str, forced: bool) -> HookRequest {
         self.hook.clone().cancel(reason, forced)
@@ -195,6 +204,7 @@ impl Ews {
             .remove(id);
         if let Some(s) = &s {
             s.stop.cancel();
+            s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
         s
     }
@@ -497,10 +507,21 @@ async fn subscribe(
         stop: CancellationToken::new(),
         stream: Mutex::new(None),
         hook: hook.clone(),
+        conn: Mutex::new(None),
     });
     let made = state
         .hooks()
         .run(&hook, || {
+            if push.is_some() {
+                *sub.conn.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(state.connections().open(
+                        Some(id.clone()),
+                        "ews",
+                        &hook.owner,
+                        &hook.target,
+                        Lease::None,
+                    ));
+            }
             ews.subs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1085,6 +1106,7 @@ async fn push(
         drop(push);
         match result {
             Ok(r) if r.status().is_success() => {
+                sub.set_online(true);
                 let reply = r.text().await.unwrap_or_default();
                 crate::metrics::delivered_count("ews-push", n.events.len());
                 return match herald_ews::parse_send_notification_result(&reply) {
@@ -1099,6 +1121,8 @@ async fn push(
             Ok(r) => tracing::debug!(id = %sub.id, status = %r.status(), "EWS push failed"),
             Err(e) => tracing::debug!(id = %sub.id, error = %e, "EWS push failed"),
         }
+        // Retries are half a minute apart or more: each failure is worth telling.
+        sub.set_online(false);
         if wait > frequency {
             tracing::warn!(id = %sub.id, "EWS push subscription dropped after retries exceeded StatusFrequency");
             end(state, sub, "expiry");
