@@ -31,8 +31,10 @@ fn start(toml: &str) -> (Server, tempfile::TempDir) {
 }
 
 async fn put_state(server: &Server, state: &str, block: bool) -> (u16, Value) {
+    // The producer key is ignored when authentication is off.
     let r = client()
         .put(server.url("/v1/state"))
+        .bearer_auth(PRODUCER_KEY)
         .json(&json!({"state": state, "block": block}))
         .send()
         .await
@@ -1552,4 +1554,62 @@ async fn publish_ok_with_key(server: &Server, events: Value) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_an_ews_pull_gets_only_a_status_event_and_online_everything() {
+    let (server, _t) = start(EXCHANGE_USERS);
+    let envelope = |body: &str| {
+        format!(
+            "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>{body}</s:Body></s:Envelope>"
+        )
+    };
+    let ews = |body: String| async {
+        client()
+            .post(server.url("/EWS/Exchange.asmx"))
+            .header("content-type", "text/xml; charset=utf-8")
+            .basic_auth("alice@example.test", Some("alice-pw"))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let field = |xml: &str, tag: &str| -> String {
+        xml.split(&format!("<m:{tag}>"))
+            .nth(1)
+            .or_else(|| xml.split(&format!("<t:{tag}>")).nth(1))
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let subscribed = ews(envelope("<m:Subscribe><m:PullSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:Timeout>5</t:Timeout></m:PullSubscriptionRequest></m:Subscribe>")).await;
+    let id = field(&subscribed, "SubscriptionId");
+    let watermark = field(&subscribed, "Watermark");
+    assert_eq!(put_state(&server, "offline", true).await.0, 200);
+    for i in 0..3 {
+        publish_ok_with_key(
+            &server,
+            json!([created(&format!("alice@example.test/inbox/m{i}"))]),
+        )
+        .await;
+    }
+    let get = |wm: String| {
+        envelope(&format!(
+            "<m:GetEvents><m:SubscriptionId>{id}</m:SubscriptionId><m:Watermark>{wm}</m:Watermark></m:GetEvents>"
+        ))
+    };
+    let offline = ews(get(watermark.clone())).await;
+    assert!(offline.contains("StatusEvent"), "{offline}");
+    assert!(
+        !offline.contains("CreatedEvent"),
+        "delivered while offline: {offline}"
+    );
+    assert_eq!(put_state(&server, "online", true).await.0, 200);
+    let online = ews(get(watermark)).await;
+    assert_eq!(online.matches("<t:CreatedEvent>").count(), 3, "{online}");
 }

@@ -565,7 +565,7 @@ async fn dequeue(
                 }
             }
             cursor = w;
-            if out.len() == max {
+            if out.len() >= max {
                 let last = log.bounds().map(|b| b.last).unwrap_or(cursor);
                 return Ok((out, cursor, cursor < last));
             }
@@ -600,12 +600,16 @@ async fn get_events(
     }
     sub.touch();
     // Offline, nothing is handed out: the answer is a status event at the same watermark.
-    let max = if state.server_state().delivering() {
-        MAX_EVENTS
-    } else {
-        0
-    };
-    match dequeue(state.log(), &sub, max).await {
+    if !state.server_state().delivering() {
+        let at = watermark_of(sub.cursor());
+        return ok(herald_ews::get_events_ok(&Notification {
+            subscription_id: id.to_owned(),
+            previous_watermark: Some(watermark.to_owned()),
+            more_events: Some(false),
+            events: vec![EwsEvent::status(at)],
+        }));
+    }
+    match dequeue(state.log(), &sub, MAX_EVENTS).await {
         Ok((mut events, cursor, more)) => {
             sub.advance(cursor);
             if events.is_empty() {
