@@ -1293,7 +1293,10 @@ async fn ews_streaming_connections_and_mapi_sessions_are_connections_too() {
     assert_eq!(streams.len(), 1, "{list}");
     assert_eq!(streams[0]["owner"], "alice@example.test");
     assert_eq!(streams[0]["state"], "online");
-    assert_eq!(streams[0]["target"], sub_id.as_str());
+    assert_eq!(
+        streams[0]["target"], "alice@example.test/",
+        "the mailbox it follows"
+    );
     drop(body);
     wait_until("the EWS stream is gone", || async {
         let list: Value = admin("/v1/connections")

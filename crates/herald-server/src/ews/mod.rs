@@ -493,7 +493,7 @@ async fn subscribe(
         id.clone(),
         user.as_deref().unwrap_or("anonymous"),
         "ews",
-        mailbox.to_string(),
+        format!("{mailbox}/"),
     );
     let sub = Arc::new(EwsSub {
         id: id.clone(),
@@ -766,7 +766,14 @@ async fn streaming(
         owner: owner.clone(),
     };
     let conn_id = format!("ews-{}", uuid::Uuid::new_v4().simple());
-    let target = ids.join(",");
+    // What it follows: the subscriptions' mailbox (hooks and access rules judge keys).
+    let mut mailboxes: Vec<String> = subs.iter().map(|s| format!("{}/", s.mailbox)).collect();
+    mailboxes.dedup();
+    let target = if mailboxes.len() == 1 {
+        mailboxes.remove(0)
+    } else {
+        String::new()
+    };
     let req = HookRequest::new(
         Operation::Connect,
         conn_id.clone(),

@@ -456,7 +456,7 @@ async fn connect(
         format!("mapi-{id}"),
         owner.clone(),
         "mapi",
-        mailbox.clone(),
+        format!("{mailbox}/"),
     );
     let session = Arc::new(Session {
         owner: user.clone(),
@@ -482,7 +482,7 @@ async fn connect(
                     Some(hook.connection.clone()),
                     "mapi",
                     &owner,
-                    &mailbox,
+                    &hook.target,
                     Lease::Renewed,
                 ));
                 state
