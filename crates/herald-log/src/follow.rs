@@ -69,6 +69,14 @@ impl Gate {
     pub async fn opened(&mut self) {
         let _ = self.0.wait_for(|open| *open).await;
     }
+
+    /// Waits until the gate opens or closes (forever, once the switch is dropped).
+    /// Cancel-safe.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Why a follower stopped.

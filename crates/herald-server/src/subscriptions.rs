@@ -500,7 +500,13 @@ impl Durables {
                     self.inner.queue_capacity,
                 ));
                 if let Some((addr, context)) = udp {
-                    tokio::spawn(ping_udp(sub.clone(), addr, context, self.inner.udp_repeat));
+                    tokio::spawn(ping_udp(
+                        sub.clone(),
+                        addr,
+                        context,
+                        self.inner.udp_repeat,
+                        self.inner.server_state.gate(),
+                    ));
                 }
             }
             Transport::Webhook => {
@@ -825,6 +831,7 @@ async fn ping_udp(
     addr: std::net::SocketAddr,
     context: Vec<u8>,
     repeat: Duration,
+    mut gate: herald_log::Gate,
 ) {
     let bind = if addr.is_ipv4() {
         "0.0.0.0:0"
@@ -846,6 +853,11 @@ async fn ping_udp(
                 () = changed => continue,
                 () = sub.stop.cancelled() => return,
             }
+        }
+        // Offline, no pings either.
+        tokio::select! {
+            () = gate.opened() => {}
+            () = sub.stop.cancelled() => return,
         }
         if let Err(e) = socket.send_to(&context, addr).await {
             tracing::debug!(id = %sub.id, error = %e, %addr, "UDP ping failed");

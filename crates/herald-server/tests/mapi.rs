@@ -667,3 +667,55 @@ async fn udp_push_sends_the_context_until_fetched() {
         .unwrap();
     assert_eq!(&buf[..n], &context[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_a_session_is_told_nothing_and_online_it_gets_everything_queued() {
+    let (server, _tmp) = mapi_server("");
+    let mut c = Client::new(&server, ALICE);
+    assert_eq!(c.connect().await.error_code, 0);
+    c.logon().await;
+    let answers = c
+        .execute(&[register(0, 1, CREATED, NotificationScope::WholeStore)])
+        .await;
+    assert_eq!(answers.len(), 1);
+    let state = |s: &'static str| {
+        client()
+            .put(server.url("/v1/state"))
+            .bearer_auth(PRODUCER_KEY)
+            .json(&serde_json::json!({"state": s, "block": true}))
+            .send()
+    };
+    // One notification is queued while online; then the server goes offline and two more
+    // events are logged.
+    publish(
+        &server,
+        serde_json::json!([created_in(&format!("{ALICE}/inbox"), "m-1")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state("offline").await.unwrap().status(), 200);
+    publish(
+        &server,
+        serde_json::json!([
+            created_in(&format!("{ALICE}/inbox"), "m-2"),
+            created_in(&format!("{ALICE}/inbox"), "m-3")
+        ]),
+    )
+    .await;
+    // The wait runs to its timer (2 s) without saying "pending", and Execute hands out nothing.
+    let (w, _) = c.wait().await;
+    assert!(!w.event_pending, "{w:?}");
+    assert!(notifies(&c.execute(&[]).await).is_empty());
+    assert_eq!(state("online").await.unwrap().status(), 200);
+    let (w, _) = c.wait().await;
+    assert!(w.event_pending, "{w:?}");
+    let mut got = 0;
+    for _ in 0..10 {
+        got += notifies(&c.execute(&[]).await).len();
+        if got == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, 3, "the queued one and the two logged while offline");
+}

@@ -202,13 +202,17 @@ async fn connection(
     let _gauge = ConnectionGauge::open("websocket");
     let mut reason = "close";
     let expired = conn.expired().clone();
+    // Offline, frames already queued wait here too: no delivery starts once the gate closes.
+    let mut gate = state.server_state().gate();
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
     ping.reset();
     let shutdown = state.shutdown().clone();
     loop {
+        let delivering = gate.is_open();
         tokio::select! {
+            () = gate.changed() => {}
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     conn.renew();
@@ -229,7 +233,7 @@ async fn connection(
                 // Pongs and pings: the client is alive.
                 Some(Ok(_)) => conn.renew(),
             },
-            Some(out) = out_rx.recv() => {
+            Some(out) = out_rx.recv(), if delivering => {
                 let sent = match out {
                     Outgoing::Frame(frame) => send(&mut socket, &frame).await,
                     Outgoing::Text(text) => socket.send(Message::Text(text.into())).await,

@@ -830,6 +830,8 @@ struct StreamState {
     /// The connection's presence and connect hook request.
     conn: Option<(Conn, HookRequest)>,
     reason: &'static str,
+    /// Offline, batches already fed wait here: no delivery starts once the gate closes.
+    gate: herald_log::Gate,
     _permit: StreamPermit,
 }
 
@@ -904,6 +906,7 @@ fn stream_body(
             }
         });
     }
+    let gate = state.server_state().gate();
     let mut heartbeat = tokio::time::interval(state.config().ews.heartbeat);
     heartbeat.reset();
     let s = StreamState {
@@ -919,6 +922,7 @@ fn stream_body(
         stop,
         conn: Some(conn),
         reason: "close",
+        gate,
         _permit: permit,
     };
     futures_util::stream::unfold(s, |mut s| async move {
@@ -942,8 +946,10 @@ fn stream_body(
                 }
                 None => CancellationToken::new(),
             };
+            let delivering = s.gate.is_open();
             tokio::select! {
-                feed = s.rx.recv() => match feed {
+                () = s.gate.changed() => {}
+                feed = s.rx.recv(), if delivering => match feed {
                     Some(Feed::Batch(i, batch)) => {
                         let sub = s.subs[i].clone();
                         let last = batch.last_watermark();

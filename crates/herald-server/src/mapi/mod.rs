@@ -629,6 +629,7 @@ fn udp_push(state: &AppState, session: &Arc<Session>) {
     }
     let repeat = state.config().mapi.udp_repeat;
     let session = session.clone();
+    let mut gate = state.server_state().gate();
     tokio::spawn(async move {
         let bind = if addr.is_ipv4() {
             "0.0.0.0:0"
@@ -645,6 +646,11 @@ fn udp_push(state: &AppState, session: &Arc<Session>) {
         };
         loop {
             while !session.objects().queue.is_empty() && !session.stop.is_cancelled() {
+                // Offline, no nudges either.
+                tokio::select! {
+                    () = gate.opened() => {}
+                    () = session.stop.cancelled() => continue,
+                }
                 if let Err(e) = socket.send_to(&context, addr).await {
                     tracing::debug!(error = %e, %addr, "UDP push failed");
                 }
@@ -789,7 +795,9 @@ fn execute(
     let fixed = 8 + 2 + 4 * handles.len();
     let mut room = budget.saturating_sub(fixed + out.len());
     let mut sent = 0usize;
-    while let Some((_, bytes)) = objects.queue.front() {
+    // Offline, queued notifications stay queued (and pending) until deliveries resume.
+    let delivering = state.server_state().delivering();
+    while let Some((_, bytes)) = objects.queue.front().filter(|_| delivering) {
         let last = objects.queue.len() == 1;
         let need = bytes.len() + if last { 0 } else { 3 };
         if need > room {
@@ -803,7 +811,7 @@ fn execute(
     }
     if objects.queue.is_empty() {
         session.wait.clear_pending();
-    } else if room >= 3 {
+    } else if room >= 3 && delivering {
         let _ = RopResponse::Pending {
             session_index: session.index,
         }
@@ -1045,6 +1053,7 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
     let headers = echo.headers(0, "application/mapi-http");
     // A client waiting for notifications is present however long the wait.
     let busy = session.busy();
+    let mut gate = state.server_state().gate();
     let stream = async_stream(move |tx| async move {
         let _busy = busy;
         let _ = tx.send(Bytes::from_static(mapihttp::PROCESSING)).await;
@@ -1054,12 +1063,18 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
                 let deadline = tokio::time::Instant::now() + timer;
                 let mut tick = tokio::time::interval(period);
                 tick.reset();
+                // Offline, "pending" is held back until deliveries resume (or the timer ends).
+                let mut seen = false;
                 loop {
+                    if seen && gate.is_open() {
+                        break (0, true);
+                    }
                     tokio::select! {
-                        outcome = &mut w => break match outcome {
-                            herald_core::WaitOutcome::Pending => (0, true),
-                            herald_core::WaitOutcome::Exiting => (ec::EXITING, false),
+                        outcome = &mut w, if !seen => match outcome {
+                            herald_core::WaitOutcome::Pending => seen = true,
+                            herald_core::WaitOutcome::Exiting => break (ec::EXITING, false),
                         },
+                        () = gate.changed(), if seen => {}
                         () = tokio::time::sleep_until(deadline) => break (0, false),
                         () = shutdown.cancelled() => break (ec::EXITING, false),
                         _ = tick.tick() => {
