@@ -26,7 +26,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use crate::event::{
     ConnectionStateChange, STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE, StateChangePhase,
 };
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, lock, thread};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock, thread};
 
 /// `MAPIOFFLINE_STATE_ALL`: every state bit a client may advise on.
 pub const STATE_ALL: u32 = 0x003f_037f;
@@ -259,7 +259,9 @@ impl OfflineState {
                 "advise types must be STATECHANGE (1)",
             ));
         }
-        if info.state_mask & !STATE_ALL != 0 || info.state_mask & STATE_OFFLINE_MASK == 0 {
+        if info.state_mask & !STATE_ALL != 0
+            || info.state_mask & STATE_OFFLINE_MASK != STATE_OFFLINE_MASK
+        {
             return Err(AdviseError::InvalidArg(
                 "the state mask must be within 0x003f037f and include the online/offline bits 0x3",
             ));
@@ -279,8 +281,9 @@ impl OfflineState {
         Ok(token)
     }
 
-    /// `IMAPIOfflineMgr::Unadvise`: always succeeds. The callback is released and gets no
-    /// notification after this returns, except one already running on another thread.
+    /// `IMAPIOfflineMgr::Unadvise`: always succeeds. The callback is released at once (a
+    /// running transition does not keep it), and at most one notification that another
+    /// thread was already delivering may still reach it after this returns.
     pub fn unadvise(&self, _flags: u32, token: u32) {
         let removed = {
             let mut s = lock(&self.inner.state);
@@ -339,9 +342,17 @@ impl OfflineState {
 }
 
 fn run_transition(inner: &Inner, old: u32, new: u32) {
-    let advisers = lock(&inner.state).advisers.clone();
+    // Weak: unadvising during the transition releases the callback at once.
+    let advisers: Vec<Weak<Adviser>> = lock(&inner.state)
+        .advisers
+        .iter()
+        .map(Arc::downgrade)
+        .collect();
     let tell = |phase: StateChangePhase| {
         for a in &advisers {
+            let Some(a) = a.upgrade() else {
+                continue;
+            };
             if !a.live.load(Ordering::SeqCst) {
                 continue;
             }

@@ -60,12 +60,14 @@ fn p29_advise_without_a_notify_callback_is_e_nointerface_and_bad_fields_e_invali
     let e = state.advise(0, bad_types).unwrap_err();
     assert_eq!(e.hresult(), 0x8007_0057);
 
-    let mut bad_mask = good.clone();
-    bad_mask.state_mask = 0x4000_0000;
-    assert!(matches!(
-        state.advise(0, bad_mask),
-        Err(AdviseError::InvalidArg(_))
-    ));
+    for mask in [0x4000_0000, 0x1, 0x2, 0x0] {
+        let mut bad_mask = good.clone();
+        bad_mask.state_mask = mask;
+        assert!(
+            matches!(state.advise(0, bad_mask), Err(AdviseError::InvalidArg(_))),
+            "{mask:#x}"
+        );
+    }
     assert!(matches!(
         state.advise(1, good.clone()),
         Err(AdviseError::InvalidArg(_))
@@ -115,6 +117,45 @@ fn p31_unadvise_always_succeeds_and_releases_the_callback() {
         .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_OFFLINE)
         .unwrap();
     assert_eq!(state.advised(), 0);
+
+    // Unadvised in the middle of a transition: released at once, and no DONE.
+    let gate = Arc::new(Barrier::new(2));
+    let release = gate.clone();
+    let state = OfflineState::with_transition(STATE_ONLINE, move |_, _| {
+        release.wait();
+    });
+    let (seen, sink) = recorder();
+    let token = state.advise(0, AdviseInfo::notify(3, sink)).unwrap();
+    let probe = Arc::downgrade(&seen);
+    state
+        .set_current_state(0, STATE_OFFLINE_MASK, STATE_OFFLINE)
+        .unwrap();
+    while seen.lock().unwrap().len() < 2 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let phases_before: Vec<u32> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| n.phase as u32)
+        .collect();
+    drop(seen);
+    state.unadvise(0, token);
+    // The transition is held before DONE; the callback must go before that (the transition
+    // thread may still be returning from the CHANGE call for a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while probe.upgrade().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transition kept the callback"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    gate.wait();
+    while state.is_transitioning() {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(phases_before, [1, 2]);
 }
 
 #[test]

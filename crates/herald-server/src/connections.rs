@@ -69,7 +69,7 @@ struct Entry {
     view: ConnectionView,
     seen: Instant,
     busy: usize,
-    leased: bool,
+    lease: Lease,
     expired: CancellationToken,
     generation: u64,
     /// Set when an operator kicked it (its end is then a kick, already hooked).
@@ -89,6 +89,8 @@ struct Inner {
     events: mpsc::UnboundedSender<Command>,
     lease: Duration,
     presence: bool,
+    /// The server is stopping: everything stays offline.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -123,6 +125,13 @@ impl Inner {
         let Some(e) = entries.get_mut(id) else {
             return;
         };
+        if online
+            && (self.closing.load(std::sync::atomic::Ordering::SeqCst)
+                || (e.lease == Lease::Stream && e.expired.is_cancelled()))
+        {
+            // Stopping, or a stream whose lease ran out: it is closing, not coming back.
+            return;
+        }
         let new = if online { STATE_ONLINE } else { STATE_OFFLINE };
         let old = state_value(&e.view.state);
         if old == new {
@@ -170,9 +179,13 @@ impl std::fmt::Debug for Connections {
 /// How a connection proves it is alive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lease {
-    /// It must be heard from within the lease (streams, long-poll clients).
-    Renewed,
-    /// Herald is the one that calls (webhooks): its state follows the calls' results.
+    /// A stream: it must be heard from within the lease, and when the lease expires it is
+    /// closed (it cannot come back; the client reconnects).
+    Stream,
+    /// A session that outlives quiet spells (long-poll subscriptions, MAPI sessions): offline
+    /// when the lease expires, online again when the client is heard from.
+    Session,
+    /// Herald is the one that calls (webhooks, EWS push): its state follows the calls' results.
     None,
 }
 
@@ -188,6 +201,7 @@ impl Connections {
                 events: tx,
                 lease,
                 presence,
+                closing: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -217,19 +231,29 @@ impl Connections {
         let expired = CancellationToken::new();
         let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.publish(&view, STATE_OFFLINE, STATE_ONLINE);
-        let previous = self.inner.entries().insert(
+        let closing = self.inner.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let mut view = view;
+        if closing {
+            view.state = "offline".into();
+        }
+        let mut entries = self.inner.entries();
+        // Published under the lock, so that no change of the same id can come between.
+        if !closing {
+            self.inner.publish(&view, STATE_OFFLINE, STATE_ONLINE);
+        }
+        let previous = entries.insert(
             id.clone(),
             Entry {
                 view,
                 seen: Instant::now(),
                 busy: 0,
-                leased: lease == Lease::Renewed,
+                lease,
                 expired: expired.clone(),
                 generation,
                 kicked: kicked.clone(),
             },
         );
+        drop(entries);
         if let Some(p) = previous {
             // The same id opened again (a subscription re-created with its id): the old one
             // is gone.
@@ -268,19 +292,29 @@ impl Connections {
     /// streams among them to close. Returns how many went offline.
     pub fn expire_leases(&self) -> usize {
         let lease = self.inner.lease;
-        let expired: Vec<(String, CancellationToken)> = self
+        let expired: Vec<(String, Option<CancellationToken>)> = self
             .inner
             .entries()
             .values()
             .filter(|e| {
-                e.leased && e.busy == 0 && e.view.state == "online" && e.seen.elapsed() > lease
+                e.lease != Lease::None
+                    && e.busy == 0
+                    && e.view.state == "online"
+                    && e.seen.elapsed() > lease
             })
-            .map(|e| (e.view.id.clone(), e.expired.clone()))
+            .map(|e| {
+                (
+                    e.view.id.clone(),
+                    (e.lease == Lease::Stream).then(|| e.expired.clone()),
+                )
+            })
             .collect();
-        for (id, token) in &expired {
+        for (id, stream) in &expired {
             tracing::info!(%id, ?lease, "connection lease expired: offline");
+            if let Some(token) = stream {
+                token.cancel();
+            }
             self.inner.set(id, false);
-            token.cancel();
         }
         expired.len()
     }
@@ -307,6 +341,9 @@ impl Connections {
     /// Marks every connection offline (the server is stopping: none of them is served any
     /// more). Durable subscriptions come back online when restored.
     pub fn all_offline(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let ids: Vec<String> = self.inner.entries().keys().cloned().collect();
         for id in ids {
             self.inner.set(&id, false);

@@ -6,7 +6,6 @@
 //! that cannot be reached in time, or answers anything else, counts as its `failure` policy
 //! says: `open` (as if it had answered nothing) or `closed` (the connect is refused).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -383,76 +382,5 @@ pub fn api_error<E: Into<ApiError>>(e: HookError<E>) -> ApiError {
     match e {
         HookError::Cancelled { hook, reason } => refused(&hook, &reason),
         HookError::Failed(e) => e.into(),
-    }
-}
-
-/// Runs the hooks around a cancel that has already happened (a stream closed, a lease
-/// expired): in the background, and it cannot be refused.
-pub fn cancelled(hooks: &Arc<Hooks>, req: HookRequest) {
-    if hooks.is_empty() {
-        return;
-    }
-    let hooks = hooks.clone();
-    tokio::spawn(async move {
-        let _ = hooks.run(&req, || async { Ok::<(), Infallible>(()) }).await;
-    });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(owner: Option<&str>, prefix: Option<&str>, transport: Option<&str>) -> AccessRule {
-        AccessRule {
-            owner: owner.map(Into::into),
-            prefix: prefix.map(Into::into),
-            transport: transport.map(Into::into),
-        }
-    }
-
-    fn connect(owner: &str, target: &str) -> HookRequest {
-        HookRequest::new(Operation::Connect, "c", owner, "sse", target)
-    }
-
-    #[test]
-    fn deny_rules_refuse_unless_an_allow_rule_matches() {
-        let access = AccessHook {
-            allow: vec![rule(Some("mallory"), Some("mallory"), None)],
-            deny: vec![
-                rule(None, Some("secret"), None),
-                rule(Some("mallory"), None, None),
-            ],
-        };
-        assert!(access.refusal(&connect("alice", "secret/plans")).is_some());
-        assert!(access.refusal(&connect("alice", "secret")).is_some());
-        assert!(
-            access.refusal(&connect("alice", "secretive/x")).is_none(),
-            "segments, not bytes"
-        );
-        assert!(access.refusal(&connect("alice", "public/x")).is_none());
-        assert!(access.refusal(&connect("mallory", "public/x")).is_some());
-        assert!(
-            access
-                .refusal(&connect("mallory", "mallory/inbox/"))
-                .is_none()
-        );
-        let cancel = connect("mallory", "public/x").cancel("close", false);
-        assert!(
-            access.refusal(&cancel).is_none(),
-            "cancels are never refused by the list"
-        );
-    }
-
-    #[test]
-    fn allow_rules_alone_are_a_whitelist() {
-        let access = AccessHook {
-            allow: vec![rule(Some("*"), Some("shared"), Some("sse"))],
-            deny: vec![],
-        };
-        assert!(access.refusal(&connect("anyone", "shared/x")).is_none());
-        assert!(access.refusal(&connect("anyone", "other/x")).is_some());
-        let mut ws = connect("anyone", "shared/x");
-        ws.transport = "ws".into();
-        assert!(access.refusal(&ws).is_some());
     }
 }

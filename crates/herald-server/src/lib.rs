@@ -51,6 +51,8 @@ struct StateInner {
     connections: connections::Connections,
     server_state: state::ServerState,
     hooks: Arc<herald_core::hooks::Hooks>,
+    /// Cancel hooks running in the background, waited for at shutdown.
+    hook_tasks: tokio_util::task::TaskTracker,
     push_client: reqwest::Client,
     shutdown: CancellationToken,
     started: Instant,
@@ -119,6 +121,7 @@ impl AppState {
                 connections,
                 server_state,
                 hooks,
+                hook_tasks: tokio_util::task::TaskTracker::new(),
                 shutdown,
                 started: Instant::now(),
             }),
@@ -185,6 +188,20 @@ impl AppState {
         &self.inner.hooks
     }
 
+    /// Runs the hooks around a cancel that has already happened (a stream closed, a lease
+    /// expired): in the background, and it cannot be refused. Shutdown waits for them.
+    pub fn cancelled(&self, req: herald_core::hooks::HookRequest) {
+        if self.inner.hooks.is_empty() {
+            return;
+        }
+        let hooks = self.inner.hooks.clone();
+        self.inner.hook_tasks.spawn(async move {
+            let _ = hooks
+                .run(&req, || async { Ok::<(), std::convert::Infallible>(()) })
+                .await;
+        });
+    }
+
     /// Follows `filter` after `after`, holding deliveries while the server is offline.
     pub fn follow(
         &self,
@@ -247,8 +264,21 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     }
     sweeper.abort();
     state.durables().stop_all();
-    state.ews().stop_all();
-    state.mapi().stop_all();
+    // EWS subscriptions and MAPI sessions live in memory: they end here, and hooks hear it.
+    // (Durable subscriptions are restored at start without a connect, so they get no cancel.)
+    for sub in state.ews().stop_all() {
+        state.cancelled(sub.cancel_request("shutdown", true));
+    }
+    for session in state.mapi().stop_all() {
+        state.cancelled(session.cancel_request("shutdown", true));
+    }
+    state.inner.hook_tasks.close();
+    if tokio::time::timeout(timeout, state.inner.hook_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("cancel hooks still running after the shutdown timeout");
+    }
     // Every connection is offline now; write those presence events before the log closes.
     state.connections().all_offline();
     state.connections().flush().await;
@@ -275,14 +305,14 @@ async fn sweep_idle(state: AppState) {
             tracing::debug!(expired = expired.len(), "EWS subscriptions expired");
         }
         for sub in expired {
-            hooks::cancelled(state.hooks(), sub.cancel_request("expiry", true));
+            state.cancelled(sub.cancel_request("expiry", true));
         }
         let ended = state.mapi().expire(state.config().mapi.session_idle);
         if !ended.is_empty() {
             tracing::debug!(ended = ended.len(), "idle MAPI sessions destroyed");
         }
         for session in ended {
-            hooks::cancelled(state.hooks(), session.cancel_request("expiry", true));
+            state.cancelled(session.cancel_request("expiry", true));
         }
     }
 }

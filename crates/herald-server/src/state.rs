@@ -23,6 +23,8 @@ pub struct ServerState {
     engine: OfflineState,
     switch: Arc<GateSwitch>,
     in_flight: Arc<InFlight>,
+    /// Who advised with each advise token (`None`: an API key or open access).
+    advisers: Arc<std::sync::Mutex<std::collections::HashMap<u32, Option<String>>>>,
 }
 
 impl ServerState {
@@ -66,12 +68,36 @@ impl ServerState {
             engine,
             switch,
             in_flight,
+            advisers: Arc::default(),
         }
     }
 
     /// The engine's state object: advise, unadvise, set and get the state.
     pub fn engine(&self) -> &OfflineState {
         &self.engine
+    }
+
+    /// Records who advised with `token`.
+    pub fn advised_by(&self, token: u32, owner: Option<String>) {
+        self.advisers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token, owner);
+    }
+
+    /// Unadvises `token` if `may(owner)` says the caller may; the record goes either way when
+    /// the token is unadvised.
+    pub fn unadvise_if(&self, token: u32, may: impl FnOnce(Option<&str>) -> bool) {
+        let mut advisers = self.advisers.lock().unwrap_or_else(|e| e.into_inner());
+        let allowed = match advisers.get(&token) {
+            Some(owner) => may(owner.as_deref()),
+            None => false,
+        };
+        if allowed {
+            advisers.remove(&token);
+            drop(advisers);
+            self.engine.unadvise(0, token);
+        }
     }
 
     /// A gate that is open while deliveries may go.

@@ -465,8 +465,8 @@ impl Durables {
         let transport = spec.transport;
         let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
         let (transport_name, lease) = match transport {
-            Transport::Poll => ("poll", crate::connections::Lease::Renewed),
-            Transport::Udp => ("udp", crate::connections::Lease::Renewed),
+            Transport::Poll => ("poll", crate::connections::Lease::Session),
+            Transport::Udp => ("udp", crate::connections::Lease::Session),
             Transport::Webhook => ("webhook", crate::connections::Lease::None),
         };
         let conn = self.inner.connections.open(

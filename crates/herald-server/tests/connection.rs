@@ -1616,3 +1616,88 @@ async fn offline_an_ews_pull_gets_only_a_status_event_and_online_everything() {
     let online = ews(get(watermark)).await;
     assert_eq!(online.matches("<t:CreatedEvent>").count(), 3, "{online}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_unadvises_only_what_it_advised_and_sees_only_its_own_connections() {
+    const SECRET: &str = "a-token-secret-of-at-least-32-bytes!";
+    let (server, _t) = start(&format!(
+        "[auth]\nkeys = [\"{PRODUCER_KEY}\"]\ntoken_secret = \"{SECRET}\"\n"
+    ));
+    let mint = |sub: &str| {
+        let out = herald()
+            .args(["token", "create", "--sub", sub, "--prefix", sub])
+            .env("HERALD_AUTH__TOKEN_SECRET", SECRET)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (alice, bob) = (mint("alice"), mint("bob"));
+    let mut advise =
+        Events::open(server.url(&format!("/v1/state/advise?token=1&access_token={alice}"))).await;
+    let token = advise.next().await.1["advise_token"].as_u64().unwrap();
+    let advised = || async {
+        let v: Value = client()
+            .get(server.url("/v1/state"))
+            .bearer_auth(PRODUCER_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["advised"].as_u64().unwrap()
+    };
+    let r = client()
+        .delete(server.url(&format!("/v1/state/advise/{token}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "unadvise always succeeds…");
+    assert_eq!(advised().await, 1, "…but bob cannot cut alice's advise");
+    // Each sees only their own connections; alice may watch her own presence.
+    let _bobs = Events::open(server.url(&format!("/v1/stream?key=bob/1&access_token={bob}"))).await;
+    let mine: Value = client()
+        .get(server.url("/v1/connections"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(mine.as_array().unwrap().is_empty(), "{mine}");
+    let all: Value = client()
+        .get(server.url("/v1/connections"))
+        .bearer_auth(PRODUCER_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    let r = client()
+        .get(server.url("/v1/stream?subtree=$herald/presence/alice"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(r);
+    let r = client()
+        .get(server.url("/v1/stream?subtree=$herald/presence/bob"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .delete(server.url(&format!("/v1/state/advise/{token}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(advised().await, 0);
+}

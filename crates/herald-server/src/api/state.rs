@@ -188,6 +188,7 @@ const ADVISE_QUEUE: usize = 64;
 )]
 pub(super) async fn advise(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(q): Query<AdviseQuery>,
 ) -> Result<Response, ApiError> {
     let mask = match q.mask.as_deref() {
@@ -220,6 +221,7 @@ pub(super) async fn advise(
             format!("{e} (HRESULT {:#010x})", e.hresult()),
         )
     })?;
+    state.server_state().advised_by(token, principal.owner());
     let first = sse_named(
         "advised",
         &serde_json::json!({"advise_token": token, "client_token": q.token.unwrap_or(0), "state": state_name(engine.current_state())}),
@@ -227,13 +229,14 @@ pub(super) async fn advise(
     let keepalive = state.config().limits.keepalive;
     let shutdown = state.shutdown().clone();
     /// Unadvises when the stream is dropped.
-    struct Advised(herald_core::offline::OfflineState, u32);
+    struct Advised(crate::state::ServerState, u32);
     impl Drop for Advised {
         fn drop(&mut self) {
-            self.0.unadvise(0, self.1);
+            self.0.unadvise_if(self.1, |_| true);
         }
     }
-    let guard = Advised(engine, token);
+    drop(engine);
+    let guard = Advised(state.server_state().clone(), token);
     struct Advising {
         first: Option<Bytes>,
         rx: mpsc::Receiver<ConnectionStateChange>,
@@ -299,7 +302,7 @@ fn notification(n: &ConnectionStateChange) -> Bytes {
 }
 
 /// Stops the notifications of an advise token. Always succeeds (`IMAPIOfflineMgr::Unadvise`
-/// returns S_OK for any token).
+/// returns S_OK for any token); a subscriber token unadvises only what it advised.
 #[utoipa::path(
     delete, path = "/v1/state/advise/{token}", tag = "operate",
     params(("token" = u32, Path, description = "The advise token")),
@@ -307,10 +310,13 @@ fn notification(n: &ConnectionStateChange) -> Bytes {
 )]
 pub(super) async fn unadvise(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(token): Path<String>,
 ) -> StatusCode {
     if let Ok(t) = token.parse::<u32>() {
-        state.server_state().engine().unadvise(0, t);
+        state
+            .server_state()
+            .unadvise_if(t, |owner| principal.may_manage(owner));
     }
     StatusCode::NO_CONTENT
 }
@@ -394,6 +400,9 @@ pub(super) async fn kick(
         .run(&req, || {
             if view.transport == "mapi" {
                 state.mapi().kick(&id);
+            } else if view.transport == "ews" && !id.starts_with("ews-") {
+                // An EWS push endpoint: its subscription ends.
+                state.ews().kick(&id);
             } else {
                 state.connections().kick(&id);
             }

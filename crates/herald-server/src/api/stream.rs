@@ -26,7 +26,7 @@ use crate::AppState;
 use crate::connections::{Conn, Lease};
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
-use crate::hooks::{self, refused};
+use crate::hooks::refused;
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
 use crate::subscriptions::{owner_name, target_of};
@@ -108,7 +108,7 @@ pub(super) async fn stream(
             let conn =
                 state
                     .connections()
-                    .open(Some(id.clone()), "sse", owner, &target, Lease::Renewed);
+                    .open(Some(id.clone()), "sse", owner, &target, Lease::Stream);
             Ok::<_, FollowError>((follower, conn))
         })
         .await;
@@ -162,7 +162,7 @@ impl Drop for StreamState {
             let kicked = conn.was_kicked();
             drop(conn);
             if !kicked {
-                hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+                self.state.cancelled(req.cancel(self.reason, true));
             }
         }
     }

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::connections::{Conn, Lease};
-use crate::hooks::{self, refused};
+use crate::hooks::refused;
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
@@ -145,7 +145,7 @@ pub(super) async fn websocket(
                 "ws",
                 &owner,
                 "",
-                Lease::Renewed,
+                Lease::Stream,
             ))
         })
         .await;
@@ -164,7 +164,15 @@ pub(super) async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1024 * 1024)
-        .on_upgrade(move |socket| connection(state, socket, principal, permit, conn, req))
+        .on_upgrade(move |socket| {
+            let ws = WsConn {
+                conn,
+                req,
+                state: state.clone(),
+                reason: "close",
+            };
+            connection(state, socket, principal, permit, ws)
+        })
 }
 
 struct Sub {
@@ -196,9 +204,9 @@ async fn connection(
     mut socket: WebSocket,
     principal: Principal,
     _permit: ConnectionPermit,
-    conn: Conn,
-    req: HookRequest,
+    mut ws: WsConn,
 ) {
+    let conn = &ws.conn;
     let _gauge = ConnectionGauge::open("websocket");
     let mut reason = "close";
     let expired = conn.expired().clone();
@@ -263,12 +271,26 @@ async fn connection(
     }
     for (_, s) in subs {
         s.task.abort();
-        hooks::cancelled(state.hooks(), s.req.cancel(reason, true));
+        state.cancelled(s.req.cancel(reason, true));
     }
-    let kicked = conn.was_kicked();
-    drop(conn);
-    if !kicked {
-        hooks::cancelled(state.hooks(), req.cancel(reason, true));
+    ws.reason = reason;
+}
+
+/// A WebSocket's registration: when it drops (the socket ended, or the upgrade never
+/// happened), the connection goes offline and the cancel hooks run, unless a kick ran them.
+struct WsConn {
+    conn: Conn,
+    req: HookRequest,
+    state: AppState,
+    reason: &'static str,
+}
+
+impl Drop for WsConn {
+    fn drop(&mut self) {
+        if !self.conn.was_kicked() {
+            self.state
+                .cancelled(self.req.clone().cancel(self.reason, true));
+        }
     }
 }
 

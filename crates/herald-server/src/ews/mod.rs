@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::connections::{Conn, Lease};
-use crate::hooks;
 use map::{id_of, key_of, watermark_from, watermark_of};
 
 /// Most events in one notification.
@@ -261,11 +260,19 @@ impl Ews {
             .contains_key(id)
     }
 
-    /// Stops every push worker and stream (at shutdown).
-    pub fn stop_all(&self) {
-        for s in self.subs.lock().unwrap_or_else(|e| e.into_inner()).values() {
+    /// Stops every push worker and stream (at shutdown); returns the subscriptions, which
+    /// end with the process.
+    pub fn stop_all(&self) -> Vec<Arc<EwsSub>> {
+        let subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        for s in subs.values() {
             s.stop.cancel();
         }
+        subs.values().cloned().collect()
+    }
+
+    /// Ends subscription `id` (an operator's kick of an EWS push endpoint); whether it existed.
+    pub fn kick(&self, id: &str) -> bool {
+        self.remove(id).is_some()
     }
 }
 
@@ -789,7 +796,7 @@ async fn streaming(
                 "ews",
                 &owner,
                 &target,
-                Lease::Renewed,
+                Lease::Stream,
             )))
         })
         .await;
@@ -842,7 +849,7 @@ impl Drop for StreamState {
             let kicked = conn.was_kicked();
             drop(conn);
             if !kicked {
-                hooks::cancelled(self.state.hooks(), req.cancel(self.reason, true));
+                self.state.cancelled(req.cancel(self.reason, true));
             }
         }
         // A streaming subscription's idle clock starts when its last connection ends.
@@ -1157,6 +1164,6 @@ async fn push(
 /// failed, its events can no longer be read), with its cancel hooks.
 fn end(state: &AppState, sub: &EwsSub, reason: &str) {
     if state.ews().remove(&sub.id).is_some() {
-        hooks::cancelled(state.hooks(), sub.cancel_request(reason, true));
+        state.cancelled(sub.cancel_request(reason, true));
     }
 }

@@ -35,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::connections::{BusyGuard, Conn, Lease};
-use crate::hooks;
 use map::KnownFolders;
 
 /// X-ResponseCode values (MS-OXCMAPIHTTP 2.2.3.3.3).
@@ -195,17 +194,15 @@ impl Mapi {
         gone
     }
 
-    /// Ends every session (at shutdown): outstanding waits complete with ecExiting.
-    pub fn stop_all(&self) {
-        for s in self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+    /// Ends every session (at shutdown): outstanding waits complete with ecExiting. Returns
+    /// the sessions, which end with the process.
+    pub fn stop_all(&self) -> Vec<Arc<Session>> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for s in sessions.values() {
             s.stop.cancel();
             s.wait.close();
         }
+        sessions.values().cloned().collect()
     }
 }
 
@@ -426,7 +423,7 @@ async fn connect(
     if let Some(old) = crate::auth::cookie(headers, COOKIE) {
         if state.mapi().get(&old).is_some_and(|s| s.owner == user) {
             if let Some(s) = state.mapi().remove(&old) {
-                hooks::cancelled(state.hooks(), s.cancel_request("replaced", true));
+                state.cancelled(s.cancel_request("replaced", true));
             }
         }
     }
@@ -483,7 +480,7 @@ async fn connect(
                     "mapi",
                     &owner,
                     &hook.target,
-                    Lease::Renewed,
+                    Lease::Session,
                 ));
                 state
                     .mapi()
