@@ -1701,3 +1701,87 @@ async fn a_subscriber_unadvises_only_what_it_advised_and_sees_only_its_own_conne
     assert_eq!(r.status(), 204);
     assert_eq!(advised().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_hook_logs_every_connect_and_cancel_with_its_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        "[hooks]\naudit = true\n[[hooks.access.deny]]\nprefix = \"secret\"\n",
+    )
+    .unwrap();
+    let port = herald_testkit::free_port().unwrap();
+    let child = herald()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("d"))
+        .env("HERALD_LOG", "warn,herald::audit=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until("the server is ready", || {
+        let url = format!("{base}/readyz");
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    let r = client()
+        .get(format!("{base}/v1/stream?key=secret/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let ok = client_no_timeout()
+        .get(format!("{base}/v1/stream?key=open/x"))
+        .send()
+        .await
+        .unwrap();
+    let id = ok.headers()["herald-connection"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    drop(ok);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGTERM: a graceful stop, which waits for the cancel hooks.
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("herald::audit"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("connect cancelled")
+            && l.contains("secret/x")
+            && l.contains("hooks.access.deny")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("connect success") && l.contains(&id)),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("cancel success") && l.contains(&id) && l.contains("close")),
+        "{log}"
+    );
+}
