@@ -641,13 +641,18 @@ impl Durables {
 
     /// Removes a subscription and its stored record.
     pub async fn delete(&self, id: &str) -> Result<(), DurableError> {
+        if !self.subs().contains_key(id) {
+            return Err(DurableError::NotFound(id.to_owned()));
+        }
+        // The stored record first: if that fails, the subscription is still whole and the
+        // delete can be retried.
+        self.inner.log.delete_subscription(id).await?;
         let sub = self
             .subs()
             .remove(id)
             .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
         sub.stop.cancel();
         sub.conn().take();
-        self.inner.log.delete_subscription(id).await?;
         Ok(())
     }
 

@@ -398,22 +398,28 @@ pub(super) async fn kick(
     state
         .hooks()
         .run(&req, || {
-            if view.transport == "mapi" {
-                state.mapi().kick(&id);
+            let kicked = if view.transport == "mapi" {
+                state.mapi().kick(&id)
             } else if view.transport == "ews" && !id.starts_with("ews-") {
                 // An EWS push endpoint: its subscription ends.
-                state.ews().kick(&id);
+                state.ews().kick(&id)
             } else {
-                state.connections().kick(&id);
-            }
-            std::future::ready(Ok::<_, Infallible>(()))
+                state.connections().kick(&id)
+            };
+            std::future::ready(if kicked {
+                Ok(())
+            } else {
+                Err("the connection closed before the kick")
+            })
         })
         .await
         .map_err(|e| match e {
             herald_core::hooks::HookError::Cancelled { hook, reason } => {
                 crate::hooks::refused(&hook, &reason)
             }
-            herald_core::hooks::HookError::Failed(never) => match never {},
+            herald_core::hooks::HookError::Failed(why) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{id}: {why}"))
+            }
         })?;
     Ok(StatusCode::NO_CONTENT)
 }
