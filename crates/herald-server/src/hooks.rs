@@ -384,3 +384,103 @@ pub fn api_error<E: Into<ApiError>>(e: HookError<E>) -> ApiError {
         HookError::Failed(e) => e.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(owner: Option<&str>, prefix: Option<&str>, transport: Option<&str>) -> AccessRule {
+        AccessRule {
+            owner: owner.map(Into::into),
+            prefix: prefix.map(Into::into),
+            transport: transport.map(Into::into),
+        }
+    }
+
+    fn connect(owner: &str, target: &str) -> HookRequest {
+        HookRequest::new(Operation::Connect, "c", owner, "sse", target)
+    }
+
+    #[test]
+    fn deny_rules_refuse_unless_an_allow_rule_matches() {
+        let access = AccessHook {
+            allow: vec![rule(Some("mallory"), Some("mallory"), None)],
+            deny: vec![
+                rule(None, Some("secret"), None),
+                rule(Some("mallory"), None, None),
+            ],
+        };
+        assert!(access.refusal(&connect("alice", "secret/plans")).is_some());
+        assert!(access.refusal(&connect("alice", "secret")).is_some());
+        assert!(
+            access.refusal(&connect("alice", "secretive/x")).is_none(),
+            "segments, not bytes"
+        );
+        assert!(access.refusal(&connect("alice", "public/x")).is_none());
+        assert!(access.refusal(&connect("mallory", "public/x")).is_some());
+        assert!(
+            access
+                .refusal(&connect("mallory", "mallory/inbox/"))
+                .is_none()
+        );
+        let cancel = connect("mallory", "public/x").cancel("close", false);
+        assert!(
+            access.refusal(&cancel).is_none(),
+            "cancels are never refused by the list"
+        );
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// What Herald sends and what a hook answers survive a JSON round trip unchanged
+        /// (the context a hook keeps must come back exactly).
+        #[test]
+        fn hook_messages_round_trip(
+            context in json_value(),
+            decision in proptest::option::of("proceed|cancel|retry|done|.{0,8}"),
+            reason in proptest::option::of(".{0,16}"),
+            owner in ".{0,16}",
+            forced in proptest::bool::ANY,
+        ) {
+            let answer = HookAnswer { decision, reason: reason.clone(), context: context.clone() };
+            let back: HookAnswer = serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();
+            proptest::prop_assert_eq!(back, answer);
+            let mut req = HookRequest::new(Operation::Connect, "c-1", owner, "sse", "k/1/");
+            req.forced = forced;
+            req.reason = reason;
+            let mut call = HttpHook::call(&req, "after");
+            call.context = context;
+            let back: HookCall = serde_json::from_slice(&serde_json::to_vec(&call).unwrap()).unwrap();
+            proptest::prop_assert_eq!(back, call);
+        }
+    }
+
+    #[test]
+    fn allow_rules_alone_are_a_whitelist() {
+        let access = AccessHook {
+            allow: vec![rule(Some("*"), Some("shared"), Some("sse"))],
+            deny: vec![],
+        };
+        assert!(access.refusal(&connect("anyone", "shared/x")).is_none());
+        assert!(access.refusal(&connect("anyone", "other/x")).is_some());
+        let mut ws = connect("anyone", "shared/x");
+        ws.transport = "ws".into();
+        assert!(access.refusal(&ws).is_some());
+    }
+}
