@@ -62,6 +62,8 @@ impl AppState {
     /// Opens the log in the configured data directory and restores durable subscriptions.
     /// Must be called inside a tokio runtime (subscription watchers are tasks).
     pub fn open(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
+        // First, so that what the parts below record at start is kept.
+        let metrics = metrics::Metrics::install();
         let hub = Hub::new(HubOptions {
             queue_capacity: config.limits.queue_capacity,
             ..Default::default()
@@ -111,7 +113,7 @@ impl AppState {
                 config,
                 log,
                 durables,
-                metrics: metrics::Metrics::install(),
+                metrics,
                 frames,
                 auth,
                 push_client,

@@ -317,7 +317,19 @@ async fn offline_pauses_every_delivery_and_online_resumes_each_from_its_watermar
     })
     .await;
 
+    let metrics = || async {
+        client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(metrics().await.contains("herald_server_online 1"));
     assert_eq!(put_state(&server, "offline", true).await.0, 200);
+    assert!(metrics().await.contains("herald_server_online 0"));
     let events: Vec<Value> = (0..10).map(|i| created(&format!("p/{i}"))).collect();
     let watermarks = publish_ok(&server, Value::Array(events)).await;
     assert_eq!(watermarks.len(), 10, "offline, events are still accepted");
