@@ -28,6 +28,13 @@ fn recorder() -> (
     })
 }
 
+/// Changes the state and waits for the transition to end.
+fn switch(state: &OfflineState, to: u32) {
+    state
+        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, to)
+        .unwrap();
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -86,12 +93,8 @@ fn p30_every_notification_echoes_the_client_token_given_at_advise() {
     let (b, sink_b) = recorder();
     state.advise(0, AdviseInfo::notify(41, sink_a)).unwrap();
     state.advise(0, AdviseInfo::notify(0, sink_b)).unwrap();
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_OFFLINE)
-        .unwrap();
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_ONLINE)
-        .unwrap();
+    switch(&state, STATE_OFFLINE);
+    switch(&state, STATE_ONLINE);
     let a = a.lock().unwrap();
     let b = b.lock().unwrap();
     assert_eq!(a.len(), 6);
@@ -113,9 +116,7 @@ fn p31_unadvise_always_succeeds_and_releases_the_callback() {
     // Unknown and repeated tokens succeed too.
     state.unadvise(0, token);
     state.unadvise(0, 0xdead);
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_OFFLINE)
-        .unwrap();
+    switch(&state, STATE_OFFLINE);
     assert_eq!(state.advised(), 0);
 
     // Unadvised in the middle of a transition: released at once, and no DONE.
@@ -163,12 +164,8 @@ fn p32_a_transition_sends_start_then_change_then_done_with_mask_3_and_old_and_ne
     let state = OfflineState::new(STATE_ONLINE);
     let (seen, sink) = recorder();
     state.advise(0, AdviseInfo::notify(9, sink)).unwrap();
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_OFFLINE)
-        .unwrap();
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_ONLINE)
-        .unwrap();
+    switch(&state, STATE_OFFLINE);
+    switch(&state, STATE_ONLINE);
     let seen = seen.lock().unwrap();
     let phases: Vec<u32> = seen.iter().map(|n| n.phase as u32).collect();
     assert_eq!(phases, [1, 2, 3, 1, 2, 3]);
@@ -207,9 +204,7 @@ fn p33_a_consumer_drops_notifications_of_other_masks() {
     let state = OfflineState::new(STATE_ONLINE);
     let (seen, sink) = recorder();
     state.advise(0, AdviseInfo::notify(0, sink)).unwrap();
-    state
-        .set_current_state(offline::FLAG_BLOCK, STATE_OFFLINE_MASK, STATE_OFFLINE)
-        .unwrap();
+    switch(&state, STATE_OFFLINE);
     for n in seen.lock().unwrap().iter() {
         consume(n, &mut online);
     }

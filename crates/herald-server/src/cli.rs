@@ -47,28 +47,34 @@ impl Client {
     }
 
     async fn json<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let body = self.send(r).await?.bytes().await?;
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Sends `r`; a non-2xx answer is an error carrying the server's message.
+    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = r
             .send()
             .await
             .with_context(|| format!("cannot reach the server at {}", self.server))?;
         let status = resp.status();
-        let body = resp.bytes().await?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    let e = v.get("error")?;
-                    let field = e.get("field").and_then(|f| f.as_str());
-                    let message = e.get("message")?.as_str()?;
-                    Some(match field {
-                        Some(f) => format!("{f}: {message}"),
-                        None => message.to_owned(),
-                    })
-                })
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            bail!("the server answered {status}: {msg}");
+        if status.is_success() {
+            return Ok(resp);
         }
-        Ok(serde_json::from_slice(&body)?)
+        let body = resp.bytes().await?;
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let e = v.get("error")?;
+                let field = e.get("field").and_then(|f| f.as_str());
+                let message = e.get("message")?.as_str()?;
+                Some(match field {
+                    Some(f) => format!("{f}: {message}"),
+                    None => message.to_owned(),
+                })
+            })
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        bail!("the server answered {status}: {msg}");
     }
 
     /// Publishes one event; returns its watermark.
@@ -118,18 +124,11 @@ impl Client {
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<()> {
         let resp = self
-            .request(reqwest::Method::GET, "/v1/state/advise")
-            .query(&[("token", token)])
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "the server answered {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
+            .send(
+                self.request(reqwest::Method::GET, "/v1/state/advise")
+                    .query(&[("token", token)]),
+            )
+            .await?;
         let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
         while let Some(item) = events.next().await {
             let ev = item.context("the advise stream broke")?;
@@ -169,18 +168,8 @@ impl Client {
 
     /// Closes connection `id`.
     pub async fn kick(&self, id: &str) -> anyhow::Result<()> {
-        let resp = self
-            .request(reqwest::Method::DELETE, &format!("/v1/connections/{id}"))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "the server answered {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
+        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/connections/{id}")))
+            .await?;
         Ok(())
     }
 

@@ -14,6 +14,8 @@ use herald_core::{
     STATE_ONLINE, StateChangePhase, Timestamp,
 };
 use herald_log::{AppendOptions, EmbeddedLog, EventLog};
+
+use crate::server_state::state_name;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -66,7 +68,13 @@ pub struct ConnectionView {
 }
 
 struct Entry {
-    view: ConnectionView,
+    id: String,
+    owner: String,
+    transport: String,
+    target: String,
+    online: bool,
+    opened_at: u64,
+    state_since: u64,
     seen: Instant,
     busy: usize,
     lease: Lease,
@@ -74,6 +82,34 @@ struct Entry {
     generation: u64,
     /// Set when an operator kicked it (its end is then a kick, already hooked).
     kicked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Entry {
+    fn view(&self) -> ConnectionView {
+        ConnectionView {
+            id: self.id.clone(),
+            owner: self.owner.clone(),
+            transport: self.transport.clone(),
+            target: self.target.clone(),
+            state: state_name(self.state()).into(),
+            presence_key: presence_key(&self.owner, &self.id).to_string(),
+            opened_at: self.opened_at,
+            state_since: self.state_since,
+            idle_ms: if self.busy > 0 {
+                0
+            } else {
+                self.seen.elapsed().as_millis() as u64
+            },
+        }
+    }
+
+    fn state(&self) -> u32 {
+        if self.online {
+            STATE_ONLINE
+        } else {
+            STATE_OFFLINE
+        }
+    }
 }
 
 /// Tells registrations of the same id apart.
@@ -98,9 +134,10 @@ impl Inner {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, view: &ConnectionView, old: u32, new: u32) {
+    fn publish(&self, e: &Entry, old: u32) {
+        let new = e.state();
         let n = Notification::new(
-            presence_key(&view.owner, &view.id),
+            presence_key(&e.owner, &e.id),
             Event::ConnectionState(ConnectionStateChange {
                 phase: StateChangePhase::Done,
                 client_token: 0,
@@ -132,33 +169,16 @@ impl Inner {
             // Stopping, or a stream whose lease ran out: it is closing, not coming back.
             return;
         }
-        let new = if online { STATE_ONLINE } else { STATE_OFFLINE };
-        let old = state_value(&e.view.state);
-        if old == new {
+        if e.online == online {
             return;
         }
-        e.view.state = state_name(new).into();
-        e.view.state_since = Timestamp::now().0;
+        let old = e.state();
+        e.online = online;
+        e.state_since = Timestamp::now().0;
         if online {
             e.seen = Instant::now();
         }
-        self.publish(&e.view, old, new);
-    }
-}
-
-fn state_name(state: u32) -> &'static str {
-    if state == STATE_ONLINE {
-        "online"
-    } else {
-        "offline"
-    }
-}
-
-fn state_value(name: &str) -> u32 {
-    if name == "online" {
-        STATE_ONLINE
-    } else {
-        STATE_OFFLINE
+        self.publish(e, old);
     }
 }
 
@@ -217,42 +237,32 @@ impl Connections {
     ) -> Conn {
         let id = id.unwrap_or_else(|| format!("{transport}-{}", uuid::Uuid::new_v4().simple()));
         let now = Timestamp::now().0;
-        let view = ConnectionView {
+        let expired = CancellationToken::new();
+        let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Once the server is stopping, nothing comes online.
+        let online = !self.inner.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let entry = Entry {
             id: id.clone(),
             owner: owner.to_owned(),
             transport: transport.to_owned(),
             target: target.to_owned(),
-            state: "online".into(),
-            presence_key: presence_key(owner, &id).to_string(),
+            online,
             opened_at: now,
             state_since: now,
-            idle_ms: 0,
+            seen: Instant::now(),
+            busy: 0,
+            lease,
+            expired: expired.clone(),
+            generation,
+            kicked: kicked.clone(),
         };
-        let expired = CancellationToken::new();
-        let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let closing = self.inner.closing.load(std::sync::atomic::Ordering::SeqCst);
-        let mut view = view;
-        if closing {
-            view.state = "offline".into();
-        }
         let mut entries = self.inner.entries();
         // Published under the lock, so that no change of the same id can come between.
-        if !closing {
-            self.inner.publish(&view, STATE_OFFLINE, STATE_ONLINE);
+        if online {
+            self.inner.publish(&entry, STATE_OFFLINE);
         }
-        let previous = entries.insert(
-            id.clone(),
-            Entry {
-                view,
-                seen: Instant::now(),
-                busy: 0,
-                lease,
-                expired: expired.clone(),
-                generation,
-                kicked: kicked.clone(),
-            },
-        );
+        let previous = entries.insert(id.clone(), entry);
         drop(entries);
         if let Some(p) = previous {
             // The same id opened again (a subscription re-created with its id): the old one
@@ -273,16 +283,8 @@ impl Connections {
         let entries = self.inner.entries();
         let mut v: Vec<ConnectionView> = entries
             .values()
-            .filter(|e| owner.is_none_or(|o| e.view.owner == o))
-            .map(|e| {
-                let mut view = e.view.clone();
-                view.idle_ms = if e.busy > 0 {
-                    0
-                } else {
-                    e.seen.elapsed().as_millis() as u64
-                };
-                view
-            })
+            .filter(|e| owner.is_none_or(|o| e.owner == o))
+            .map(Entry::view)
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -297,14 +299,11 @@ impl Connections {
             .entries()
             .values()
             .filter(|e| {
-                e.lease != Lease::None
-                    && e.busy == 0
-                    && e.view.state == "online"
-                    && e.seen.elapsed() > lease
+                e.lease != Lease::None && e.busy == 0 && e.online && e.seen.elapsed() > lease
             })
             .map(|e| {
                 (
-                    e.view.id.clone(),
+                    e.id.clone(),
                     (e.lease == Lease::Stream).then(|| e.expired.clone()),
                 )
             })
@@ -321,7 +320,7 @@ impl Connections {
 
     /// The connection `id`, if open.
     pub fn get(&self, id: &str) -> Option<ConnectionView> {
-        self.inner.entries().get(id).map(|e| e.view.clone())
+        self.inner.entries().get(id).map(Entry::view)
     }
 
     /// Ends a stream or session (an operator's kick): it is told to close, and its end
@@ -394,7 +393,7 @@ impl Conn {
             match entries.get_mut(&self.id) {
                 Some(e) => {
                     e.seen = Instant::now();
-                    e.view.state != "online"
+                    !e.online
                 }
                 None => false,
             }
@@ -440,10 +439,7 @@ impl Conn {
 
     /// Whether the connection is online now.
     pub fn is_online(&self) -> bool {
-        self.inner
-            .entries()
-            .get(&self.id)
-            .is_some_and(|e| e.view.state == "online")
+        self.inner.entries().get(&self.id).is_some_and(|e| e.online)
     }
 }
 
@@ -457,10 +453,55 @@ impl Drop for Conn {
         if !ours {
             return;
         }
-        if let Some(e) = entries.remove(&self.id) {
-            if e.view.state == "online" {
-                self.inner.publish(&e.view, STATE_ONLINE, STATE_OFFLINE);
+        if let Some(mut e) = entries.remove(&self.id) {
+            if e.online {
+                e.online = false;
+                self.inner.publish(&e, STATE_ONLINE);
             }
+        }
+    }
+}
+
+/// A stream or session whose connect hooks ran: when it drops, the connection goes offline
+/// and the cancel hooks run with [`LiveConnection::end`]'s reason (unless a kick ran them).
+pub struct LiveConnection {
+    conn: Conn,
+    connect: herald_core::hooks::HookRequest,
+    state: crate::AppState,
+    reason: &'static str,
+}
+
+impl LiveConnection {
+    /// `conn`, opened by the hooked `connect`; it ends as a `close` unless told otherwise.
+    pub fn new(
+        conn: Conn,
+        connect: herald_core::hooks::HookRequest,
+        state: crate::AppState,
+    ) -> LiveConnection {
+        LiveConnection {
+            conn,
+            connect,
+            state,
+            reason: "close",
+        }
+    }
+
+    /// The registration.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    /// Why it ends (`close`, `expiry`, `kick`, `shutdown`), for the cancel hooks.
+    pub fn end(&mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        if !self.conn.was_kicked() {
+            self.state
+                .cancelled(self.connect.clone().cancel(self.reason, true));
         }
     }
 }

@@ -18,7 +18,7 @@ pub mod json;
 pub mod mapi;
 pub mod metrics;
 pub mod serve;
-pub mod state;
+pub mod server_state;
 pub mod subscriptions;
 pub mod webhook;
 
@@ -49,7 +49,7 @@ struct StateInner {
     ews: Arc<ews::Ews>,
     mapi: Arc<mapi::Mapi>,
     connections: connections::Connections,
-    server_state: state::ServerState,
+    server_state: server_state::ServerState,
     hooks: Arc<herald_core::hooks::Hooks>,
     /// Cancel hooks running in the background, waited for at shutdown.
     hook_tasks: tokio_util::task::TaskTracker,
@@ -77,7 +77,7 @@ impl AppState {
         let log = EmbeddedLog::open(&config.data_dir, config.log_options(), hub)?;
         let frames = Arc::new(frames::EventCache::default());
         let server_state =
-            state::ServerState::new(config.state.start_offline, config.state.drain_timeout);
+            server_state::ServerState::new(config.state.start_offline, config.state.drain_timeout);
         let connections = connections::Connections::new(
             log.clone(),
             config.connections.lease,
@@ -181,7 +181,7 @@ impl AppState {
     }
 
     /// The server's own online/offline state.
-    pub fn server_state(&self) -> &state::ServerState {
+    pub fn server_state(&self) -> &server_state::ServerState {
         &self.inner.server_state
     }
 

@@ -341,7 +341,7 @@ pub struct Durables {
 struct DurablesInner {
     log: EmbeddedLog,
     connections: crate::connections::Connections,
-    server_state: crate::state::ServerState,
+    server_state: crate::server_state::ServerState,
     hooks: Arc<herald_core::hooks::Hooks>,
     webhooks: Mutex<Option<Arc<crate::webhook::WebhookContext>>>,
     subs: Mutex<HashMap<String, Arc<Durable>>>,
@@ -357,7 +357,7 @@ impl Durables {
     pub fn new(
         log: EmbeddedLog,
         connections: crate::connections::Connections,
-        server_state: crate::state::ServerState,
+        server_state: crate::server_state::ServerState,
         hooks: Arc<herald_core::hooks::Hooks>,
         idle_timeout: Duration,
         max_key: usize,

@@ -100,7 +100,7 @@ pub struct WebhookContext {
     /// Queue capacity for followers.
     pub queue_capacity: usize,
     /// The server's state: offline holds deliveries.
-    pub server_state: crate::state::ServerState,
+    pub server_state: crate::server_state::ServerState,
 }
 
 /// The key operational events about webhook subscriptions are published on:

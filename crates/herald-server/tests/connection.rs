@@ -90,6 +90,17 @@ impl Events {
     }
 }
 
+/// Asserts that `r` is a 403 whose message holds `text`; returns its body.
+async fn refused_with(r: reqwest::Response, text: &str) -> Value {
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(text),
+        "{body}"
+    );
+    body
+}
+
 async fn wait_until<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -735,15 +746,8 @@ async fn p37_a_before_hook_cancels_and_the_client_gets_a_403_with_the_reason_and
             .await
             .unwrap(),
     ] {
-        assert_eq!(r.status(), 403);
-        let body: Value = r.json().await.unwrap();
+        let body = refused_with(r, "secrets are not for you").await;
         assert_eq!(body["error"]["code"], "refused_by_hook");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("secrets are not for you")
-        );
     }
     assert_eq!(
         hooks.trace(),
@@ -917,15 +921,7 @@ async fn a_hook_that_times_out_lets_through_when_open_and_refuses_when_closed() 
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("unavailable"),
-        "{body}"
-    );
+    refused_with(r, "unavailable").await;
     // So is a hook that answers nonsense.
     let nonsense = HookServer::start(|_, _| json!({"decision": "maybe"})).await;
     let (confused, _t4) = start(&nonsense.config(&["confused:closed"]));
@@ -934,15 +930,7 @@ async fn a_hook_that_times_out_lets_through_when_open_and_refuses_when_closed() 
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("unknown decision"),
-        "{body}"
-    );
+    refused_with(r, "unknown decision").await;
     // An unreachable hook is the same.
     let (gone, _t3) = start(
         "[[hooks.http]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/\"\ntimeout = \"500ms\"\nfailure = \"closed\"\n",
@@ -1018,27 +1006,22 @@ async fn the_access_list_refuses_by_owner_and_prefix_over_every_protocol() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("hooks.access.deny")
-    );
+    refused_with(r, "hooks.access.deny").await;
     let r = api(client().get(server.url("/v1/stream?key=public/1")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     // EWS: the refusal is an EWS error.
-    let subscribe = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body><m:Subscribe><m:PullSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:Timeout>5</t:Timeout></m:PullSubscriptionRequest></m:Subscribe></s:Body></s:Envelope>";
+    let subscribe = envelope(
+        "<m:Subscribe><m:PullSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:Timeout>5</t:Timeout></m:PullSubscriptionRequest></m:Subscribe>",
+    );
     let ews = |user: &str, pw: &str| {
         client()
             .post(server.url("/EWS/Exchange.asmx"))
             .header("content-type", "text/xml; charset=utf-8")
             .basic_auth(user, Some(pw))
-            .body(subscribe)
+            .body(subscribe.clone())
             .send()
     };
     let bob = ews("bob@example.test", "bob-pw")
@@ -1263,11 +1246,6 @@ async fn ews_streaming_connections_and_mapi_sessions_are_connections_too() {
             .collect()
     };
     // EWS: a streaming connection is online while it is open.
-    let envelope = |body: &str| {
-        format!(
-            "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>{body}</s:Body></s:Envelope>"
-        )
-    };
     let ews = |body: String| {
         client_no_timeout()
             .post(server.url("/EWS/Exchange.asmx"))
@@ -1508,10 +1486,10 @@ async fn an_ews_push_endpoint_is_a_connection_offline_while_it_cannot_be_reached
         "{EXCHANGE_USERS}[ews]\nminute = \"1s\"\nheartbeat = \"500ms\"\npush_retry_base = \"200ms\"\n"
     ));
     let mut recv = Receiver::start().await;
-    let subscribe = format!(
-        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body><m:Subscribe><m:PushSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:StatusFrequency>3</t:StatusFrequency><t:URL>{}</t:URL></m:PushSubscriptionRequest></m:Subscribe></s:Body></s:Envelope>",
+    let subscribe = envelope(&format!(
+        "<m:Subscribe><m:PushSubscriptionRequest SubscribeToAllFolders=\"true\"><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:StatusFrequency>3</t:StatusFrequency><t:URL>{}</t:URL></m:PushSubscriptionRequest></m:Subscribe>",
         recv.url()
-    );
+    ));
     let answer = client()
         .post(server.url("/EWS/Exchange.asmx"))
         .header("content-type", "text/xml; charset=utf-8")
@@ -1574,11 +1552,6 @@ async fn publish_ok_with_key(server: &Server, events: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_an_ews_pull_gets_only_a_status_event_and_online_everything() {
     let (server, _t) = start(EXCHANGE_USERS);
-    let envelope = |body: &str| {
-        format!(
-            "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>{body}</s:Body></s:Envelope>"
-        )
-    };
     let ews = |body: String| async {
         client()
             .post(server.url("/EWS/Exchange.asmx"))

@@ -74,12 +74,6 @@ fn exchangelib_without_authentication() {
     conformance(&["noauth"], false);
 }
 
-const ENVELOPE_HEAD: &str = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>";
-
-fn envelope(body: &str) -> String {
-    format!("{ENVELOPE_HEAD}{body}</s:Body></s:Envelope>")
-}
-
 async fn post(server: &Server, body: String, auth: Option<(&str, &str)>) -> (u16, String) {
     let mut req = client()
         .post(server.url("/EWS/Exchange.asmx"))

@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use herald_core::offline::{self, AdviseError, AdviseInfo, SetStateError};
-use herald_core::{ConnectionStateChange, STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE};
+use herald_core::{
+    ConnectionStateChange, STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE, StateChangePhase,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
@@ -22,7 +24,7 @@ use crate::auth::Principal;
 use crate::connections::ConnectionView;
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
-use crate::state::state_name;
+use crate::server_state::state_name;
 use herald_core::hooks::{HookRequest, Operation};
 
 /// The server's state.
@@ -229,7 +231,7 @@ pub(super) async fn advise(
     let keepalive = state.config().limits.keepalive;
     let shutdown = state.shutdown().clone();
     /// Unadvises when the stream is dropped.
-    struct Advised(crate::state::ServerState, u32);
+    struct Advised(crate::server_state::ServerState, u32);
     impl Drop for Advised {
         fn drop(&mut self) {
             self.0.unadvise_if(self.1, |_| true);
@@ -284,10 +286,10 @@ pub(super) async fn advise(
 }
 
 fn notification(n: &ConnectionStateChange) -> Bytes {
-    let name = match n.phase as u32 {
-        1 => "start",
-        2 => "change",
-        _ => "done",
+    let name = match n.phase {
+        StateChangePhase::Start => "start",
+        StateChangePhase::Change => "change",
+        StateChangePhase::Done => "done",
     };
     let body = StateNotification {
         notify_type: n.phase as u32,

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::AppState;
-use crate::connections::{Conn, Lease};
+use crate::connections::{Lease, LiveConnection};
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
 use crate::hooks::refused;
@@ -113,11 +113,7 @@ pub(super) async fn stream(
         })
         .await;
     let start = match started {
-        Ok((follower, conn)) => Ok(Opened {
-            follower,
-            conn,
-            req,
-        }),
+        Ok((follower, conn)) => Ok((follower, LiveConnection::new(conn, req, state.clone()))),
         Err(HookError::Failed(e)) => Err(e),
         Err(HookError::Cancelled { hook, reason }) => return Err(refused(&hook, &reason)),
     };
@@ -137,35 +133,14 @@ pub(super) async fn stream(
         .into_response())
 }
 
-/// A stream that passed its hooks.
-struct Opened {
-    follower: Follower<EmbeddedLog>,
-    conn: Conn,
-    req: HookRequest,
-}
-
 struct StreamState {
     follower: Option<Follower<EmbeddedLog>>,
     ending: Option<Bytes>,
     state: AppState,
-    /// The connection's presence and its hook request, for the cancel hooks at the end.
-    conn: Option<(Conn, HookRequest)>,
-    /// Why the stream ended, for the cancel hooks.
-    reason: &'static str,
+    /// The connection's presence; dropping it runs the cancel hooks.
+    conn: Option<LiveConnection>,
     _gauge: ConnectionGauge,
     _permit: ConnectionPermit,
-}
-
-impl Drop for StreamState {
-    fn drop(&mut self) {
-        if let Some((conn, req)) = self.conn.take() {
-            let kicked = conn.was_kicked();
-            drop(conn);
-            if !kicked {
-                self.state.cancelled(req.cancel(self.reason, true));
-            }
-        }
-    }
 }
 
 fn final_event(e: &FollowError) -> Bytes {
@@ -191,12 +166,12 @@ fn final_event(e: &FollowError) -> Bytes {
 /// The body: every batch the follower yields is written as one chunk (one socket write for
 /// many events); a comment keeps an idle stream open; a named event ends it.
 fn events(
-    start: Result<Opened, FollowError>,
+    start: Result<(Follower<EmbeddedLog>, LiveConnection), FollowError>,
     state: AppState,
     permit: ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let (follower, ending, conn) = match start {
-        Ok(o) => (Some(o.follower), None, Some((o.conn, o.req))),
+        Ok((follower, live)) => (Some(follower), None, Some(live)),
         Err(e) => (None, Some(final_event(&e)), None),
     };
     let s = StreamState {
@@ -204,7 +179,6 @@ fn events(
         ending,
         state,
         conn,
-        reason: "close",
         _gauge: ConnectionGauge::open("sse"),
         _permit: permit,
     };
@@ -218,9 +192,9 @@ fn events(
         // Being polled means the last chunk went out: the client is (as far as TCP knows)
         // still there.
         let expired = match &s.conn {
-            Some((conn, _)) => {
-                conn.renew();
-                conn.expired().clone()
+            Some(live) => {
+                live.conn().renew();
+                live.conn().expired().clone()
             }
             None => CancellationToken::new(),
         };
@@ -244,8 +218,10 @@ fn events(
             () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
             () = expired.cancelled() => {
                 s.follower = None;
-                let why = s.conn.as_ref().map_or("expiry", |(c, _)| c.end_reason());
-                s.reason = why;
+                let why = s.conn.as_ref().map_or("expiry", |l| l.conn().end_reason());
+                if let Some(live) = &mut s.conn {
+                    live.end(why);
+                }
                 if why == "kick" {
                     sse_named("closed", &serde_json::json!({"code": "kicked", "message": "an operator closed this connection"}))
                 } else {
@@ -254,7 +230,9 @@ fn events(
             }
             () = shutdown.cancelled() => {
                 s.follower = None;
-                s.reason = "shutdown";
+                if let Some(live) = &mut s.conn {
+                    live.end("shutdown");
+                }
                 sse_named("shutdown", &serde_json::json!({"code": "shutdown", "message": "the server is shutting down; reconnect with Last-Event-ID"}))
             }
         };

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::connections::{Conn, Lease};
+use crate::connections::{Lease, LiveConnection};
 use crate::hooks::refused;
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
@@ -156,6 +156,8 @@ pub(super) async fn websocket(
         }
         Err(HookError::Failed(never)) => match never {},
     };
+    // Dropped with the closure if the upgrade never completes: then it ends as a `close`.
+    let live = LiveConnection::new(conn, req, state.clone());
     // tungstenite's default buffers (128 KiB to read, more to write) would cost every idle
     // connection well over 100 KiB; client frames are small.
     upgrade
@@ -164,15 +166,7 @@ pub(super) async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1024 * 1024)
-        .on_upgrade(move |socket| {
-            let ws = WsConn {
-                conn,
-                req,
-                state: state.clone(),
-                reason: "close",
-            };
-            connection(state, socket, principal, permit, ws)
-        })
+        .on_upgrade(move |socket| connection(state, socket, principal, permit, live))
 }
 
 struct Sub {
@@ -204,9 +198,9 @@ async fn connection(
     mut socket: WebSocket,
     principal: Principal,
     _permit: ConnectionPermit,
-    mut ws: WsConn,
+    mut live: LiveConnection,
 ) {
-    let conn = &ws.conn;
+    let conn = live.conn();
     let _gauge = ConnectionGauge::open("websocket");
     let mut reason = "close";
     let expired = conn.expired().clone();
@@ -273,25 +267,7 @@ async fn connection(
         s.task.abort();
         state.cancelled(s.req.cancel(reason, true));
     }
-    ws.reason = reason;
-}
-
-/// A WebSocket's registration: when it drops (the socket ended, or the upgrade never
-/// happened), the connection goes offline and the cancel hooks run, unless a kick ran them.
-struct WsConn {
-    conn: Conn,
-    req: HookRequest,
-    state: AppState,
-    reason: &'static str,
-}
-
-impl Drop for WsConn {
-    fn drop(&mut self) {
-        if !self.conn.was_kicked() {
-            self.state
-                .cancelled(self.req.clone().cancel(self.reason, true));
-        }
-    }
+    live.end(reason);
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {

@@ -28,7 +28,8 @@ use herald_log::{EmbeddedLog, EventLog, ReadError};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::connections::{Conn, Lease};
+use crate::connections::{Conn, Lease, LiveConnection};
+use crate::subscriptions::owner_name;
 use map::{id_of, key_of, watermark_from, watermark_of};
 
 /// Most events in one notification.
@@ -498,7 +499,7 @@ async fn subscribe(
     let hook = HookRequest::new(
         Operation::Connect,
         id.clone(),
-        user.as_deref().unwrap_or("anonymous"),
+        owner_name(user.as_deref()),
         "ews",
         format!("{mailbox}/"),
     );
@@ -755,7 +756,7 @@ async fn streaming(
             &bad,
         ));
     }
-    let owner = user.clone().unwrap_or_else(|| "anonymous".into());
+    let owner = owner_name(user.as_deref()).to_owned();
     {
         let mut streams = ews.streams.lock().unwrap_or_else(|e| e.into_inner());
         let n = streams.entry(owner.clone()).or_default();
@@ -809,7 +810,7 @@ async fn streaming(
         subs,
         state.config().ews.minute * timeout_minutes,
         permit,
-        (conn, req),
+        LiveConnection::new(conn, req, state.clone()),
     ));
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }
@@ -834,9 +835,8 @@ struct StreamState {
     deadline: tokio::time::Instant,
     done: bool,
     stop: CancellationToken,
-    /// The connection's presence and connect hook request.
-    conn: Option<(Conn, HookRequest)>,
-    reason: &'static str,
+    /// The connection's presence; dropping it runs the cancel hooks.
+    live: LiveConnection,
     /// Offline, batches already fed wait here: no delivery starts once the gate closes.
     gate: herald_log::Gate,
     _permit: StreamPermit,
@@ -845,13 +845,6 @@ struct StreamState {
 impl Drop for StreamState {
     fn drop(&mut self) {
         self.stop.cancel();
-        if let Some((conn, req)) = self.conn.take() {
-            let kicked = conn.was_kicked();
-            drop(conn);
-            if !kicked {
-                self.state.cancelled(req.cancel(self.reason, true));
-            }
-        }
         // A streaming subscription's idle clock starts when its last connection ends.
         for sub in &self.subs {
             sub.touch();
@@ -864,7 +857,7 @@ fn stream_body(
     subs: Vec<Arc<EwsSub>>,
     timeout: Duration,
     permit: StreamPermit,
-    conn: (Conn, HookRequest),
+    live: LiveConnection,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let stop = CancellationToken::new();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -927,8 +920,7 @@ fn stream_body(
         deadline: tokio::time::Instant::now() + timeout,
         done: false,
         stop,
-        conn: Some(conn),
-        reason: "close",
+        live,
         gate,
         _permit: permit,
     };
@@ -946,13 +938,8 @@ fn stream_body(
                 return None;
             }
             let shutdown = s.state.shutdown().clone();
-            let expired = match &s.conn {
-                Some((conn, _)) => {
-                    conn.renew();
-                    conn.expired().clone()
-                }
-                None => CancellationToken::new(),
-            };
+            s.live.conn().renew();
+            let expired = s.live.conn().expired().clone();
             let delivering = s.gate.is_open();
             tokio::select! {
                 () = s.gate.changed() => {}
@@ -1009,12 +996,13 @@ fn stream_body(
                 }
                 () = expired.cancelled() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
-                    s.reason = s.conn.as_ref().map_or("expiry", |(c, _)| c.end_reason());
+                    let why = s.live.conn().end_reason();
+                    s.live.end(why);
                     s.done = true;
                 }
                 () = shutdown.cancelled() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
-                    s.reason = "shutdown";
+                    s.live.end("shutdown");
                     s.done = true;
                 }
             }

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::connections::{BusyGuard, Conn, Lease};
+use crate::subscriptions::owner_name;
 use map::KnownFolders;
 
 /// X-ResponseCode values (MS-OXCMAPIHTTP 2.2.3.3.3).
@@ -447,7 +448,7 @@ async fn connect(
         return refuse(LOGIN_PERM);
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let owner = user.as_deref().unwrap_or("anonymous").to_owned();
+    let owner = owner_name(user.as_deref()).to_owned();
     let hook = HookRequest::new(
         Operation::Connect,
         format!("mapi-{id}"),

@@ -505,3 +505,11 @@ pub fn start_with_config(toml: &str) -> (Server, tempfile::TempDir) {
     );
     (server, tmp)
 }
+
+const ENVELOPE_HEAD: &str = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:m=\"http://schemas.microsoft.com/exchange/services/2006/messages\" xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><s:Body>";
+
+/// A SOAP envelope around an EWS request body.
+#[allow(dead_code)]
+pub fn envelope(body: &str) -> String {
+    format!("{ENVELOPE_HEAD}{body}</s:Body></s:Envelope>")
+}
