@@ -188,6 +188,23 @@ pub fn send_notification(n: &Notification) -> String {
     )
 }
 
+/// The push body telling the client its subscription failed (`ErrorReadEventsFailed`: its
+/// events can no longer be read): the subscription is gone, and the client recreates it from
+/// the last watermark it holds.
+pub fn send_notification_error(code: &str, text: &str, subscription_id: &str) -> String {
+    let payload = format!(
+        r#"<m:MessageXml><t:Value Name="SubscriptionId">{}</t:Value></m:MessageXml>"#,
+        escape(subscription_id)
+    );
+    let body = format!(
+        r#"<m:SendNotification><m:ResponseMessages>{}</m:ResponseMessages></m:SendNotification>"#,
+        error_message("SendNotification", code, text, &payload)
+    );
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{NS_SOAP}" xmlns:m="{NS_MESSAGES}" xmlns:t="{NS_TYPES}"><s:Header><t:RequestServerVersion Version="Exchange2016"/></s:Header><s:Body>{body}</s:Body></s:Envelope>"#
+    )
+}
+
 /// The client's answer to a push.
 pub fn send_notification_result(status: SubscriptionStatus) -> String {
     let s = match status {

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use crate::record;
 use crate::{
     AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, ReadError,
+    SubscriptionStore,
 };
 
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
@@ -333,34 +334,9 @@ impl EmbeddedLog {
             .map_err(|_| LogError::Closed)?
     }
 
-    /// Stores (or replaces) a durable subscription's description; durable when it returns.
-    pub async fn put_subscription(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
-        let id = id.to_owned();
-        self.call(|reply| Command::PutSubscription { id, spec, reply })
-            .await
-    }
-
-    /// Removes a durable subscription and its acknowledgement; returns whether it existed.
-    pub async fn delete_subscription(&self, id: &str) -> Result<bool, LogError> {
-        let id = id.to_owned();
-        self.call(|reply| Command::DeleteSubscription { id, reply })
-            .await
-    }
-
-    /// Records that the subscriber of `id` has everything up to `watermark` (an older
-    /// watermark than the stored one is ignored). Returns whether the subscription exists.
-    pub async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
-        let id = id.to_owned();
-        self.call(|reply| Command::Ack {
-            id,
-            watermark,
-            reply,
-        })
-        .await
-    }
-
-    /// Every stored durable subscription, by id.
-    pub fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
+    /// Every stored durable subscription, by id ([`SubscriptionStore::subscriptions`] for
+    /// threads outside an async runtime).
+    pub fn subscriptions_blocking(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let subs = match txn.open_table(SUBSCRIPTIONS) {
             Ok(t) => t,
@@ -443,6 +419,41 @@ impl EventLog for EmbeddedLog {
 
     fn hub(&self) -> &Hub {
         &self.inner.hub
+    }
+
+    async fn shutdown(&self) -> Result<(), LogError> {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || log.close())
+            .await
+            .map_err(|e| storage(format!("closing the log: {e}")))?
+    }
+}
+
+impl SubscriptionStore for EmbeddedLog {
+    async fn put_subscription(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::PutSubscription { id, spec, reply })
+            .await
+    }
+
+    async fn delete_subscription(&self, id: &str) -> Result<bool, LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::DeleteSubscription { id, reply })
+            .await
+    }
+
+    async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::Ack {
+            id,
+            watermark,
+            reply,
+        })
+        .await
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
+        self.subscriptions_blocking()
     }
 }
 

@@ -32,6 +32,7 @@
 mod embedded;
 mod follow;
 mod record;
+mod shared;
 
 use std::future::Future;
 
@@ -43,6 +44,7 @@ pub use embedded::{EmbeddedLog, LogOptions, Retention, SubscriptionRecord};
 pub const LOG_FILE: &str = embedded::LOG_FILE;
 pub use follow::{FollowError, FollowOptions, Follower, Gate, GateSwitch};
 pub use record::RecordError;
+pub use shared::SharedLog;
 
 /// Whether an append waits for the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,4 +231,36 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The hub every durable batch is published to, in watermark order: the log's tail.
     fn hub(&self) -> &Hub;
+
+    /// Makes everything submitted so far durable and stops accepting appends (at shutdown).
+    /// Later appends fail with [`LogError::Closed`].
+    fn shutdown(&self) -> impl Future<Output = Result<(), LogError>> + Send;
+}
+
+/// Where a log keeps durable subscriptions and their acknowledged watermarks, so that they
+/// survive restarts beside the events they follow. Part of the storage seam: a server built
+/// over [`EventLog`] + [`SubscriptionStore`] runs on any backend.
+pub trait SubscriptionStore: Send + Sync + 'static {
+    /// Stores (or replaces) a subscription's description; durable when it resolves.
+    fn put_subscription(
+        &self,
+        id: &str,
+        spec: Vec<u8>,
+    ) -> impl Future<Output = Result<(), LogError>> + Send;
+
+    /// Removes a subscription and its acknowledgement; resolves to whether it existed.
+    fn delete_subscription(&self, id: &str) -> impl Future<Output = Result<bool, LogError>> + Send;
+
+    /// Records that the subscriber of `id` has everything up to `watermark` (an older one
+    /// than stored is ignored); resolves to whether the subscription exists.
+    fn ack(
+        &self,
+        id: &str,
+        watermark: Watermark,
+    ) -> impl Future<Output = Result<bool, LogError>> + Send;
+
+    /// Every stored subscription.
+    fn subscriptions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SubscriptionRecord>, LogError>> + Send;
 }

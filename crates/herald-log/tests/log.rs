@@ -377,7 +377,7 @@ async fn durable_subscriptions_and_their_acks_survive_restart() {
     drop(log);
     let log = open(dir.path(), unlimited());
     assert_eq!(
-        log.subscriptions().unwrap(),
+        log.subscriptions_blocking().unwrap(),
         vec![SubscriptionRecord {
             id: "s1".into(),
             spec: b"{\"transport\":\"poll\"}".to_vec(),

@@ -69,6 +69,8 @@ pub mod ec {
     pub const EXITING: u32 = 0x0000_03ED;
     /// The login failed.
     pub const LOGIN_FAILURE: u32 = 0x8004_0111;
+    /// The server is out of resources for now (ecServerOOM): retry later.
+    pub const SERVER_MEMORY: u32 = 0x0000_03F0;
     /// A buffer is too large (RopBufferSize, MaxRopOut, aux).
     pub const BUFFER_TOO_LARGE: u32 = 0x0000_06F7;
     /// A buffer is too small (MaxRopOut under 8).

@@ -267,7 +267,7 @@ impl Auth {
         };
         let key = filter.scope.key();
         // A subscriber may always watch the presence of its own connections.
-        let own_presence = Key::from(crate::connections::owner_presence(&c.sub).as_str());
+        let own_presence = Key::from(herald_delivery::presence::owner_presence(&c.sub).as_str());
         let within = key.is_within(&own_presence)
             || c.prefixes
                 .iter()

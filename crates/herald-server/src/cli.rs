@@ -8,11 +8,11 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
+use crate::api::ConnectionView;
 use crate::api::{
     PublishRequest, PublishResponse, SetState, StateNotification, StateView, StatusResponse,
     SubscriptionView,
 };
-use crate::connections::ConnectionView;
 use crate::json::EventJson;
 
 /// Where the server is and how to authenticate.

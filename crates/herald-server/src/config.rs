@@ -378,6 +378,18 @@ impl Config {
         ))
     }
 
+    /// How deliveries are set up.
+    pub fn delivery_options(&self) -> herald_delivery::DeliveryOptions {
+        herald_delivery::DeliveryOptions {
+            queue_capacity: self.limits.queue_capacity,
+            presence: herald_delivery::PresenceOptions {
+                lease: self.connections.lease,
+                publish: self.connections.presence,
+                backlog: self.connections.presence_backlog.max(1),
+            },
+        }
+    }
+
     /// The log's options for this configuration.
     pub fn log_options(&self) -> herald_log::LogOptions {
         herald_log::LogOptions {
@@ -472,9 +484,9 @@ pub struct MapiConfig {
     /// sessions and `udp` subscriptions of the JSON API).
     #[serde(with = "humantime_serde")]
     pub udp_repeat: Duration,
-    /// Notifications queued per session before the session stops reading the log (nothing
-    /// is dropped: it resumes when the client fetches).
-    pub max_queue: usize,
+    /// Bytes of RopNotify queued per session before the session stops reading the log
+    /// (nothing is dropped: it resumes when the client fetches).
+    pub max_queue_bytes: usize,
 }
 
 impl Default for MapiConfig {
@@ -484,7 +496,7 @@ impl Default for MapiConfig {
             notification_wait: Duration::from_secs(300),
             pending_period: Duration::from_secs(30),
             udp_repeat: Duration::from_secs(60),
-            max_queue: 65_536,
+            max_queue_bytes: 4 << 20,
         }
     }
 }
@@ -503,6 +515,10 @@ pub struct ConnectionsConfig {
     /// `$herald/presence/<owner>/<id>` (two log appends per connection). Off, connections are
     /// still listed and hooked, but nobody can subscribe to their presence.
     pub presence: bool,
+    /// Most connections whose presence changes wait to be written; while it is full, new
+    /// connections are refused (HTTP 503, EWS and MAPI busy errors) until the log catches up.
+    /// Nothing is dropped: a connection's many changes cost one entry.
+    pub presence_backlog: usize,
 }
 
 impl Default for ConnectionsConfig {
@@ -510,6 +526,7 @@ impl Default for ConnectionsConfig {
         ConnectionsConfig {
             lease: Duration::from_secs(45),
             presence: true,
+            presence_backlog: 65_536,
         }
     }
 }

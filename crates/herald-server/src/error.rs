@@ -160,3 +160,9 @@ impl From<herald_log::AppendError> for ApiError {
         }
     }
 }
+
+impl From<std::convert::Infallible> for ApiError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}

@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use axum::http::StatusCode;
 use herald_core::hooks::{
-    After, Before, ConnectionHook, Context, HookError, HookFuture, HookRequest, Hooks, Operation,
-    Status,
+    After, Before, ConnectionHook, Context, HookFuture, HookRequest, Hooks, Operation, Status,
 };
 use serde::{Deserialize, Serialize};
+
+use herald_delivery::ConnectError;
 
 use crate::config::{AccessRule, HookFailure, HooksConfig, HttpHookConfig};
 use crate::error::ApiError;
@@ -377,11 +378,16 @@ pub fn refused(hook: &str, reason: &str) -> ApiError {
     )
 }
 
-/// Turns a hook-run result into the API's error.
-pub fn api_error<E: Into<ApiError>>(e: HookError<E>) -> ApiError {
+/// Turns a hooked operation's failure into the API's error.
+pub fn api_error<E: Into<ApiError>>(e: ConnectError<E>) -> ApiError {
     match e {
-        HookError::Cancelled { hook, reason } => refused(&hook, &reason),
-        HookError::Failed(e) => e.into(),
+        ConnectError::Refused { hook, reason } => refused(&hook, &reason),
+        ConnectError::Busy => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the server is busy recording connections; retry shortly",
+        ),
+        ConnectError::Failed(e) => e.into(),
     }
 }
 

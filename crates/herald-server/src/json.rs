@@ -288,10 +288,10 @@ impl EventJson {
         max_key: usize,
     ) -> Result<Notification, FieldError> {
         let key = parse_key("key", &self.key, max_key)?;
-        if self.key == crate::connections::RESERVED_PREFIX
+        if self.key == herald_delivery::presence::RESERVED_PREFIX
             || self
                 .key
-                .starts_with(&format!("{}/", crate::connections::RESERVED_PREFIX))
+                .starts_with(&format!("{}/", herald_delivery::presence::RESERVED_PREFIX))
         {
             return Err(field_err(
                 "key",

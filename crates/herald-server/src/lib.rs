@@ -8,7 +8,6 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod connections;
 pub mod egress;
 pub mod error;
 pub mod ews;
@@ -18,7 +17,6 @@ pub mod json;
 pub mod mapi;
 pub mod metrics;
 pub mod serve;
-pub mod server_state;
 pub mod subscriptions;
 pub mod webhook;
 
@@ -26,13 +24,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_core::{Hub, HubOptions};
-use herald_log::EmbeddedLog;
+use herald_delivery::{Delivery, ServerState};
+use herald_log::{EmbeddedLog, EventLog, SharedLog};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiDoc, app};
 pub use config::Config;
 
-/// Everything a request handler can reach.
+/// The log every part of the server goes through: any backend behind one handle. Which
+/// backend is decided in [`AppState::open`] and nowhere else.
+pub type Log = SharedLog;
+
+/// Everything a request handler can reach: wiring only, each part owns its own job.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<StateInner>,
@@ -40,28 +43,21 @@ pub struct AppState {
 
 struct StateInner {
     config: Config,
-    log: EmbeddedLog,
+    delivery: Delivery<Log>,
     durables: subscriptions::Durables,
     metrics: metrics::Metrics,
     frames: Arc<frames::EventCache>,
     auth: Arc<auth::Auth>,
     egress: egress::EgressPolicy,
-    ews: Arc<ews::Ews>,
-    mapi: Arc<mapi::Mapi>,
-    connections: connections::Connections,
-    server_state: server_state::ServerState,
-    hooks: Arc<herald_core::hooks::Hooks>,
-    /// Cancel hooks running in the background, waited for at shutdown.
-    hook_tasks: tokio_util::task::TaskTracker,
-    push_client: reqwest::Client,
-    shutdown: CancellationToken,
+    ews: ews::Ews,
+    mapi: mapi::Mapi,
     started: Instant,
 }
 
 impl AppState {
     /// Opens the log in the configured data directory and restores durable subscriptions.
-    /// Must be called inside a tokio runtime (subscription watchers are tasks).
-    pub fn open(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
+    /// Must be called inside a tokio runtime (deliveries are tasks).
+    pub async fn open(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
         // First, so that what the parts below record at start is kept.
         let metrics = metrics::Metrics::install();
         let hub = Hub::new(HubOptions {
@@ -74,57 +70,56 @@ impl AppState {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let egress = config.egress().map_err(anyhow::Error::msg)?;
         let auth = Arc::new(auth::Auth::new(&config.auth, &config.data_dir)?);
-        let log = EmbeddedLog::open(&config.data_dir, config.log_options(), hub)?;
+        let log: Log = SharedLog::new(EmbeddedLog::open(
+            &config.data_dir,
+            config.log_options(),
+            hub,
+        )?);
         let frames = Arc::new(frames::EventCache::default());
-        let server_state =
-            server_state::ServerState::new(config.state.start_offline, config.state.drain_timeout);
-        let connections = connections::Connections::new(
-            log.clone(),
-            config.connections.lease,
-            config.connections.presence,
-        );
+        let server_state = ServerState::new(config.state.start_offline, config.state.drain_timeout);
         let hooks = Arc::new(hooks::from_config(&config.hooks)?);
+        let delivery = Delivery::new(
+            log,
+            config.delivery_options(),
+            server_state,
+            hooks,
+            shutdown,
+        );
         let durables = subscriptions::Durables::new(
-            log.clone(),
-            connections.clone(),
-            server_state.clone(),
-            hooks.clone(),
+            delivery.clone(),
             config.subscriptions.idle_timeout,
             config.limits.max_key_bytes,
-            config.limits.queue_capacity,
             config.mapi.udp_repeat,
         );
-        durables.set_webhooks(Arc::new(webhook::WebhookContext {
-            log: log.clone(),
+        durables.set_webhook_worker(webhook::worker(webhook::WebhookContext {
+            delivery: delivery.clone(),
             client: egress.client(config.webhooks.request_timeout),
             egress: egress.clone(),
             config: config.webhooks.clone(),
             frames: frames.clone(),
-            queue_capacity: config.limits.queue_capacity,
-            server_state: server_state.clone(),
         }));
-        let restored = durables.restore()?;
+        let restored = durables.restore().await?;
         if restored > 0 {
             tracing::info!(restored, "durable subscriptions restored");
         }
-        let push_client = egress.client(config.webhooks.request_timeout);
+        let ews = ews::Ews::new(
+            delivery.clone(),
+            config.ews.clone(),
+            egress.clone(),
+            egress.client(config.webhooks.request_timeout),
+        );
+        let mapi = mapi::Mapi::new(delivery.clone(), config.mapi.clone(), egress.clone());
         Ok(AppState {
             inner: Arc::new(StateInner {
                 config,
-                log,
+                delivery,
                 durables,
                 metrics,
                 frames,
                 auth,
-                push_client,
                 egress,
-                ews: Arc::default(),
-                mapi: Arc::default(),
-                connections,
-                server_state,
-                hooks,
-                hook_tasks: tokio_util::task::TaskTracker::new(),
-                shutdown,
+                ews,
+                mapi,
                 started: Instant::now(),
             }),
         })
@@ -135,9 +130,14 @@ impl AppState {
         &self.inner.config
     }
 
+    /// Deliveries: feeds, pages, connects, presence, the server's state.
+    pub fn delivery(&self) -> &Delivery<Log> {
+        &self.inner.delivery
+    }
+
     /// The event log.
-    pub fn log(&self) -> &EmbeddedLog {
-        &self.inner.log
+    pub fn log(&self) -> &Log {
+        self.inner.delivery.log()
     }
 
     /// Durable subscriptions.
@@ -165,7 +165,7 @@ impl AppState {
         &self.inner.egress
     }
 
-    /// EWS subscriptions.
+    /// The EWS endpoint's subscriptions.
     pub fn ews(&self) -> &ews::Ews {
         &self.inner.ews
     }
@@ -175,63 +175,14 @@ impl AppState {
         &self.inner.mapi
     }
 
-    /// Client connections and their presence.
-    pub fn connections(&self) -> &connections::Connections {
-        &self.inner.connections
-    }
-
-    /// The server's own online/offline state.
-    pub fn server_state(&self) -> &server_state::ServerState {
-        &self.inner.server_state
-    }
-
-    /// The connection hooks.
-    pub fn hooks(&self) -> &Arc<herald_core::hooks::Hooks> {
-        &self.inner.hooks
-    }
-
-    /// Runs the hooks around a cancel that has already happened (a stream closed, a lease
-    /// expired): in the background, and it cannot be refused. Shutdown waits for them.
-    pub fn cancelled(&self, req: herald_core::hooks::HookRequest) {
-        if self.inner.hooks.is_empty() {
-            return;
-        }
-        let hooks = self.inner.hooks.clone();
-        self.inner.hook_tasks.spawn(async move {
-            let _ = hooks
-                .run(&req, || async { Ok::<(), std::convert::Infallible>(()) })
-                .await;
-        });
-    }
-
-    /// Follows `filter` after `after`, holding deliveries while the server is offline.
-    pub fn follow(
-        &self,
-        filter: herald_core::Filter,
-        after: herald_core::Watermark,
-    ) -> Result<herald_log::Follower<EmbeddedLog>, herald_log::FollowError> {
-        let options = herald_log::FollowOptions {
-            queue_capacity: self.inner.config.limits.queue_capacity,
-            ..Default::default()
-        };
-        herald_log::Follower::start(&self.inner.log, filter, after, options)
-            .map(|f| f.gated(self.inner.server_state.gate()))
-    }
-
-    /// The outbound client for EWS push notifications (egress policy applied).
-    pub fn push_client(&self) -> &reqwest::Client {
-        &self.inner.push_client
-    }
-
     /// Cancelled when the server starts shutting down.
     pub fn shutdown(&self) -> &CancellationToken {
-        &self.inner.shutdown
+        self.inner.delivery.shutdown()
     }
 
     /// The log's last watermark (0 if it cannot be read).
     pub fn log_last(&self) -> u64 {
-        use herald_log::EventLog;
-        self.inner.log.bounds().map_or(0, |b| b.last.0)
+        self.log().bounds().map_or(0, |b| b.last.0)
     }
 
     /// How long the server has been up.
@@ -240,13 +191,31 @@ impl AppState {
     }
 }
 
+impl axum::extract::FromRef<AppState> for ews::Ews {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.ews.clone()
+    }
+}
+
+impl axum::extract::FromRef<AppState> for mapi::Mapi {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.mapi.clone()
+    }
+}
+
+impl axum::extract::FromRef<AppState> for Arc<auth::Auth> {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.auth.clone()
+    }
+}
+
 /// Serves `state` on `listener` until `state.shutdown()` is cancelled; then stops accepting,
 /// lets streams send their final status, waits for open requests up to the configured
-/// timeout, and makes the log durable.
+/// timeout, ends every session, and makes the log durable.
 pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
     let shutdown = state.shutdown().clone();
     let addr = listener.local_addr()?;
-    let sweeper = tokio::spawn(sweep_idle(state.clone()));
+    state.delivery().spawn(sweep_idle(state.clone()));
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "herald ready");
     let timeout = state.config().shutdown_timeout;
     let serving = tokio::spawn(serve::serve_http1(
@@ -264,33 +233,17 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
             "connections still open after the shutdown timeout"
         );
     }
-    sweeper.abort();
+    // Durable subscriptions are restored at start without a connect, so they end without a
+    // cancel; EWS subscriptions and MAPI sessions live in memory and end here, hooks hearing it.
     state.durables().stop_all();
-    // EWS subscriptions and MAPI sessions live in memory: they end here, and hooks hear it.
-    // (Durable subscriptions are restored at start without a connect, so they get no cancel.)
-    for sub in state.ews().stop_all() {
-        state.cancelled(sub.cancel_request("shutdown", true));
-    }
-    for session in state.mapi().stop_all() {
-        state.cancelled(session.cancel_request("shutdown", true));
-    }
-    state.inner.hook_tasks.close();
-    if tokio::time::timeout(timeout, state.inner.hook_tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("cancel hooks still running after the shutdown timeout");
-    }
-    // Every connection is offline now; write those presence events before the log closes.
-    state.connections().all_offline();
-    state.connections().flush().await;
-    let log = state.log().clone();
-    tokio::task::spawn_blocking(move || log.close()).await??;
+    state.ews().stop_all();
+    state.mapi().stop_all();
+    state.delivery().close(timeout).await?;
     tracing::info!("herald stopped; the log is flushed");
     Ok(())
 }
 
-/// Removes idle durable subscriptions periodically.
+/// Expires idle sessions and leases periodically.
 async fn sweep_idle(state: AppState) {
     let every = (state.config().subscriptions.idle_timeout / 4)
         .min(state.config().ews.minute / 4)
@@ -301,20 +254,14 @@ async fn sweep_idle(state: AppState) {
     loop {
         tick.tick().await;
         state.durables().expire_idle().await;
-        state.connections().expire_leases();
-        let expired = state.ews().expire(state.config().ews.minute);
-        if !expired.is_empty() {
-            tracing::debug!(expired = expired.len(), "EWS subscriptions expired");
+        state.delivery().connections().expire_leases();
+        let expired = state.ews().expire();
+        if expired > 0 {
+            tracing::debug!(expired, "EWS subscriptions expired");
         }
-        for sub in expired {
-            state.cancelled(sub.cancel_request("expiry", true));
-        }
-        let ended = state.mapi().expire(state.config().mapi.session_idle);
-        if !ended.is_empty() {
-            tracing::debug!(ended = ended.len(), "idle MAPI sessions destroyed");
-        }
-        for session in ended {
-            state.cancelled(session.cancel_request("expiry", true));
+        let ended = state.mapi().expire();
+        if ended > 0 {
+            tracing::debug!(ended, "idle MAPI sessions destroyed");
         }
     }
 }

@@ -271,6 +271,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let data_dir = config.data_dir.clone();
     let state = AppState::open(config, shutdown.clone())
+        .await
         .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
     let signal = shutdown.clone();
     tokio::spawn(async move {

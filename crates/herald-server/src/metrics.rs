@@ -4,18 +4,16 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Metric names, in one place.
+/// Metric names, in one place (those the delivery layer records are its own).
 pub mod names {
+    pub use herald_delivery::metrics::names::*;
+
     /// Counter: events durably appended.
     pub const EVENTS_APPENDED: &str = "herald_events_appended_total";
     /// Counter: `POST /v1/events` requests, by outcome.
     pub const APPEND_REQUESTS: &str = "herald_append_requests_total";
     /// Histogram: seconds from receiving a batch to its durable acknowledgement.
     pub const APPEND_SECONDS: &str = "herald_append_duration_seconds";
-    /// Counter: events delivered to subscribers, by transport.
-    pub const DELIVERIES: &str = "herald_deliveries_total";
-    /// Histogram: seconds from an event's timestamp to its delivery, by transport.
-    pub const DELIVERY_LAG_SECONDS: &str = "herald_delivery_lag_seconds";
     /// Gauge: open subscriber connections, by transport.
     pub const CONNECTIONS: &str = "herald_connections";
     /// Counter: per-subscriber queue overflows (each made the subscriber resync from the log).
@@ -28,10 +26,6 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "herald_webhook_failures_total";
     /// Gauge: the log's last watermark.
     pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
-    /// Counter: connections going online or offline, by new state.
-    pub const PRESENCE_CHANGES: &str = "herald_presence_changes_total";
-    /// Gauge: the server's state (1 online, 0 offline).
-    pub const SERVER_ONLINE: &str = "herald_server_online";
     /// Counter: hook calls, by phase and decision.
     pub const HOOK_CALLS: &str = "herald_hook_calls_total";
 }
@@ -111,6 +105,15 @@ fn describe() {
     metrics::describe_gauge!(SERVER_ONLINE, "The server's state: 1 online, 0 offline.");
     metrics::describe_counter!(HOOK_CALLS, "Connection hook calls, by phase and decision.");
     metrics::describe_gauge!(LOG_LAST_WATERMARK, "The log's last watermark.");
+    metrics::describe_counter!(
+        PRESENCE_OVERFLOWS,
+        "Connects refused because the presence backlog was full."
+    );
+    metrics::describe_counter!(
+        PUSH_ATTEMPTS,
+        "Push attempts (webhooks, EWS push), by transport."
+    );
+    metrics::describe_counter!(PUSH_FAILURES, "Failed push attempts, by transport.");
 }
 
 /// Counts an open connection of a transport until dropped.
@@ -130,17 +133,4 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// Records the delivery of `n` over `transport`.
-pub fn delivered(transport: &'static str, n: &herald_core::Notification) {
-    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(1);
-    let lag = herald_core::Timestamp::now()
-        .0
-        .saturating_sub(n.timestamp.0) as f64
-        / 1e6;
-    metrics::histogram!(names::DELIVERY_LAG_SECONDS, "transport" => transport).record(lag);
-}
-
-/// Records `n` deliveries over `transport` whose events are no longer at hand.
-pub fn delivered_count(transport: &'static str, n: usize) {
-    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(n as u64);
-}
+pub use herald_delivery::metrics::{delivered, delivered_count};

@@ -1,19 +1,25 @@
-//! Durable subscriptions: created by `POST /v1/subscriptions`, stored in the log, restored on
-//! start (without counting as new subscribes), expired when idle. Each has a watcher that
-//! follows the log from the acknowledged watermark and records the newest matching event, which
-//! is what long-poll waits on.
+//! Durable subscriptions: created by `POST /v1/subscriptions`, stored through the log's
+//! [`SubscriptionStore`], restored on start (without counting as new subscribes), expired when
+//! idle. Each poll or udp subscription has a watcher (a feed) that records the newest matching
+//! watermark, which long-poll waits on and the UDP nudger follows; a webhook subscription has
+//! a worker (see `webhook`), started through [`Durables::set_webhook_worker`].
 
-use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use herald_core::{EventMask, Filter, Scope, Timestamp, Watermark};
-use herald_log::{EmbeddedLog, EventLog, FollowOptions, Follower, ReadError};
+use herald_delivery::{
+    Connect, Delivery, FeedItem, Lease, NudgeTarget, PageRequest, Pusher, Registry, Session,
+};
+use herald_log::{EventLog, FollowError, ReadError, SubscriptionStore};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, watch};
 use utoipa::ToSchema;
+
+use crate::Log;
 
 use crate::json::{FieldError, key_param, parse_kinds};
 
@@ -107,6 +113,30 @@ impl UdpSpec {
     }
 }
 
+/// Whether a webhook subscription is delivered to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookState {
+    /// Deliveries go.
+    #[default]
+    Active,
+    /// It failed for too long (or its position expired): enable it to resume.
+    Paused,
+    /// The endpoint answered 410 Gone: enable it to resume.
+    Disabled,
+}
+
+impl WebhookState {
+    /// `active`, `paused`, `disabled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookState::Active => "active",
+            WebhookState::Paused => "paused",
+            WebhookState::Disabled => "disabled",
+        }
+    }
+}
+
 /// A signing secret and, once rotated out, when it stops being used.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SecretSpec {
@@ -126,8 +156,8 @@ pub struct WebhookSpec {
     pub secrets: Vec<SecretSpec>,
     /// The endpoint echoed the verification challenge.
     pub verified: bool,
-    /// `active`, `paused` (failed for too long) or `disabled` (410 Gone).
-    pub state: String,
+    /// Whether Herald delivers to it.
+    pub state: WebhookState,
     /// Why it is paused or disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -153,57 +183,75 @@ pub struct SubscriptionSpec {
     pub udp: Option<UdpSpec>,
 }
 
-/// One durable subscription, live.
+/// A new random signing secret, `whsec_` and 32 random bytes in base64.
+pub fn new_secret() -> String {
+    use base64::Engine;
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+impl Transport {
+    /// The delivery layer's name for it.
+    pub fn kind(self) -> herald_delivery::Transport {
+        match self {
+            Transport::Poll => herald_delivery::Transport::Poll,
+            Transport::Webhook => herald_delivery::Transport::Webhook,
+            Transport::Udp => herald_delivery::Transport::Udp,
+        }
+    }
+}
+
+/// One durable subscription, live (in the registry, which adds its id, its stop signal, its
+/// idle clock and its presence).
 pub struct Durable {
-    /// Its id.
-    pub id: String,
     spec: Mutex<SubscriptionSpec>,
     filter: Filter,
-    delivery: Mutex<crate::webhook::DeliveryState>,
-    enable: Notify,
     acked: AtomicU64,
     /// The newest matching watermark seen by the watcher.
     latest: AtomicU64,
     /// Set when the watcher's position expired (it fell behind retention).
     expired_at: AtomicU64,
+    /// Woken when `latest` moves or the position expires (long-polls wait on it).
     changed: Notify,
-    touched: Mutex<Instant>,
-    stop: CancellationToken,
-    /// Its presence; taken (published offline) when the subscription is deleted.
-    conn: Mutex<Option<crate::connections::Conn>>,
+    /// Whether events wait after the acknowledged watermark (the UDP nudger follows it).
+    pending: watch::Sender<bool>,
+    /// A webhook's delivery state and retries.
+    pusher: Option<Pusher>,
+    /// Woken when a paused webhook is enabled again.
+    enable: Notify,
 }
 
+/// A registered durable subscription.
+pub type DurableRef = Arc<Session<Durable>>;
+
 impl Durable {
+    fn spec_lock(&self) -> MutexGuard<'_, SubscriptionSpec> {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// What it is (a copy).
     pub fn spec(&self) -> SubscriptionSpec {
-        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.spec_lock().clone()
     }
 
     /// Its owner.
     pub fn owner(&self) -> Option<String> {
-        self.spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .owner
-            .clone()
+        self.spec_lock().owner.clone()
     }
 
     /// The webhook URL, if it is a webhook subscription.
     pub fn webhook_url(&self) -> Option<String> {
-        self.spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .webhook
-            .as_ref()
-            .map(|w| w.url.clone())
+        self.spec_lock().webhook.as_ref().map(|w| w.url.clone())
     }
 
     /// The secrets to sign with now: the current one and those not yet retired.
     pub fn webhook_secrets(&self) -> Vec<String> {
         let now = Timestamp::now().0;
-        self.spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.spec_lock()
             .webhook
             .as_ref()
             .map(|w| {
@@ -216,47 +264,25 @@ impl Durable {
             .unwrap_or_default()
     }
 
-    /// The webhook's state (`active`, `paused`, `disabled`).
-    pub fn webhook_state(&self) -> String {
-        self.spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// The webhook's state.
+    pub fn webhook_state(&self) -> WebhookState {
+        self.spec_lock()
             .webhook
             .as_ref()
-            .map_or_else(|| "active".to_owned(), |w| w.state.clone())
+            .map_or(WebhookState::Active, |w| w.state)
     }
 
     /// Whether the webhook endpoint passed verification.
     pub fn webhook_verified(&self) -> bool {
-        self.spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.spec_lock()
             .webhook
             .as_ref()
             .is_some_and(|w| w.verified)
     }
 
-    /// Delivery state (webhooks).
-    pub fn delivery(&self) -> crate::webhook::DeliveryState {
-        self.delivery
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Updates the delivery state.
-    pub fn set_delivery(&self, f: impl FnOnce(&mut crate::webhook::DeliveryState)) {
-        f(&mut self.delivery.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    /// Resolves when the subscription is deleted (or the server stops).
-    pub async fn stopped(&self) {
-        self.stop.cancelled().await;
-    }
-
-    /// Whether the subscription was deleted.
-    pub fn is_stopped(&self) -> bool {
-        self.stop.is_cancelled()
+    /// A webhook's pushes (delivery state, retries).
+    pub fn pusher(&self) -> Option<&Pusher> {
+        self.pusher.as_ref()
     }
 
     /// Resolves when the subscription is enabled again.
@@ -284,34 +310,18 @@ impl Durable {
         Watermark(self.latest.load(Ordering::Acquire))
     }
 
-    fn touch(&self) {
-        *self.touched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        if let Some(c) = self.conn().as_ref() {
-            c.renew();
+    /// Where its watcher's position expired (it fell behind retention), if it did.
+    pub fn expired_position(&self) -> Option<Watermark> {
+        match self.expired_at.load(Ordering::Acquire) {
+            0 => None,
+            w => Some(Watermark(w)),
         }
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Option<crate::connections::Conn>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Marks the subscriber online or offline (a webhook endpoint answering or failing).
-    pub fn set_online(&self, online: bool) {
-        if let Some(c) = self.conn().as_ref() {
-            c.set_online(online);
-        }
-    }
-
-    /// Keeps the subscriber's lease while a long-poll waits.
-    fn busy(&self) -> Option<crate::connections::BusyGuard> {
-        self.conn().as_ref().map(|c| c.busy())
-    }
-
-    fn idle_for(&self) -> Duration {
-        self.touched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
+    fn saw(&self, w: Watermark) {
+        self.latest.fetch_max(w.0, Ordering::AcqRel);
+        self.pending.send_replace(self.pending());
+        self.changed.notify_waiters();
     }
 }
 
@@ -332,72 +342,77 @@ pub enum DurableError {
     Log(#[from] herald_log::LogError),
 }
 
-/// All durable subscriptions of this server.
+/// What delivers webhook subscriptions (the `webhook` module provides it): their retry
+/// policy, and the worker run for each.
+#[derive(Clone)]
+pub struct WebhookWorker {
+    /// How deliveries are retried.
+    pub policy: herald_delivery::RetryPolicy,
+    /// The worker of one subscription.
+    pub run: Arc<dyn Fn(Durables, DurableRef) -> WorkerFuture + Send + Sync>,
+}
+
+/// A webhook subscription's worker, running until the subscription stops.
+pub type WorkerFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// All durable subscriptions of this server; cheap to clone.
 #[derive(Clone)]
 pub struct Durables {
     inner: Arc<DurablesInner>,
 }
 
 struct DurablesInner {
-    log: EmbeddedLog,
-    connections: crate::connections::Connections,
-    server_state: crate::server_state::ServerState,
-    hooks: Arc<herald_core::hooks::Hooks>,
-    webhooks: Mutex<Option<Arc<crate::webhook::WebhookContext>>>,
-    subs: Mutex<HashMap<String, Arc<Durable>>>,
+    delivery: Delivery<Log>,
+    registry: Registry<Durable>,
+    webhook_worker: Mutex<Option<WebhookWorker>>,
     idle_timeout: Duration,
     max_key: usize,
-    queue_capacity: usize,
     udp_repeat: Duration,
 }
 
 impl Durables {
-    /// The manager; call [`Durables::restore`] once at start.
-    #[allow(clippy::too_many_arguments)]
+    /// The subscriptions; set the webhook worker, then call [`Durables::restore`] once.
     pub fn new(
-        log: EmbeddedLog,
-        connections: crate::connections::Connections,
-        server_state: crate::server_state::ServerState,
-        hooks: Arc<herald_core::hooks::Hooks>,
+        delivery: Delivery<Log>,
         idle_timeout: Duration,
         max_key: usize,
-        queue_capacity: usize,
         udp_repeat: Duration,
     ) -> Self {
         Durables {
             inner: Arc::new(DurablesInner {
-                log,
-                connections,
-                server_state,
-                hooks,
-                webhooks: Mutex::new(None),
-                subs: Mutex::new(HashMap::new()),
+                registry: delivery.registry(),
+                delivery,
+                webhook_worker: Mutex::new(None),
                 idle_timeout,
                 max_key,
-                queue_capacity,
                 udp_repeat,
             }),
         }
     }
 
-    /// Sets how webhook subscriptions deliver (before [`Durables::restore`]).
-    pub fn set_webhooks(&self, ctx: Arc<crate::webhook::WebhookContext>) {
+    /// Sets what delivers webhook subscriptions (before [`Durables::restore`]).
+    pub fn set_webhook_worker(&self, worker: WebhookWorker) {
         *self
             .inner
-            .webhooks
+            .webhook_worker
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(ctx);
+            .unwrap_or_else(|e| e.into_inner()) = Some(worker);
     }
 
-    fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Durable>>> {
-        self.inner.subs.lock().unwrap_or_else(|e| e.into_inner())
+    fn log(&self) -> &Log {
+        self.inner.delivery.log()
+    }
+
+    /// The delivery layer.
+    pub fn delivery(&self) -> &Delivery<Log> {
+        &self.inner.delivery
     }
 
     /// Brings back every stored subscription. This is an automatic restoration, not a new
     /// subscribe: no subscribe hooks run. Records that no longer parse are logged and skipped.
-    pub fn restore(&self) -> Result<usize, herald_log::LogError> {
+    pub async fn restore(&self) -> Result<usize, herald_log::LogError> {
         let mut restored = 0;
-        for record in self.inner.log.subscriptions()? {
+        for record in self.log().subscriptions().await? {
             let spec: SubscriptionSpec = match serde_json::from_slice(&record.spec) {
                 Ok(s) => s,
                 Err(e) => {
@@ -430,9 +445,9 @@ impl Durables {
         owner: Option<String>,
         webhook: Option<WebhookSpec>,
         udp: Option<UdpSpec>,
-    ) -> Result<Arc<Durable>, DurableError> {
+    ) -> Result<DurableRef, DurableError> {
         let filter = filter_json.to_filter(self.inner.max_key)?;
-        let bounds = self.inner.log.bounds()?;
+        let bounds = self.log().bounds()?;
         let start = match after {
             Some(w) => {
                 bounds.check(w).map_err(DurableError::Position)?;
@@ -450,8 +465,8 @@ impl Durables {
         };
         let bytes =
             serde_json::to_vec(&spec).map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
-        self.inner.log.put_subscription(&id, bytes).await?;
-        self.inner.log.ack(&id, start).await?;
+        self.log().put_subscription(&id, bytes).await?;
+        self.log().ack(&id, start).await?;
         Ok(self.start(id, spec, filter, start))
     }
 
@@ -461,132 +476,127 @@ impl Durables {
         spec: SubscriptionSpec,
         filter: Filter,
         acked: Watermark,
-    ) -> Arc<Durable> {
+    ) -> DurableRef {
         let transport = spec.transport;
         let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
-        let (transport_name, lease) = match transport {
-            Transport::Poll => ("poll", crate::connections::Lease::Session),
-            Transport::Udp => ("udp", crate::connections::Lease::Session),
-            Transport::Webhook => ("webhook", crate::connections::Lease::None),
+        let lease = match transport {
+            Transport::Poll | Transport::Udp => Lease::Session,
+            Transport::Webhook => Lease::None,
         };
-        let conn = self.inner.connections.open(
-            Some(id.clone()),
-            transport_name,
-            owner_name(spec.owner.as_deref()),
-            &target_of(&filter),
+        let live = self.inner.delivery.lifecycle().attach(
+            Connect {
+                id: id.clone(),
+                owner: owner_name(spec.owner.as_deref()).to_owned(),
+                transport: transport.kind(),
+                target: target_of(&filter),
+            },
             lease,
         );
-        let sub = Arc::new(Durable {
-            id: id.clone(),
+        let worker = self
+            .inner
+            .webhook_worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pusher = match (&worker, transport) {
+            (Some(w), Transport::Webhook) => Some(self.inner.delivery.pusher("webhook", w.policy)),
+            _ => None,
+        };
+        let durable = Durable {
             spec: Mutex::new(spec),
             filter,
-            delivery: Mutex::new(crate::webhook::DeliveryState::default()),
-            enable: Notify::new(),
             acked: AtomicU64::new(acked.0),
             latest: AtomicU64::new(acked.0),
             expired_at: AtomicU64::new(0),
             changed: Notify::new(),
-            touched: Mutex::new(Instant::now()),
-            stop: CancellationToken::new(),
-            conn: Mutex::new(Some(conn)),
-        });
-        self.subs().insert(id, sub.clone());
+            pending: watch::Sender::new(false),
+            pusher,
+            enable: Notify::new(),
+        };
+        let sub = self.inner.registry.insert(id, durable, Some(live));
         match transport {
             Transport::Poll | Transport::Udp => {
-                tokio::spawn(watch(
-                    self.inner.log.clone(),
-                    self.inner.server_state.gate(),
-                    sub.clone(),
-                    self.inner.queue_capacity,
-                ));
+                self.inner
+                    .registry
+                    .spawn(&sub, watch(self.inner.delivery.clone(), sub.clone()));
                 if let Some((addr, context)) = udp {
-                    tokio::spawn(ping_udp(
-                        sub.clone(),
-                        addr,
-                        context,
+                    let (_target, rx) = watch::channel(Some(NudgeTarget { addr, context }));
+                    let nudger = self.inner.delivery.nudger(
+                        sub.pending.subscribe(),
+                        rx,
                         self.inner.udp_repeat,
-                        self.inner.server_state.gate(),
-                    ));
+                    );
+                    // The target never changes: the sender lives as long as the nudger.
+                    self.inner.registry.spawn(&sub, async move {
+                        let _target = _target;
+                        nudger.await;
+                    });
                 }
             }
-            Transport::Webhook => {
-                let ctx = self
+            Transport::Webhook => match worker {
+                Some(worker) => self
                     .inner
-                    .webhooks
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                match ctx {
-                    Some(ctx) => {
-                        tokio::spawn(crate::webhook::run(ctx, self.clone(), sub.clone()));
-                    }
-                    None => {
-                        tracing::error!(id = %sub.id, "webhook subscription without a webhook context");
-                    }
+                    .registry
+                    .spawn(&sub, (worker.run)(self.clone(), sub.clone())),
+                None => {
+                    tracing::error!(id = %sub.id(), "webhook subscription without a webhook worker");
                 }
-            }
+            },
         }
         sub
     }
 
     /// Stores the subscription's description again after a change.
-    async fn persist(&self, sub: &Durable) -> Result<(), herald_log::LogError> {
+    async fn persist(&self, sub: &DurableRef) -> Result<(), herald_log::LogError> {
         let bytes = serde_json::to_vec(&sub.spec())
             .map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
-        self.inner.log.put_subscription(&sub.id, bytes).await
+        self.log().put_subscription(sub.id(), bytes).await
     }
 
     /// Records (and stores) that the subscriber has everything up to `w`.
-    pub async fn ack(&self, id: &str, w: Watermark) -> Result<(), DurableError> {
-        let sub = self.get(id)?;
+    pub async fn ack(&self, sub: &DurableRef, w: Watermark) -> Result<(), DurableError> {
         if w > sub.acked() {
             sub.acked.fetch_max(w.0, Ordering::AcqRel);
-            self.inner.log.ack(id, w).await?;
+            sub.pending.send_replace(sub.pending());
+            self.log().ack(sub.id(), w).await?;
         }
         Ok(())
     }
 
-    /// Sets a webhook's state (`active`, `paused`, `disabled`) and stores it.
-    pub async fn set_webhook_state(&self, id: &str, state: &str, reason: Option<&str>) {
-        let Ok(sub) = self.get(id) else { return };
-        {
-            let mut spec = sub.spec.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = spec.webhook.as_mut() {
-                w.state = state.to_owned();
-                w.reason = reason.map(str::to_owned);
-            }
+    /// Sets a webhook's state and stores it.
+    pub async fn set_webhook_state(
+        &self,
+        sub: &DurableRef,
+        state: WebhookState,
+        reason: Option<&str>,
+    ) {
+        if let Some(w) = sub.spec_lock().webhook.as_mut() {
+            w.state = state;
+            w.reason = reason.map(str::to_owned);
         }
-        if let Err(e) = self.persist(&sub).await {
-            tracing::warn!(%id, error = %e, "could not store a webhook state change");
+        if let Err(e) = self.persist(sub).await {
+            tracing::warn!(id = %sub.id(), error = %e, "could not store a webhook state change");
         }
     }
 
     /// Marks a webhook endpoint verified and stores it.
-    pub async fn set_webhook_verified(&self, id: &str) {
-        let Ok(sub) = self.get(id) else { return };
-        if let Some(w) = sub
-            .spec
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .webhook
-            .as_mut()
-        {
+    pub async fn set_webhook_verified(&self, sub: &DurableRef) {
+        if let Some(w) = sub.spec_lock().webhook.as_mut() {
             w.verified = true;
         }
-        if let Err(e) = self.persist(&sub).await {
-            tracing::warn!(%id, error = %e, "could not store a webhook verification");
+        if let Err(e) = self.persist(sub).await {
+            tracing::warn!(id = %sub.id(), error = %e, "could not store a webhook verification");
         }
     }
 
     /// Enables a paused or disabled webhook: it resumes from its acknowledged watermark.
-    pub async fn enable(&self, id: &str) -> Result<Arc<Durable>, DurableError> {
+    pub async fn enable(&self, id: &str) -> Result<DurableRef, DurableError> {
         let sub = self.get(id)?;
-        self.set_webhook_state(id, "active", None).await;
-        sub.set_delivery(|d| {
-            d.failing_since = None;
-            d.attempts = 0;
-            d.status = "active".into();
-        });
+        self.set_webhook_state(&sub, WebhookState::Active, None)
+            .await;
+        if let Some(p) = sub.pusher() {
+            p.reset();
+        }
         sub.enable.notify_one();
         Ok(sub)
     }
@@ -594,9 +604,9 @@ impl Durables {
     /// Replaces a webhook's signing secret; the old one keeps signing until `grace` passes.
     pub async fn rotate_secret(&self, id: &str, grace: Duration) -> Result<String, DurableError> {
         let sub = self.get(id)?;
-        let new = crate::webhook::new_secret();
+        let new = new_secret();
         {
-            let mut spec = sub.spec.lock().unwrap_or_else(|e| e.into_inner());
+            let mut spec = sub.spec_lock();
             let Some(w) = spec.webhook.as_mut() else {
                 return Err(DurableError::Field(FieldError {
                     field: "transport".into(),
@@ -622,54 +632,47 @@ impl Durables {
     }
 
     /// The subscription `id`, touched (so it does not expire).
-    pub fn get(&self, id: &str) -> Result<Arc<Durable>, DurableError> {
-        let sub = self
-            .subs()
+    pub fn get(&self, id: &str) -> Result<DurableRef, DurableError> {
+        self.inner
+            .registry
             .get(id)
-            .cloned()
-            .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
-        sub.touch();
-        Ok(sub)
+            .ok_or_else(|| DurableError::NotFound(id.to_owned()))
     }
 
     /// Every subscription, by id.
-    pub fn list(&self) -> Vec<Arc<Durable>> {
-        let mut v: Vec<_> = self.subs().values().cloned().collect();
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
+    pub fn list(&self) -> Vec<DurableRef> {
+        self.inner.registry.list()
     }
 
-    /// Removes a subscription and its stored record.
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.inner.registry.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.inner.registry.is_empty()
+    }
+
+    /// Removes a subscription and its stored record (run it inside its cancel hooks).
     pub async fn delete(&self, id: &str) -> Result<(), DurableError> {
-        if !self.subs().contains_key(id) {
+        if self.inner.registry.peek(id).is_none() {
             return Err(DurableError::NotFound(id.to_owned()));
         }
         // The stored record first: if that fails, the subscription is still whole and the
         // delete can be retried.
-        self.inner.log.delete_subscription(id).await?;
-        let sub = self
-            .subs()
-            .remove(id)
+        self.log().delete_subscription(id).await?;
+        self.inner
+            .registry
+            .take(id)
             .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
-        sub.stop.cancel();
-        sub.conn().take();
         Ok(())
     }
 
-    /// The hooks, to run around creating and deleting subscriptions.
-    pub fn hooks(&self) -> &Arc<herald_core::hooks::Hooks> {
-        &self.inner.hooks
-    }
-
     /// Waits up to `timeout` for events after the acknowledged watermark.
-    pub async fn wait(
-        &self,
-        id: &str,
-        timeout: Duration,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, DurableError> {
-        let sub = self.get(id)?;
+    pub async fn wait(&self, sub: &DurableRef, timeout: Duration) -> Result<bool, DurableError> {
         let _busy = sub.busy();
+        let shutdown = self.inner.delivery.shutdown();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = sub.changed.notified();
@@ -680,7 +683,7 @@ impl Durables {
                 () = changed => {}
                 () = tokio::time::sleep_until(deadline) => return Ok(sub.pending()),
                 () = shutdown.cancelled() => return Ok(sub.pending()),
-                () = sub.stop.cancelled() => return Err(DurableError::NotFound(id.to_owned())),
+                () = sub.stopped() => return Err(DurableError::NotFound(sub.id().to_owned())),
             }
         }
     }
@@ -689,86 +692,55 @@ impl Durables {
     /// with the cursor to fetch the next page from and whether more are waiting.
     pub async fn fetch(
         &self,
-        id: &str,
+        sub: &DurableRef,
         after: Option<Watermark>,
         limit: usize,
     ) -> Result<(Vec<herald_core::Notification>, Watermark, bool), DurableError> {
-        let sub = self.get(id)?;
         let after = after.unwrap_or_else(|| sub.acked());
-        let bounds = self.inner.log.bounds()?;
-        bounds.check(after).map_err(DurableError::Position)?;
-        self.ack(id, after).await?;
-        if limit == 0 {
-            return Ok((Vec::new(), after, sub.pending()));
-        }
-        // Offline, nothing past what the (gated) watcher had seen is handed out.
-        let ceiling = if self.inner.server_state.delivering() {
-            Watermark(u64::MAX)
-        } else {
-            sub.latest()
-        };
-        // Scan at most a bounded number of log events per request, so a sparse filter over a
-        // long log answers promptly; the cursor lets the client continue.
-        let mut cursor = after;
-        let mut out = Vec::new();
-        let mut scanned = 0;
-        let budget = limit.saturating_mul(16).max(4096);
-        let mut capped = false;
-        while out.len() < limit && scanned < budget && !capped {
-            let page = self
-                .inner
-                .log
-                .read(cursor, 512)
-                .await
-                .map_err(DurableError::Position)?;
-            let Some(last) = page.last().and_then(|n| n.watermark) else {
-                break;
-            };
-            for n in page {
-                scanned += 1;
-                let w = n.watermark.unwrap_or(cursor);
-                if w > ceiling {
-                    capped = true;
-                    break;
-                }
-                if sub.filter.matches(&n) {
-                    out.push(n);
-                }
-                cursor = w;
-                if out.len() == limit {
-                    break;
-                }
-            }
-            if cursor >= last && out.len() == limit {
-                break;
-            }
-        }
-        let more =
-            cursor < sub.latest() || cursor < self.inner.log.bounds()?.last && out.len() == limit;
-        Ok((out, cursor, more))
+        self.log()
+            .bounds()?
+            .check(after)
+            .map_err(DurableError::Position)?;
+        self.ack(sub, after).await?;
+        let page = self
+            .inner
+            .delivery
+            .page(
+                PageRequest {
+                    after,
+                    limit,
+                    scan_budget: limit.saturating_mul(16).max(4096),
+                    ceiling: Watermark(u64::MAX),
+                },
+                // Offline, nothing past what the (gated) watcher had seen is handed out.
+                sub.latest(),
+                |n| sub.filter.matches(n),
+            )
+            .await
+            .map_err(DurableError::Position)?;
+        let more = page.more || page.cursor < sub.latest();
+        Ok((page.events, page.cursor, more))
     }
 
     /// Removes poll subscriptions idle longer than the idle timeout; returns how many.
     /// (A webhook subscription is never idle: Herald is the one that calls.)
     pub async fn expire_idle(&self) -> usize {
-        let idle: Vec<String> = self
-            .subs()
-            .values()
+        let idle: Vec<DurableRef> = self
+            .list()
+            .into_iter()
             .filter(|s| {
                 matches!(s.spec().transport, Transport::Poll | Transport::Udp)
                     && s.idle_for() > self.inner.idle_timeout
             })
-            .map(|s| s.id.clone())
             .collect();
         let mut n = 0;
-        for id in idle {
-            let Some(sub) = self.subs().get(&id).cloned() else {
-                continue;
-            };
+        for sub in idle {
+            let id = sub.id().to_owned();
             let req = hook_request(&sub).cancel("expiry", true);
             let removed = self
                 .inner
-                .hooks
+                .delivery
+                .lifecycle()
                 .run(&req, || self.delete(&id))
                 .await
                 .is_ok();
@@ -780,102 +752,35 @@ impl Durables {
         n
     }
 
-    /// Stops every watcher (at shutdown). Stored records stay.
+    /// Stops every watcher and worker (at shutdown). Stored records stay, and they are
+    /// restored at the next start without hooks, so they end without them too.
     pub fn stop_all(&self) {
-        for s in self.subs().values() {
-            s.stop.cancel();
-        }
-    }
-
-    /// Whether this subscription's watcher has fallen behind retention.
-    pub fn expired_position(&self, sub: &Durable) -> Option<Watermark> {
-        match sub.expired_at.load(Ordering::Acquire) {
-            0 => None,
-            w => Some(Watermark(w)),
-        }
+        self.inner.registry.stop_all(|_| true);
     }
 }
 
 /// Follows the log from the subscription's acknowledged watermark and records the newest
 /// matching event, waking long-polls.
-async fn watch(log: EmbeddedLog, gate: herald_log::Gate, sub: Arc<Durable>, queue_capacity: usize) {
-    let options = FollowOptions {
-        queue_capacity,
-        ..Default::default()
-    };
-    let mut follower = match Follower::start(&log, sub.filter.clone(), sub.acked(), options) {
-        Ok(f) => f.gated(gate),
-        Err(e) => {
-            note_expired(&sub, &e);
-            return;
-        }
+async fn watch(delivery: Delivery<Log>, sub: DurableRef) {
+    let mut feed = match delivery.feed(sub.filter.clone(), sub.acked()) {
+        Ok(f) => f,
+        Err(e) => return note_ended(&sub, &e),
     };
     loop {
-        tokio::select! {
-            () = sub.stop.cancelled() => return,
-            next = follower.next() => match next {
-                Ok(batch) => {
-                    if let Some(w) = batch.last_watermark() {
-                        sub.latest.fetch_max(w.0, Ordering::AcqRel);
-                        sub.changed.notify_waiters();
-                    }
+        match feed.next().await {
+            Ok(FeedItem::Events { batch, .. }) => {
+                if let Some(w) = batch.last_watermark() {
+                    sub.saw(w);
                 }
-                Err(e) => {
-                    note_expired(&sub, &e);
-                    return;
-                }
-            },
-        }
-    }
-}
-
-/// Sends `context` to `addr` while events wait unacknowledged: at once, then every
-/// `repeat`; quiet once the subscriber has acknowledged everything.
-async fn ping_udp(
-    sub: Arc<Durable>,
-    addr: std::net::SocketAddr,
-    context: Vec<u8>,
-    repeat: Duration,
-    mut gate: herald_log::Gate,
-) {
-    let bind = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let socket = match tokio::net::UdpSocket::bind(bind).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(id = %sub.id, error = %e, "no UDP socket for a udp subscription");
-            return;
-        }
-    };
-    loop {
-        // A `Notified` made before the check sees every later change.
-        let changed = sub.changed.notified();
-        if !sub.pending() {
-            tokio::select! {
-                () = changed => continue,
-                () = sub.stop.cancelled() => return,
             }
-        }
-        // Offline, no pings either.
-        tokio::select! {
-            () = gate.opened() => {}
-            () = sub.stop.cancelled() => return,
-        }
-        if let Err(e) = socket.send_to(&context, addr).await {
-            tracing::debug!(id = %sub.id, error = %e, %addr, "UDP ping failed");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(repeat) => {}
-            () = sub.stop.cancelled() => return,
+            Ok(FeedItem::KeepAlive { .. }) => {}
+            Err(e) => return note_ended(&sub, &e),
         }
     }
 }
 
-fn note_expired(sub: &Durable, e: &herald_log::FollowError) {
-    if let herald_log::FollowError::Position(ReadError::Expired {
+fn note_ended(sub: &DurableRef, e: &FollowError) {
+    if let FollowError::Position(ReadError::Expired {
         oldest_available, ..
     }) = e
     {
@@ -883,7 +788,7 @@ fn note_expired(sub: &Durable, e: &herald_log::FollowError) {
             .store(oldest_available.0.max(1), Ordering::Release);
         sub.changed.notify_waiters();
     } else {
-        tracing::warn!(id = %sub.id, error = %e, "durable subscription watcher stopped");
+        tracing::warn!(id = %sub.id(), error = %e, "durable subscription watcher stopped");
     }
 }
 
@@ -902,18 +807,12 @@ pub fn target_of(filter: &Filter) -> String {
 }
 
 /// The hook request describing a connect to `sub`.
-pub fn hook_request(sub: &Durable) -> herald_core::hooks::HookRequest {
-    let spec = sub.spec();
-    let transport = match spec.transport {
-        Transport::Poll => "poll",
-        Transport::Udp => "udp",
-        Transport::Webhook => "webhook",
-    };
-    herald_core::hooks::HookRequest::new(
-        herald_core::hooks::Operation::Connect,
-        sub.id.clone(),
-        owner_name(spec.owner.as_deref()),
-        transport,
-        target_of(&sub.filter),
-    )
+pub fn hook_request(sub: &DurableRef) -> herald_core::hooks::HookRequest {
+    Connect {
+        id: sub.id().to_owned(),
+        owner: owner_name(sub.owner().as_deref()).to_owned(),
+        transport: sub.spec().transport.kind(),
+        target: target_of(&sub.filter),
+    }
+    .request()
 }

@@ -21,7 +21,7 @@ use crate::error::ApiError;
 
 pub use events::{PublishRequest, PublishResponse};
 pub use ops::StatusResponse;
-pub use state::{SetState, StateNotification, StateView};
+pub use state::{ConnectionView, SetState, StateNotification, StateView};
 pub use subs::{CreateSubscription, EventsPage, SubscriptionView, WaitResponse};
 pub use ws::{ClientFrame, ServerFrame};
 
@@ -65,7 +65,7 @@ pub use ws::{ClientFrame, ServerFrame};
         state::StateView,
         state::SetState,
         state::StateNotification,
-        crate::connections::ConnectionView,
+        state::ConnectionView,
     )),
     tags(
         (name = "produce", description = "Publishing events"),

@@ -11,21 +11,59 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use herald_core::offline::{self, AdviseError, AdviseInfo, SetStateError};
+use futures_util::StreamExt;
+use herald_core::offline::{self, AdviseError, SetStateError};
 use herald_core::{
     ConnectionStateChange, STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE, StateChangePhase,
 };
+use herald_delivery::{Advice, ConnectError, ConnectionInfo, state_name};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::connections::ConnectionView;
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
-use crate::server_state::state_name;
 use herald_core::hooks::{HookRequest, Operation};
+
+/// A connection as `GET /v1/connections` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConnectionView {
+    /// Its id (for a subscription, the subscription's id).
+    pub id: String,
+    /// Who holds it.
+    pub owner: String,
+    /// `sse`, `ws`, `poll`, `udp`, `webhook`, `ews`, `mapi`.
+    pub transport: String,
+    /// What it follows (a key, a subtree, or a mailbox).
+    pub target: String,
+    /// `online` or `offline`.
+    pub state: String,
+    /// The key its presence events are published on.
+    pub presence_key: String,
+    /// When it opened, microseconds since the Unix epoch.
+    pub opened_at: u64,
+    /// When its state last changed, microseconds since the Unix epoch.
+    pub state_since: u64,
+    /// Milliseconds since the client was last heard from.
+    pub idle_ms: u64,
+}
+
+impl From<ConnectionInfo> for ConnectionView {
+    fn from(c: ConnectionInfo) -> Self {
+        ConnectionView {
+            id: c.id,
+            owner: c.owner,
+            transport: c.transport.as_str().to_owned(),
+            target: c.target,
+            state: if c.online { "online" } else { "offline" }.to_owned(),
+            presence_key: c.presence_key.to_string(),
+            opened_at: c.opened_at,
+            state_since: c.state_since,
+            idle_ms: c.idle.as_millis() as u64,
+        }
+    }
+}
 
 /// The server's state.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -53,7 +91,7 @@ pub struct SetState {
 }
 
 fn view(state: &AppState) -> StateView {
-    let engine = state.server_state().engine();
+    let engine = state.delivery().state().engine();
     StateView {
         state: state_name(engine.current_state()).into(),
         transitioning: engine.is_transitioning(),
@@ -97,7 +135,7 @@ pub(super) async fn put_state(
             ));
         }
     };
-    let engine = state.server_state().engine().clone();
+    let engine = state.delivery().state().engine().clone();
     let unchanged = engine.current_state() == target && !engine.is_transitioning();
     let flags = if req.block {
         offline::FLAG_BLOCK
@@ -175,7 +213,8 @@ fn parse_mask(s: &str) -> Option<u32> {
     }
 }
 
-/// Notifications a slow advise client may have waiting before it is dropped.
+/// Notifications a slow advise client may have waiting; past that its stream ends with an
+/// `overflow` event.
 const ADVISE_QUEUE: usize = 64;
 
 /// Advises on the server's state changes: a Server-Sent Events stream whose first event,
@@ -199,57 +238,44 @@ pub(super) async fn advise(
             parse_mask(m).ok_or_else(|| ApiError::field("mask", "a number, decimal or 0x hex"))?
         }
     };
-    let (tx, rx) = mpsc::channel::<ConnectionStateChange>(ADVISE_QUEUE);
-    let info = AdviseInfo {
-        client_token: q.token.unwrap_or(0),
-        callback_type: q.callback_type.unwrap_or(offline::CALLBACK_TYPE_NOTIFY),
-        callback: Some(std::sync::Arc::new(move |n: &ConnectionStateChange| {
-            if tx.try_send(n.clone()).is_err() {
-                tracing::warn!("an advise client is not reading; it misses a notification");
-            }
-        })),
-        advise_types: q.advise_types.unwrap_or(offline::ADVISE_TYPE_STATECHANGE),
-        state_mask: mask,
-    };
-    let engine = state.server_state().engine().clone();
-    let token = engine.advise(0, info).map_err(|e| {
-        let code = match e {
-            AdviseError::NoInterface => "no_interface",
-            _ => "invalid_arg",
-        };
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            code,
-            format!("{e} (HRESULT {:#010x})", e.hresult()),
+    let server = state.delivery().state();
+    let client_token = q.token.unwrap_or(0);
+    let advised = server
+        .advise(
+            principal.owner(),
+            client_token,
+            q.callback_type.unwrap_or(offline::CALLBACK_TYPE_NOTIFY),
+            q.advise_types.unwrap_or(offline::ADVISE_TYPE_STATECHANGE),
+            mask,
+            ADVISE_QUEUE,
         )
-    })?;
-    state.server_state().advised_by(token, principal.owner());
+        .map_err(|e| {
+            let code = match e {
+                AdviseError::NoInterface => "no_interface",
+                _ => "invalid_arg",
+            };
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("{e} (HRESULT {:#010x})", e.hresult()),
+            )
+        })?;
+    let token = advised.token();
     let first = sse_named(
         "advised",
-        &serde_json::json!({"advise_token": token, "client_token": q.token.unwrap_or(0), "state": state_name(engine.current_state())}),
+        &serde_json::json!({"advise_token": token, "client_token": client_token, "state": state_name(server.engine().current_state())}),
     );
     let keepalive = state.config().limits.keepalive;
     let shutdown = state.shutdown().clone();
-    /// Unadvises when the stream is dropped.
-    struct Advised(crate::server_state::ServerState, u32);
-    impl Drop for Advised {
-        fn drop(&mut self) {
-            self.0.unadvise_if(self.1, |_| true);
-        }
-    }
-    drop(engine);
-    let guard = Advised(state.server_state().clone(), token);
     struct Advising {
         first: Option<Bytes>,
-        rx: mpsc::Receiver<ConnectionStateChange>,
+        advised: herald_delivery::AdviseStream,
         done: bool,
-        _guard: Advised,
     }
     let start = Advising {
         first: Some(first),
-        rx,
+        advised,
         done: false,
-        _guard: guard,
     };
     let body = futures_util::stream::unfold(start, move |mut s| {
         let shutdown = shutdown.clone();
@@ -261,7 +287,16 @@ pub(super) async fn advise(
                 return None;
             }
             let chunk = tokio::select! {
-                n = s.rx.recv() => notification(&n?),
+                n = s.advised.next() => match n? {
+                    Advice::Notification(n) => notification(&n),
+                    Advice::Overflow => {
+                        s.done = true;
+                        sse_named("overflow", &serde_json::json!({
+                            "code": "overflow",
+                            "message": "this client did not read its notifications and may have missed some; read GET /v1/state and advise again",
+                        }))
+                    }
+                },
                 () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
                 () = shutdown.cancelled() => {
                     s.done = true;
@@ -317,7 +352,8 @@ pub(super) async fn unadvise(
 ) -> StatusCode {
     if let Ok(t) = token.parse::<u32>() {
         state
-            .server_state()
+            .delivery()
+            .state()
             .unadvise_if(t, |owner| principal.may_manage(owner));
     }
     StatusCode::NO_CONTENT
@@ -349,7 +385,13 @@ pub(super) async fn connections(
         Principal::Token(c) => Some(c.sub.clone()),
         Principal::Open | Principal::Key => q.owner,
     };
-    let mut list = state.connections().list(owner.as_deref());
+    let mut list: Vec<ConnectionView> = state
+        .delivery()
+        .connections()
+        .list(owner.as_deref())
+        .into_iter()
+        .map(ConnectionView::from)
+        .collect();
     list.retain(|c| {
         q.transport.as_deref().is_none_or(|t| c.transport == t)
             && q.state.as_deref().is_none_or(|s| c.state == s)
@@ -375,14 +417,14 @@ pub(super) async fn kick(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.auth().require_admin(&principal)?;
-    let Some(view) = state.connections().get(&id) else {
+    let Some(view) = state.delivery().connections().get(&id) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no connection {id:?}"),
         ));
     };
-    if matches!(view.transport.as_str(), "poll" | "udp" | "webhook") {
+    if view.transport.is_durable() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "durable",
@@ -393,21 +435,19 @@ pub(super) async fn kick(
         Operation::Cancel,
         id.clone(),
         view.owner,
-        view.transport.clone(),
+        view.transport.as_str(),
         view.target,
     )
     .cancel("kick", false);
     state
-        .hooks()
+        .delivery()
+        .lifecycle()
         .run(&req, || {
-            let kicked = if view.transport == "mapi" {
-                state.mapi().kick(&id)
-            } else if view.transport == "ews" && !id.starts_with("ews-") {
-                // An EWS push endpoint: its subscription ends.
-                state.ews().kick(&id)
-            } else {
-                state.connections().kick(&id)
-            };
+            // A MAPI session or an EWS subscription ends with its session; a stream is told
+            // to close.
+            let kicked = state.mapi().kick(&id)
+                || state.ews().kick(&id)
+                || state.delivery().connections().kick(&id);
             std::future::ready(if kicked {
                 Ok(())
             } else {
@@ -416,12 +456,10 @@ pub(super) async fn kick(
         })
         .await
         .map_err(|e| match e {
-            herald_core::hooks::HookError::Cancelled { hook, reason } => {
-                crate::hooks::refused(&hook, &reason)
-            }
-            herald_core::hooks::HookError::Failed(why) => {
+            ConnectError::Failed(why) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{id}: {why}"))
             }
+            other => crate::hooks::api_error(other.map_failed(ApiError::internal)),
         })?;
     Ok(StatusCode::NO_CONTENT)
 }

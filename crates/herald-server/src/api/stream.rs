@@ -18,20 +18,17 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use herald_core::Watermark;
-use herald_log::{EmbeddedLog, EventLog, FollowError, Follower, ReadError};
+use herald_delivery::{Connect, ConnectError, EndReason, Feed, FeedItem, Lease, Live, Transport};
+use herald_log::{FollowError, ReadError};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::AppState;
-use crate::connections::{Lease, LiveConnection};
 use crate::error::ApiError;
 use crate::frames::{SSE_KEEPALIVE, sse_named};
-use crate::hooks::refused;
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
 use crate::subscriptions::{owner_name, target_of};
-use herald_core::hooks::{HookError, HookRequest, Operation};
-use tokio_util::sync::CancellationToken;
+use crate::{AppState, Log};
 
 /// What to stream.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -94,28 +91,30 @@ pub(super) async fn stream(
     };
     let after = match last_event_id.or(q.after) {
         Some(w) => Watermark(w),
-        None => state.log().bounds().map_err(ApiError::internal)?.last,
+        None => state.delivery().head().map_err(ApiError::internal)?,
     };
     let owner = principal.owner();
-    let owner = owner_name(owner.as_deref());
-    let id = format!("sse-{}", uuid::Uuid::new_v4().simple());
-    let target = target_of(&filter);
-    let req = HookRequest::new(Operation::Connect, id.clone(), owner, "sse", target.clone());
-    let started = state
-        .hooks()
-        .run(&req, || async {
-            let follower = state.follow(filter.clone(), after)?;
-            let conn =
-                state
-                    .connections()
-                    .open(Some(id.clone()), "sse", owner, &target, Lease::Stream);
-            Ok::<_, FollowError>((follower, conn))
+    let connect = Connect::fresh(
+        Transport::Sse,
+        owner_name(owner.as_deref()),
+        target_of(&filter),
+    );
+    let id = connect.id.clone();
+    let delivery = state.delivery();
+    let started = delivery
+        .lifecycle()
+        .connect(connect, Some(Lease::Stream), || {
+            std::future::ready(
+                delivery
+                    .feed(filter.clone(), after)
+                    .map(|f| f.keepalive(state.config().limits.keepalive)),
+            )
         })
         .await;
     let start = match started {
-        Ok((follower, conn)) => Ok((follower, LiveConnection::new(conn, req, state.clone()))),
-        Err(HookError::Failed(e)) => Err(e),
-        Err(HookError::Cancelled { hook, reason }) => return Err(refused(&hook, &reason)),
+        Ok(started) => Ok(started),
+        Err(ConnectError::Failed(e)) => Err(e),
+        Err(e) => return Err(crate::hooks::api_error(e.map_failed(ApiError::internal))),
     };
     let body = Body::from_stream(events(start, state.clone(), permit));
     Ok((
@@ -134,11 +133,11 @@ pub(super) async fn stream(
 }
 
 struct StreamState {
-    follower: Option<Follower<EmbeddedLog>>,
+    feed: Option<Feed<Log>>,
     ending: Option<Bytes>,
     state: AppState,
     /// The connection's presence; dropping it runs the cancel hooks.
-    conn: Option<LiveConnection>,
+    live: Option<Live>,
     _gauge: ConnectionGauge,
     _permit: ConnectionPermit,
 }
@@ -163,45 +162,37 @@ fn final_event(e: &FollowError) -> Bytes {
     sse_named(name, &body)
 }
 
-/// The body: every batch the follower yields is written as one chunk (one socket write for
+/// The body: every batch the feed yields is written as one chunk (one socket write for
 /// many events); a comment keeps an idle stream open; a named event ends it.
 fn events(
-    start: Result<(Follower<EmbeddedLog>, LiveConnection), FollowError>,
+    start: Result<(Feed<Log>, Live), FollowError>,
     state: AppState,
     permit: ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    let (follower, ending, conn) = match start {
-        Ok((follower, live)) => (Some(follower), None, Some(live)),
+    let (feed, ending, live) = match start {
+        Ok((feed, live)) => (Some(feed), None, Some(live)),
         Err(e) => (None, Some(final_event(&e)), None),
     };
     let s = StreamState {
-        follower,
+        feed,
         ending,
         state,
-        conn,
+        live,
         _gauge: ConnectionGauge::open("sse"),
         _permit: permit,
     };
     futures_util::stream::unfold(s, |mut s| async move {
         if let Some(end) = s.ending.take() {
-            s.follower = None;
+            s.feed = None;
             return Some((Ok(end), s));
         }
-        let keepalive = s.state.config().limits.keepalive;
-        let shutdown = s.state.shutdown().clone();
+        let (feed, live) = (s.feed.as_mut()?, s.live.as_mut()?);
         // Being polled means the last chunk went out: the client is (as far as TCP knows)
         // still there.
-        let expired = match &s.conn {
-            Some(live) => {
-                live.conn().renew();
-                live.conn().expired().clone()
-            }
-            None => CancellationToken::new(),
-        };
-        let follower = s.follower.as_mut()?;
+        live.renew();
         let chunk = tokio::select! {
-            next = follower.next() => match next {
-                Ok(batch) => {
+            next = feed.next() => match next {
+                Ok(FeedItem::Events { batch, .. }) => {
                     let cache = s.state.frames();
                     let mut out = BytesMut::new();
                     for n in batch.iter() {
@@ -210,29 +201,24 @@ fn events(
                     }
                     out.freeze()
                 }
+                Ok(FeedItem::KeepAlive { .. }) => Bytes::from_static(SSE_KEEPALIVE),
                 Err(e) => {
-                    s.follower = None;
+                    s.feed = None;
                     final_event(&e)
                 }
             },
-            () = tokio::time::sleep(keepalive) => Bytes::from_static(SSE_KEEPALIVE),
-            () = expired.cancelled() => {
-                s.follower = None;
-                let why = s.conn.as_ref().map_or("expiry", |l| l.conn().end_reason());
-                if let Some(live) = &mut s.conn {
-                    live.end(why);
-                }
-                if why == "kick" {
+            why = live.expired() => {
+                live.end(why);
+                s.feed = None;
+                if why == EndReason::Kick {
                     sse_named("closed", &serde_json::json!({"code": "kicked", "message": "an operator closed this connection"}))
                 } else {
                     sse_named("closed", &serde_json::json!({"code": "lease_expired", "message": "the connection's lease expired; reconnect with Last-Event-ID"}))
                 }
             }
-            () = shutdown.cancelled() => {
-                s.follower = None;
-                if let Some(live) = &mut s.conn {
-                    live.end("shutdown");
-                }
+            () = s.state.shutdown().cancelled() => {
+                live.end(EndReason::Shutdown);
+                s.feed = None;
                 sse_named("shutdown", &serde_json::json!({"code": "shutdown", "message": "the server is shutting down; reconnect with Last-Event-ID"}))
             }
         };

@@ -17,11 +17,11 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::json::EventJson;
 use crate::subscriptions::{
-    Durable, DurableError, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec, hook_request,
-    owner_name, target_of,
+    DurableError, DurableRef, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec,
+    WebhookState, hook_request, new_secret, owner_name, target_of,
 };
 use axum::Extension;
-use herald_core::hooks::{HookRequest, Operation};
+use herald_delivery::{Connect, PushState};
 
 /// A new durable subscription.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -87,10 +87,40 @@ pub struct SubscriptionView {
     pub reason: Option<String>,
     /// For webhooks: delivery state (last success, last error, attempts, next attempt).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub delivery: Option<crate::webhook::DeliveryState>,
+    pub delivery: Option<DeliveryState>,
     /// For webhooks, only when created or rotated: the signing secret (`whsec_…`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+}
+
+/// Where a webhook subscription's deliveries stand.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryState {
+    /// `verifying`, `active`, `retrying`, `paused` (failing too long), `disabled` (410).
+    pub status: String,
+    /// When the last delivery succeeded, microseconds since the Unix epoch.
+    pub last_success_at: Option<u64>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Attempts made for the delivery in progress.
+    pub attempts: u32,
+    /// When the next attempt is due, microseconds since the Unix epoch.
+    pub next_attempt_at: Option<u64>,
+    /// Since when deliveries have been failing, microseconds since the Unix epoch.
+    pub failing_since: Option<u64>,
+}
+
+impl From<PushState> for DeliveryState {
+    fn from(s: PushState) -> Self {
+        DeliveryState {
+            status: s.status.as_str().to_owned(),
+            last_success_at: s.last_success_at,
+            last_error: s.last_error,
+            attempts: s.attempts,
+            next_attempt_at: s.next_attempt_at,
+            failing_since: s.failing_since,
+        }
+    }
 }
 
 /// The answer of `wait`.
@@ -111,12 +141,12 @@ pub struct EventsPage {
     pub more: bool,
 }
 
-fn view(state: &AppState, d: &Durable) -> SubscriptionView {
+fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
     let last = state.log_last();
     let spec = d.spec();
     let webhook = spec.webhook.as_ref();
     SubscriptionView {
-        id: d.id.clone(),
+        id: d.id().to_owned(),
         filter: spec.filter.clone(),
         transport: spec.transport,
         created_at: spec.created_at,
@@ -127,19 +157,17 @@ fn view(state: &AppState, d: &Durable) -> SubscriptionView {
         owner: spec.owner.clone(),
         url: webhook.map(|w| w.url.clone()),
         udp: spec.udp.clone(),
-        state: webhook.map(|w| w.state.clone()),
+        state: webhook.map(|w| w.state.as_str().to_owned()),
         reason: webhook.and_then(|w| w.reason.clone()),
-        delivery: webhook.map(|_| d.delivery()),
+        delivery: webhook
+            .and(d.pusher())
+            .map(|p| DeliveryState::from(p.state())),
         secret: None,
     }
 }
 
 /// The subscription `id`, if the principal may act on it.
-fn owned(
-    state: &AppState,
-    principal: &Principal,
-    id: &str,
-) -> Result<std::sync::Arc<Durable>, ApiError> {
+fn owned(state: &AppState, principal: &Principal, id: &str) -> Result<DurableRef, ApiError> {
     let d = state.durables().get(id)?;
     if !principal.may_manage(d.owner().as_deref()) {
         return Err(crate::auth::forbidden(
@@ -187,11 +215,12 @@ pub(super) async fn create(
     body: Result<Json<CreateSubscription>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::field("body", e.body_text()))?;
-    let transport = match req.transport.as_str() {
-        "poll" => Transport::Poll,
-        "webhook" => Transport::Webhook,
-        "udp" => Transport::Udp,
-        other => {
+    let transport = match herald_delivery::Transport::parse(&req.transport) {
+        Some(herald_delivery::Transport::Poll) => Transport::Poll,
+        Some(herald_delivery::Transport::Webhook) => Transport::Webhook,
+        Some(herald_delivery::Transport::Udp) => Transport::Udp,
+        _ => {
+            let other = &req.transport;
             return Err(ApiError::field(
                 "transport",
                 format!("unknown transport {other:?}; one of poll, webhook, udp"),
@@ -228,7 +257,7 @@ pub(super) async fn create(
                 .egress()
                 .check_url(&url)
                 .map_err(|e| ApiError::field("url", e))?;
-            let secret = crate::webhook::new_secret();
+            let secret = new_secret();
             let spec = WebhookSpec {
                 url,
                 secrets: vec![SecretSpec {
@@ -236,7 +265,7 @@ pub(super) async fn create(
                     retire_at: None,
                 }],
                 verified: false,
-                state: "active".into(),
+                state: WebhookState::Active,
                 reason: None,
             };
             (Some(spec), Some(secret))
@@ -271,15 +300,16 @@ pub(super) async fn create(
     };
     let id = uuid::Uuid::new_v4().to_string();
     let owner = principal.owner();
-    let hook = HookRequest::new(
-        Operation::Connect,
-        id.clone(),
-        owner_name(owner.as_deref()),
-        req.transport.as_str(),
-        target_of(&engine_filter),
-    );
+    let hook = Connect {
+        id: id.clone(),
+        owner: owner_name(owner.as_deref()).to_owned(),
+        transport: transport.kind(),
+        target: target_of(&engine_filter),
+    }
+    .request();
     let d = state
-        .hooks()
+        .delivery()
+        .lifecycle()
         .run(&hook, || {
             state.durables().create(
                 id.clone(),
@@ -294,7 +324,7 @@ pub(super) async fn create(
         .await
         .map_err(crate::hooks::api_error)?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
-        .set(state.durables().list().len() as f64);
+        .set(state.durables().len() as f64);
     let mut v = view(&state, &d);
     v.secret = secret;
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -402,12 +432,13 @@ pub(super) async fn delete(
     let sub = owned(&state, &principal, &id)?;
     let hook = hook_request(&sub).cancel("unsubscribe", false);
     state
-        .hooks()
+        .delivery()
+        .lifecycle()
         .run(&hook, || state.durables().delete(&id))
         .await
         .map_err(crate::hooks::api_error)?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
-        .set(state.durables().list().len() as f64);
+        .set(state.durables().len() as f64);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -446,16 +477,13 @@ pub(super) async fn wait(
     }
     .min(max);
     let d = owned(&state, &principal, &id)?;
-    if let Some(oldest) = state.durables().expired_position(&d) {
+    if let Some(oldest) = d.expired_position() {
         return Err(ApiError::position(&herald_log::ReadError::Expired {
             after: d.acked(),
             oldest_available: oldest,
         }));
     }
-    let pending = state
-        .durables()
-        .wait(&id, timeout, state.shutdown())
-        .await?;
+    let pending = state.durables().wait(&d, timeout).await?;
     Ok(Json(WaitResponse { pending }))
 }
 
@@ -485,14 +513,14 @@ pub(super) async fn events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
-    owned(&state, &principal, &id)?;
+    let d = owned(&state, &principal, &id)?;
     let limit = q
         .limit
         .unwrap_or(100)
         .clamp(1, state.config().limits.max_page);
     let (events, next, more) = state
         .durables()
-        .fetch(&id, q.after.map(Watermark), limit)
+        .fetch(&d, q.after.map(Watermark), limit)
         .await?;
     for n in &events {
         crate::metrics::delivered("poll", n);

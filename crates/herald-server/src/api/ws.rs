@@ -3,29 +3,27 @@
 //! a durable subscription whose acknowledgements are stored.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
 
-use crate::auth::{ConnectionPermit, Principal};
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::response::Response;
+use futures_util::{SinkExt, Stream};
 use herald_core::{Filter, Watermark};
-use herald_log::{EventLog, FollowError, Follower, ReadError};
+use herald_delivery::{Connect, ConnectError, EndReason, FeedItem, Lease, Live, Transport};
+use herald_log::{FollowError, ReadError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio_stream::{StreamExt, StreamMap};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::connections::{Lease, LiveConnection};
-use crate::hooks::refused;
+use crate::auth::{ConnectionPermit, Principal};
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
-use crate::subscriptions::FilterJson;
-use crate::subscriptions::{owner_name, target_of};
-use herald_core::hooks::{HookError, HookRequest, Operation};
-use std::convert::Infallible;
+use crate::subscriptions::{DurableRef, FilterJson, owner_name, target_of};
 
 /// A frame the client sends.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -135,29 +133,21 @@ pub(super) async fn websocket(
         Err(e) => return e.into_response(),
     };
     let owner = owner_name(principal.owner().as_deref()).to_owned();
-    let id = format!("ws-{}", uuid::Uuid::new_v4().simple());
-    let req = HookRequest::new(Operation::Connect, id.clone(), owner.clone(), "ws", "");
+    let connect = Connect::fresh(Transport::WebSocket, owner, "");
     let opened = state
-        .hooks()
-        .run(&req, || async {
-            Ok::<_, Infallible>(state.connections().open(
-                Some(id.clone()),
-                "ws",
-                &owner,
-                "",
-                Lease::Stream,
-            ))
+        .delivery()
+        .lifecycle()
+        .connect(connect, Some(Lease::Stream), || {
+            std::future::ready(Ok::<_, Infallible>(()))
         })
         .await;
-    let conn = match opened {
-        Ok(conn) => conn,
-        Err(HookError::Cancelled { hook, reason }) => {
-            return refused(&hook, &reason).into_response();
-        }
-        Err(HookError::Failed(never)) => match never {},
-    };
     // Dropped with the closure if the upgrade never completes: then it ends as a `close`.
-    let live = LiveConnection::new(conn, req, state.clone());
+    let live = match opened {
+        Ok(((), live)) => live,
+        Err(e) => {
+            return crate::hooks::api_error(e).into_response();
+        }
+    };
     // tungstenite's default buffers (128 KiB to read, more to write) would cost every idle
     // connection well over 100 KiB; client frames are small.
     upgrade
@@ -169,78 +159,64 @@ pub(super) async fn websocket(
         .on_upgrade(move |socket| connection(state, socket, principal, permit, live))
 }
 
+/// One subscription on the connection.
 struct Sub {
-    task: JoinHandle<()>,
-    durable: Option<String>,
-    /// For the cancel hooks when it ends.
-    req: HookRequest,
+    /// The durable subscription it streams, whose acks are stored.
+    durable: Option<DurableRef>,
+    /// Its connect hooks ran; dropping it runs its cancel hooks.
+    live: Live,
 }
 
-/// A frame on its way out: typed, or already serialized (events, whose JSON is shared by
-/// every subscriber of the event).
-enum Outgoing {
-    Frame(ServerFrame),
-    Text(String),
-}
+/// A subscription's feed, merged with the others of the connection.
+type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedItem, FollowError>> + Send>>;
 
-impl From<ServerFrame> for Outgoing {
-    fn from(f: ServerFrame) -> Self {
-        Outgoing::Frame(f)
-    }
-}
-
-/// Frames waiting to go out, per connection. When full, subscription tasks wait, their hub
-/// queues fill, and they resync from the log: a slow client costs reads, not events.
-const OUTBOX: usize = 1024;
-
+/// The connection: client frames are handled as they come; the subscriptions' feeds are
+/// merged and polled only when the socket has taken what came before, so a slow client makes
+/// its feeds fall back to reading the log (costing reads, never events).
 async fn connection(
     state: AppState,
     mut socket: WebSocket,
     principal: Principal,
     _permit: ConnectionPermit,
-    mut live: LiveConnection,
+    mut live: Live,
 ) {
-    let conn = live.conn();
     let _gauge = ConnectionGauge::open("websocket");
-    let mut reason = "close";
-    let expired = conn.expired().clone();
-    // Offline, frames already queued wait here too: no delivery starts once the gate closes.
-    let mut gate = state.server_state().gate();
-    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
+    let conn_id = live.request().connection.clone();
+    let mut reason = EndReason::Close;
     let mut subs: HashMap<String, Sub> = HashMap::new();
+    let mut feeds: StreamMap<String, FeedStream> = StreamMap::new();
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
     ping.reset();
     let shutdown = state.shutdown().clone();
     loop {
-        let delivering = gate.is_open();
         tokio::select! {
-            () = gate.changed() => {}
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    conn.renew();
-                    let reply = handle(&state, &principal, conn.id(), &mut subs, &out_tx, text.as_str()).await;
+                    live.renew();
+                    let (reply, feed) = handle(&state, &principal, &conn_id, &mut subs, text.as_str()).await;
                     if let Some(frame) = reply {
                         if send(&mut socket, &frame).await.is_err() {
                             break;
                         }
                     }
+                    match feed {
+                        Some(Change::Add(id, f)) => { feeds.insert(id, f); }
+                        Some(Change::Remove(id)) => { feeds.remove(&id); }
+                        None => {}
+                    }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    let frame = ServerFrame::Error { id: None, code: "binary_not_supported".into(), message: "send JSON text frames".into() };
+                    let frame = error(None, "binary_not_supported", "send JSON text frames");
                     if send(&mut socket, &frame).await.is_err() {
                         break;
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 // Pongs and pings: the client is alive.
-                Some(Ok(_)) => conn.renew(),
+                Some(Ok(_)) => live.renew(),
             },
-            Some(out) = out_rx.recv(), if delivering => {
-                let sent = match out {
-                    Outgoing::Frame(frame) => send(&mut socket, &frame).await,
-                    Outgoing::Text(text) => socket.send(Message::Text(text.into())).await,
-                };
-                if sent.is_err() {
+            Some((id, item)) = feeds.next(), if !feeds.is_empty() => {
+                if write(&state, &mut socket, &id, item).await.is_err() {
                     break;
                 }
             }
@@ -249,25 +225,60 @@ async fn connection(
                     break;
                 }
             }
-            () = expired.cancelled() => {
-                reason = conn.end_reason();
-                let why = if reason == "kick" { "closed by an operator" } else { "lease expired: no answer to pings" };
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: why.into() }))).await;
+            why = live.expired() => {
+                reason = why;
+                let text = if why == EndReason::Kick { "closed by an operator" } else { "lease expired: no answer to pings" };
+                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: text.into() }))).await;
                 break;
             }
             () = shutdown.cancelled() => {
-                reason = "shutdown";
+                reason = EndReason::Shutdown;
                 let _ = send(&mut socket, &ServerFrame::Shutdown).await;
                 let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
                 break;
             }
         }
     }
-    for (_, s) in subs {
-        s.task.abort();
-        state.cancelled(s.req.cancel(reason, true));
+    for (_, mut s) in subs {
+        s.live.end(reason);
     }
     live.end(reason);
+}
+
+/// Writes what a feed yielded: a batch as one flush of its frames.
+async fn write(
+    state: &AppState,
+    socket: &mut WebSocket,
+    id: &str,
+    item: Result<FeedItem, FollowError>,
+) -> Result<(), axum::Error> {
+    match item {
+        Ok(FeedItem::Events { batch, .. }) => {
+            for n in batch.iter() {
+                delivered("websocket", n);
+                let text = state.frames().ws_event(id, n);
+                socket.feed(Message::Text(text.into())).await?;
+            }
+            socket.flush().await
+        }
+        Ok(FeedItem::KeepAlive { .. }) => Ok(()),
+        Err(FollowError::Position(ReadError::Expired {
+            oldest_available, ..
+        })) => {
+            let frame = ServerFrame::Expired {
+                id: id.to_owned(),
+                oldest_available: oldest_available.0,
+            };
+            send(socket, &frame).await
+        }
+        Err(e) => {
+            send(
+                socket,
+                &error(Some(id.to_owned()), "stream_ended", e.to_string()),
+            )
+            .await
+        }
+    }
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {
@@ -283,18 +294,24 @@ fn error(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFr
     }
 }
 
-/// Handles one client frame; returns the frame to answer with, if any.
+/// What a client frame changes in the merged feeds.
+enum Change {
+    Add(String, FeedStream),
+    Remove(String),
+}
+
+/// Handles one client frame; returns the frame to answer with, if any, and the change to the
+/// feeds (made after the answer went out, so `subscribed` comes before the first event).
 async fn handle(
     state: &AppState,
     principal: &Principal,
     conn_id: &str,
     subs: &mut HashMap<String, Sub>,
-    out: &mpsc::Sender<Outgoing>,
     text: &str,
-) -> Option<ServerFrame> {
+) -> (Option<ServerFrame>, Option<Change>) {
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(f) => f,
-        Err(e) => return Some(error(None, "invalid_frame", e.to_string())),
+        Err(e) => return (Some(error(None, "invalid_frame", e.to_string())), None),
     };
     match frame {
         ClientFrame::Subscribe {
@@ -304,197 +321,191 @@ async fn handle(
             kinds,
             after,
             subscription,
-        } => {
-            if subs.contains_key(&id) {
-                return Some(error(
-                    Some(id),
-                    "duplicate_id",
-                    "a subscription with this id is open on this connection",
-                ));
-            }
-            if subs.len() >= state.config().limits.max_ws_subscriptions {
-                return Some(error(
-                    Some(id),
-                    "too_many_subscriptions",
-                    "limits.max_ws_subscriptions reached",
-                ));
-            }
-            let (filter, start): (Filter, Option<Watermark>) = match &subscription {
-                Some(sid) => match state.durables().get(sid) {
-                    Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
-                        return Some(error(
-                            Some(id),
-                            "not_owner",
-                            "this durable subscription belongs to someone else",
-                        ));
-                    }
-                    Ok(d) => (d.filter().clone(), Some(after.map_or(d.acked(), Watermark))),
-                    Err(e) => {
-                        return Some(error(Some(id), "subscription_not_found", e.to_string()));
-                    }
-                },
-                None => match (FilterJson {
-                    key,
-                    subtree,
-                    kinds,
-                })
-                .to_filter(state.config().limits.max_key_bytes)
-                {
-                    Ok(f) => (f, after.map(Watermark)),
-                    Err(e) => return Some(error(Some(id), "invalid_field", e.to_string())),
-                },
-            };
-            if let Err(e) = state.auth().check_filter(principal, &filter) {
-                let message = e.message().to_owned();
-                return Some(error(Some(id), e.code(), message));
-            }
-            let start = match start {
-                Some(w) => w,
-                None => match state.log().bounds() {
-                    Ok(b) => b.last,
-                    Err(e) => return Some(error(Some(id), "internal", e.to_string())),
-                },
-            };
-            let req = HookRequest::new(
-                Operation::Connect,
-                format!("{conn_id}/{id}"),
-                owner_name(principal.owner().as_deref()),
-                "ws",
-                target_of(&filter),
-            );
-            let started = state
-                .hooks()
-                .run(&req, || {
-                    std::future::ready(state.follow(filter.clone(), start))
-                })
-                .await;
-            let follower = match started {
-                Ok(f) => f,
-                Err(HookError::Cancelled { hook, reason }) => {
-                    return Some(error(
+        } => match subscribe(
+            state,
+            principal,
+            conn_id,
+            subs,
+            id,
+            key,
+            subtree,
+            kinds,
+            after,
+            subscription,
+        )
+        .await
+        {
+            Ok((frame, change)) => (Some(frame), Some(change)),
+            Err(frame) => (Some(frame), None),
+        },
+        ClientFrame::Unsubscribe { id } => {
+            let Some(s) = subs.get(&id) else {
+                return (
+                    Some(error(
                         Some(id),
-                        "refused_by_hook",
-                        format!("{hook}: {reason}"),
-                    ));
-                }
-                Err(HookError::Failed(FollowError::Position(ReadError::Expired {
-                    oldest_available,
-                    ..
-                }))) => {
-                    return Some(ServerFrame::Expired {
-                        id,
-                        oldest_available: oldest_available.0,
-                    });
-                }
-                Err(HookError::Failed(e)) => {
-                    return Some(error(Some(id), "invalid_position", e.to_string()));
-                }
-            };
-            // Announce before the task can send events.
-            if out
-                .send(Outgoing::Frame(ServerFrame::Subscribed {
-                    id: id.clone(),
-                    after: start.0,
-                }))
-                .await
-                .is_err()
-            {
-                return None;
-            }
-            let task = tokio::spawn(forward(id.clone(), follower, out.clone(), state.clone()));
-            subs.insert(
-                id,
-                Sub {
-                    task,
-                    durable: subscription,
-                    req,
-                },
-            );
-            None
-        }
-        ClientFrame::Unsubscribe { id } => match subs.get(&id) {
-            Some(s) => {
-                let req = s.req.clone().cancel("unsubscribe", false);
-                let ended = state
-                    .hooks()
-                    .run(&req, || {
-                        if let Some(s) = subs.remove(&id) {
-                            s.task.abort();
-                        }
-                        std::future::ready(Ok::<_, Infallible>(()))
-                    })
-                    .await;
-                match ended {
-                    Ok(()) => Some(ServerFrame::Unsubscribed { id }),
-                    Err(HookError::Cancelled { hook, reason }) => Some(error(
-                        Some(id),
-                        "refused_by_hook",
-                        format!("{hook}: {reason}"),
+                        "unknown_id",
+                        "no subscription with this id on this connection",
                     )),
-                    Err(HookError::Failed(never)) => match never {},
+                    None,
+                );
+            };
+            let req = s.live.request().clone().cancel("unsubscribe", false);
+            let ended = state
+                .delivery()
+                .lifecycle()
+                .run(&req, || std::future::ready(Ok::<_, Infallible>(())))
+                .await;
+            match ended {
+                Ok(()) => {
+                    // Its cancel hooks ran around this unsubscribe.
+                    if let Some(mut s) = subs.remove(&id) {
+                        s.live.disarm();
+                    }
+                    (
+                        Some(ServerFrame::Unsubscribed { id: id.clone() }),
+                        Some(Change::Remove(id)),
+                    )
                 }
+                Err(e) => (Some(refusal(id, e)), None),
             }
-            None => Some(error(
-                Some(id),
-                "unknown_id",
-                "no subscription with this id on this connection",
-            )),
-        },
-        ClientFrame::Ack { id, watermark } => match subs.get(&id) {
-            None => Some(error(
-                Some(id),
-                "unknown_id",
-                "no subscription with this id on this connection",
-            )),
-            Some(Sub {
-                durable: Some(d), ..
-            }) => match state
-                .durables()
-                .fetch(d, Some(Watermark(watermark)), 0)
-                .await
-            {
-                Ok(_) => Some(ServerFrame::Acked { id, watermark }),
-                Err(e) => Some(error(Some(id), "ack_failed", e.to_string())),
-            },
-            Some(Sub { durable: None, .. }) => Some(ServerFrame::Acked { id, watermark }),
-        },
+        }
+        ClientFrame::Ack { id, watermark } => {
+            let frame = match subs.get(&id) {
+                None => error(
+                    Some(id),
+                    "unknown_id",
+                    "no subscription with this id on this connection",
+                ),
+                Some(Sub {
+                    durable: Some(d), ..
+                }) => match state
+                    .durables()
+                    .fetch(d, Some(Watermark(watermark)), 0)
+                    .await
+                {
+                    Ok(_) => ServerFrame::Acked { id, watermark },
+                    Err(e) => error(Some(id), "ack_failed", e.to_string()),
+                },
+                Some(Sub { durable: None, .. }) => ServerFrame::Acked { id, watermark },
+            };
+            (Some(frame), None)
+        }
     }
 }
 
-/// Sends a subscription's events to the connection until it ends.
-async fn forward(
-    id: String,
-    mut follower: Follower<herald_log::EmbeddedLog>,
-    out: mpsc::Sender<Outgoing>,
-    state: AppState,
-) {
-    loop {
-        match follower.next().await {
-            Ok(batch) => {
-                for n in batch.iter() {
-                    delivered("websocket", n);
-                    let text = state.frames().ws_event(&id, n);
-                    if out.send(Outgoing::Text(text)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(FollowError::Position(ReadError::Expired {
-                oldest_available, ..
-            })) => {
-                let frame = ServerFrame::Expired {
-                    id,
-                    oldest_available: oldest_available.0,
-                };
-                let _ = out.send(frame.into()).await;
-                return;
-            }
-            Err(e) => {
-                let _ = out
-                    .send(error(Some(id), "stream_ended", e.to_string()).into())
-                    .await;
-                return;
-            }
+fn refusal<E: std::fmt::Display>(id: String, e: ConnectError<E>) -> ServerFrame {
+    match e {
+        ConnectError::Refused { hook, reason } => {
+            error(Some(id), "refused_by_hook", format!("{hook}: {reason}"))
         }
+        ConnectError::Busy => error(Some(id), "busy", e.to_string()),
+        ConnectError::Failed(e) => error(Some(id), "internal", e.to_string()),
     }
+}
+
+/// Adds subscription `id`: its filter (or durable subscription), its start, its connect
+/// hooks and its feed.
+#[allow(clippy::too_many_arguments)]
+async fn subscribe(
+    state: &AppState,
+    principal: &Principal,
+    conn_id: &str,
+    subs: &mut HashMap<String, Sub>,
+    id: String,
+    key: Option<String>,
+    subtree: Option<String>,
+    kinds: Option<String>,
+    after: Option<u64>,
+    subscription: Option<String>,
+) -> Result<(ServerFrame, Change), ServerFrame> {
+    if subs.contains_key(&id) {
+        return Err(error(
+            Some(id),
+            "duplicate_id",
+            "a subscription with this id is open on this connection",
+        ));
+    }
+    if subs.len() >= state.config().limits.max_ws_subscriptions {
+        return Err(error(
+            Some(id),
+            "too_many_subscriptions",
+            "limits.max_ws_subscriptions reached",
+        ));
+    }
+    let (filter, start, durable): (Filter, Option<Watermark>, Option<DurableRef>) =
+        match &subscription {
+            Some(sid) => match state.durables().get(sid) {
+                Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
+                    return Err(error(
+                        Some(id),
+                        "not_owner",
+                        "this durable subscription belongs to someone else",
+                    ));
+                }
+                Ok(d) => (
+                    d.filter().clone(),
+                    Some(after.map_or(d.acked(), Watermark)),
+                    Some(d),
+                ),
+                Err(e) => return Err(error(Some(id), "subscription_not_found", e.to_string())),
+            },
+            None => match (FilterJson {
+                key,
+                subtree,
+                kinds,
+            })
+            .to_filter(state.config().limits.max_key_bytes)
+            {
+                Ok(f) => (f, after.map(Watermark), None),
+                Err(e) => return Err(error(Some(id), "invalid_field", e.to_string())),
+            },
+        };
+    if let Err(e) = state.auth().check_filter(principal, &filter) {
+        let message = e.message().to_owned();
+        return Err(error(Some(id), e.code(), message));
+    }
+    let start = match start {
+        Some(w) => w,
+        None => match state.delivery().head() {
+            Ok(w) => w,
+            Err(e) => return Err(error(Some(id), "internal", e.to_string())),
+        },
+    };
+    let connect = Connect {
+        id: format!("{conn_id}/{id}"),
+        owner: owner_name(principal.owner().as_deref()).to_owned(),
+        transport: Transport::WebSocket,
+        target: target_of(&filter),
+    };
+    let delivery = state.delivery();
+    let started = delivery
+        .lifecycle()
+        .connect(connect, None, || {
+            std::future::ready(delivery.feed(filter.clone(), start))
+        })
+        .await;
+    let (feed, live) = match started {
+        Ok(started) => started,
+        Err(ConnectError::Failed(FollowError::Position(ReadError::Expired {
+            oldest_available,
+            ..
+        }))) => {
+            return Err(ServerFrame::Expired {
+                id,
+                oldest_available: oldest_available.0,
+            });
+        }
+        Err(ConnectError::Failed(e)) => {
+            return Err(error(Some(id), "invalid_position", e.to_string()));
+        }
+        Err(e) => return Err(refusal(id, e)),
+    };
+    subs.insert(id.clone(), Sub { durable, live });
+    Ok((
+        ServerFrame::Subscribed {
+            id: id.clone(),
+            after: start.0,
+        },
+        Change::Add(id, Box::pin(feed.into_stream())),
+    ))
 }

@@ -3,14 +3,17 @@
 //! Pull (GetEvents dequeues at most 50 events; a StatusEvent when empty; Timeout expiry),
 //! streaming (one chunked response of whole envelopes, heartbeats, Closed at
 //! ConnectionTimeout, subscriptions outliving their connection), push (SendNotification with
-//! an initial StatusEvent, keep-alives after StatusFrequency, the client's OK/Unsubscribe,
-//! 30 s doubling retries within StatusFrequency). Watermarks are Herald's log watermarks, so
-//! resubscribing from one misses nothing. Errors are EWS response messages.
+//! an initial StatusEvent, keep-alives after StatusFrequency without a notification to this
+//! subscription, the client's OK/Unsubscribe, doubling retries within StatusFrequency,
+//! `ErrorReadEventsFailed` when its events can no longer be read). Watermarks are Herald's log
+//! watermarks, so resubscribing from one misses nothing. Errors are EWS response messages.
+//! Feeds, pages, pushes and sessions are the delivery layer's; this module speaks EWS.
 
 pub mod map;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,17 +21,22 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::hooks::{HookError, HookRequest, Operation};
+use futures_util::{Stream, StreamExt};
 use herald_core::{EventMask, Filter, Key, Notification as HNotification, Scope, Watermark};
+use herald_delivery::{
+    Attempt, Backoff, Connect, ConnectError, Delivery, EndReason, FeedItem, GiveUp, Lease, Live,
+    PageRequest, Pushed, Pusher, Registry, RetryPolicy, Session, Transport,
+};
 use herald_ews::{
     EventType, EwsEvent, FolderInfo, FolderRef, Notification, Request, Subscribe, SubscriptionKind,
     SubscriptionStatus,
 };
-use herald_log::{EmbeddedLog, EventLog, ReadError};
+use herald_log::{EventLog, FollowError, ReadError};
+use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::AppState;
-use crate::connections::{Conn, Lease, LiveConnection};
+use crate::Log;
+use crate::config::EwsConfig;
 use crate::subscriptions::owner_name;
 use map::{id_of, key_of, watermark_from, watermark_of};
 
@@ -45,9 +53,9 @@ enum Kind {
     Streaming,
 }
 
-/// One EWS subscription.
+/// One EWS subscription (the registry's session adds its id, stop signal, idle clock and
+/// connection).
 pub struct EwsSub {
-    id: String,
     owner: Option<String>,
     mailbox: Key,
     /// `None`: every folder of the mailbox.
@@ -55,29 +63,13 @@ pub struct EwsSub {
     types: Vec<EventType>,
     kind: Kind,
     cursor: Mutex<Watermark>,
-    last_used: Mutex<Instant>,
-    stop: CancellationToken,
     /// The streaming connection currently serving it.
     stream: Mutex<Option<CancellationToken>>,
-    /// What its connect hooks were told; its cancel hooks get the same.
-    hook: HookRequest,
-    /// A push subscription's endpoint as a connection: online while it takes notifications.
-    conn: Mutex<Option<Conn>>,
 }
 
+type SubRef = Arc<Session<EwsSub>>;
+
 impl EwsSub {
-    /// Marks a push subscription's endpoint online or offline.
-    fn set_online(&self, online: bool) {
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            c.set_online(online);
-        }
-    }
-
-    /// The hook request for ending it.
-    pub fn cancel_request(&self, reason: &str, forced: bool) -> HookRequest {
-        self.hook.clone().cancel(reason, forced)
-    }
-
     fn cursor(&self) -> Watermark {
         *self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -101,10 +93,6 @@ impl EwsSub {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|t| !t.is_cancelled())
-    }
-
-    fn touch(&self) {
-        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
     /// Whether the subscription wants this event: its type, its mailbox, and its folders
@@ -139,12 +127,27 @@ impl EwsSub {
             mask: EventMask::ALL,
         }
     }
+
+    /// What it selects, for a feed.
+    fn select(sub: &SubRef) -> herald_delivery::Select {
+        let sub = sub.clone();
+        Arc::new(move |n| sub.selects(n) && map::to_ews(n).is_some())
+    }
 }
 
-/// Every EWS subscription of this server.
-#[derive(Default)]
+/// Every EWS subscription of this server, and what serving them needs; cheap to clone.
+#[derive(Clone)]
 pub struct Ews {
-    subs: Mutex<HashMap<String, Arc<EwsSub>>>,
+    inner: Arc<EwsInner>,
+}
+
+struct EwsInner {
+    delivery: Delivery<Log>,
+    config: EwsConfig,
+    egress: crate::egress::EgressPolicy,
+    /// The outbound client for push notifications (egress policy applied).
+    push_client: reqwest::Client,
+    subs: Registry<EwsSub>,
     streams: Mutex<HashMap<String, u32>>,
     /// Ids of subscriptions that expired, and when: GetEvents on one says
     /// `ErrorExpiredSubscription` rather than "not found".
@@ -159,12 +162,28 @@ const TOMBSTONE_CAP: usize = 10_000;
 const STREAMING_IDLE_MINUTES: u32 = 30;
 
 impl Ews {
-    fn get(&self, id: &str) -> Option<Arc<EwsSub>> {
-        self.subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+    /// The endpoint's state over `delivery`.
+    pub fn new(
+        delivery: Delivery<Log>,
+        config: EwsConfig,
+        egress: crate::egress::EgressPolicy,
+        push_client: reqwest::Client,
+    ) -> Ews {
+        Ews {
+            inner: Arc::new(EwsInner {
+                subs: delivery.registry(),
+                delivery,
+                config,
+                egress,
+                push_client,
+                streams: Mutex::default(),
+                expired: Mutex::default(),
+            }),
+        }
+    }
+
+    fn delivery(&self) -> &Delivery<Log> {
+        &self.inner.delivery
     }
 
     /// The subscription `id` if `user` may use it, else the EWS error code and text. An
@@ -174,8 +193,8 @@ impl Ews {
         id: &str,
         user: &Option<String>,
         tell_expired: bool,
-    ) -> Result<Arc<EwsSub>, (&'static str, &'static str)> {
-        let Some(sub) = self.get(id) else {
+    ) -> Result<SubRef, (&'static str, &'static str)> {
+        let Some(sub) = self.inner.subs.peek(id) else {
             if tell_expired && self.was_expired(id) {
                 return Err((
                     "ErrorExpiredSubscription",
@@ -196,84 +215,49 @@ impl Ews {
         Ok(sub)
     }
 
-    fn remove(&self, id: &str) -> Option<Arc<EwsSub>> {
-        let s = self
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let Some(s) = &s {
-            s.stop.cancel();
-            s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
-        }
-        s
-    }
-
-    fn count_in(&self, mailbox: &Key) -> usize {
-        self.subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|s| &s.mailbox == mailbox)
-            .count()
-    }
-
     /// Removes pull subscriptions past their Timeout without a GetEvents, and streaming
-    /// subscriptions that have had no connection for 30 EWS minutes; `minute` is the length
-    /// of an EWS minute. Returns those removed.
-    pub fn expire(&self, minute: Duration) -> Vec<Arc<EwsSub>> {
+    /// subscriptions that have had no connection for 30 EWS minutes. Returns how many.
+    pub fn expire(&self) -> usize {
+        let minute = self.inner.config.minute;
+        let gone = self.inner.subs.expire(|s, idle| match s.kind {
+            Kind::Pull { timeout } => idle > timeout,
+            Kind::Streaming => !s.connected() && idle > minute * STREAMING_IDLE_MINUTES,
+            Kind::Push => false,
+        });
         let now = Instant::now();
-        let mut gone = Vec::new();
-        {
-            let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
-            subs.retain(|id, s| {
-                let idle = s
-                    .last_used
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .elapsed();
-                let keep = match s.kind {
-                    Kind::Pull { timeout } => idle <= timeout,
-                    Kind::Streaming => s.connected() || idle <= minute * STREAMING_IDLE_MINUTES,
-                    Kind::Push => true,
-                };
-                if !keep {
-                    s.stop.cancel();
-                    gone.push((id.clone(), s.clone()));
-                }
-                keep
-            });
-        }
-        let (gone, subs): (Vec<String>, Vec<Arc<EwsSub>>) = gone.into_iter().unzip();
-        let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
+        let mut expired = self.inner.expired.lock().unwrap_or_else(|e| e.into_inner());
         expired.retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
         if expired.len() + gone.len() > TOMBSTONE_CAP {
             expired.clear();
         }
-        expired.extend(gone.into_iter().map(|id| (id, now)));
-        subs
+        expired.extend(gone.iter().map(|s| (s.id().to_owned(), now)));
+        gone.len()
     }
 
     fn was_expired(&self, id: &str) -> bool {
-        self.expired
+        self.inner
+            .expired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(id)
     }
 
-    /// Stops every push worker and stream (at shutdown); returns the subscriptions, which
-    /// end with the process.
-    pub fn stop_all(&self) -> Vec<Arc<EwsSub>> {
-        let subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
-        for s in subs.values() {
-            s.stop.cancel();
-        }
-        subs.values().cloned().collect()
+    /// Ends every subscription (at shutdown): they live in memory and end with the process;
+    /// their cancel hooks hear it.
+    pub fn stop_all(&self) {
+        self.inner.subs.stop_all(|_| false);
     }
 
-    /// Ends subscription `id` (an operator's kick of an EWS push endpoint); whether it existed.
+    /// Ends subscription `id` (an operator's kick of an EWS push endpoint, whose hooks ran);
+    /// whether it existed.
     pub fn kick(&self, id: &str) -> bool {
-        self.remove(id).is_some()
+        self.inner.subs.take(id).is_some()
+    }
+
+    /// Ends a subscription that ended on its own (the client answered Unsubscribe, pushes
+    /// failed, its events can no longer be read); its cancel hooks run.
+    fn end(&self, sub: &SubRef, reason: EndReason) {
+        self.inner.subs.remove_this(sub, reason);
     }
 }
 
@@ -348,8 +332,13 @@ fn check_mailbox(key: &Key, user: &Option<String>) -> Result<(), (&'static str, 
 }
 
 /// The EWS endpoint.
-pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let user = match state.auth().basic_user(&headers) {
+pub async fn handle(
+    State(ews): State<Ews>,
+    State(auth): State<Arc<crate::auth::Auth>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let user = match auth.basic_user(&headers) {
         Ok(u) => u,
         Err(challenge) => return challenge.into_response(),
     };
@@ -389,24 +378,24 @@ pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Byt
         }
     };
     match env.request {
-        Request::Subscribe(s) => subscribe(&state, &user, &headers, s).await,
+        Request::Subscribe(s) => subscribe(&ews, &user, &headers, s).await,
         Request::GetEvents {
             subscription_id,
             watermark,
-        } => get_events(&state, &user, &subscription_id, &watermark).await,
+        } => get_events(&ews, &user, &subscription_id, &watermark).await,
         Request::GetStreamingEvents {
             subscription_ids,
             connection_timeout_minutes,
-        } => streaming(&state, &user, subscription_ids, connection_timeout_minutes).await,
+        } => streaming(&ews, &user, subscription_ids, connection_timeout_minutes).await,
         Request::Unsubscribe { subscription_id } => {
-            unsubscribe(&state, &user, &subscription_id).await
+            unsubscribe(&ews, &user, &subscription_id).await
         }
         Request::GetFolder { folders } => get_folder(&user, &headers, &folders),
     }
 }
 
 async fn subscribe(
-    state: &AppState,
+    ews: &Ews,
     user: &Option<String>,
     headers: &HeaderMap,
     s: Subscribe,
@@ -444,15 +433,17 @@ async fn subscribe(
     if let Err((code, text)) = check_mailbox(&mailbox, user) {
         return op_error(op, code, &text);
     }
-    let ews = state.ews();
-    if ews.count_in(&mailbox) >= state.config().ews.max_subscriptions_per_mailbox as usize {
+    let config = &ews.inner.config;
+    if ews.inner.subs.count(|s| s.mailbox == mailbox)
+        >= config.max_subscriptions_per_mailbox as usize
+    {
         return op_error(
             op,
             "ErrorExceededSubscriptionCount",
             "The mailbox has as many subscriptions as it may.",
         );
     }
-    let bounds = match state.log().bounds() {
+    let bounds = match ews.delivery().log().bounds() {
         Ok(b) => b,
         Err(e) => return op_error(op, "ErrorInternalServerError", &e.to_string()),
     };
@@ -469,7 +460,7 @@ async fn subscribe(
         },
         None => bounds.last,
     };
-    let minute = state.config().ews.minute;
+    let minute = config.minute;
     let (kind, push) = match &s.kind {
         SubscriptionKind::Pull { timeout_minutes } => (
             Kind::Pull {
@@ -481,7 +472,7 @@ async fn subscribe(
             status_frequency_minutes,
             url,
         } => {
-            if url.is_empty() || url.len() > 2082 || state.egress().check_url(url).is_err() {
+            if url.is_empty() || url.len() > 2082 || ews.inner.egress.check_url(url).is_err() {
                 return op_error(
                     op,
                     "ErrorInvalidPushSubscriptionUrl",
@@ -496,102 +487,50 @@ async fn subscribe(
         SubscriptionKind::Streaming => (Kind::Streaming, None),
     };
     let id = format!("HS{}", uuid::Uuid::new_v4().simple());
-    let hook = HookRequest::new(
-        Operation::Connect,
-        id.clone(),
-        owner_name(user.as_deref()),
-        "ews",
-        format!("{mailbox}/"),
-    );
-    let sub = Arc::new(EwsSub {
+    let connect = Connect {
         id: id.clone(),
-        owner: user.clone(),
-        mailbox,
-        folders: (!s.all_folders).then_some(folders),
-        types: s.event_types.clone(),
-        kind: kind.clone(),
-        cursor: Mutex::new(start),
-        last_used: Mutex::new(Instant::now()),
-        stop: CancellationToken::new(),
-        stream: Mutex::new(None),
-        hook: hook.clone(),
-        conn: Mutex::new(None),
-    });
-    let made = state
-        .hooks()
-        .run(&hook, || {
-            if push.is_some() {
-                *sub.conn.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(state.connections().open(
-                        Some(id.clone()),
-                        "ews",
-                        &hook.owner,
-                        &hook.target,
-                        Lease::None,
-                    ));
-            }
-            ews.subs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), sub.clone());
+        owner: owner_name(user.as_deref()).to_owned(),
+        transport: Transport::Ews,
+        target: format!("{mailbox}/"),
+    };
+    // A push endpoint is a connection whose state follows the pushes.
+    let lease = push.is_some().then_some(Lease::None);
+    let made = ews
+        .delivery()
+        .lifecycle()
+        .connect(connect, lease, || {
             std::future::ready(Ok::<_, Infallible>(()))
         })
         .await;
-    if let Err(e) = made {
-        return op_error(op, "ErrorAccessDenied", &refusal(e));
-    }
+    let live = match made {
+        Ok(((), live)) => live,
+        Err(e) => return op_error(op, "ErrorAccessDenied", &refusal(e)),
+    };
+    let sub = ews.inner.subs.insert(
+        id.clone(),
+        EwsSub {
+            owner: user.clone(),
+            mailbox,
+            folders: (!s.all_folders).then_some(folders),
+            types: s.event_types.clone(),
+            kind: kind.clone(),
+            cursor: Mutex::new(start),
+            stream: Mutex::new(None),
+        },
+        Some(live),
+    );
     tracing::debug!(%id, ?kind, "EWS subscription created");
     if let Some((url, frequency)) = push {
-        tokio::spawn(push_worker(state.clone(), sub, url, frequency));
+        ews.inner
+            .subs
+            .spawn(&sub, push_worker(ews.clone(), sub.clone(), url, frequency));
     }
     let watermark = (kind != Kind::Streaming).then(|| watermark_of(start));
     ok(herald_ews::subscribe_ok(&id, watermark.as_deref()))
 }
 
-/// Reads matching events after the subscription's cursor: up to `max`, scanning at most
-/// [`SCAN_BUDGET`] log events. Returns the events, the position reached, and whether more
-/// may be waiting.
-async fn dequeue(
-    log: &EmbeddedLog,
-    sub: &EwsSub,
-    max: usize,
-) -> Result<(Vec<EwsEvent>, Watermark, bool), ReadError> {
-    let mut cursor = sub.cursor();
-    let mut out = Vec::new();
-    let mut scanned = 0;
-    loop {
-        let page = log.read(cursor, 512).await?;
-        if page.is_empty() {
-            return Ok((out, cursor, false));
-        }
-        for n in page {
-            scanned += 1;
-            let w = n.watermark.unwrap_or(cursor);
-            if sub.selects(&n) {
-                if let Some(e) = map::to_ews(&n) {
-                    out.push(e);
-                }
-            }
-            cursor = w;
-            if out.len() >= max {
-                let last = log.bounds().map(|b| b.last).unwrap_or(cursor);
-                return Ok((out, cursor, cursor < last));
-            }
-        }
-        if scanned >= SCAN_BUDGET {
-            return Ok((out, cursor, true));
-        }
-    }
-}
-
-async fn get_events(
-    state: &AppState,
-    user: &Option<String>,
-    id: &str,
-    watermark: &str,
-) -> Response {
+async fn get_events(ews: &Ews, user: &Option<String>, id: &str, watermark: &str) -> Response {
     let op = "GetEvents";
-    let ews = state.ews();
     let sub = match ews.for_user(id, user, true) {
         Ok(s) => s,
         Err((code, text)) => return op_error(op, code, text),
@@ -607,32 +546,39 @@ async fn get_events(
         return op_error(op, "ErrorInvalidWatermark", "The watermark is invalid.");
     }
     sub.touch();
-    // Offline, nothing is handed out: the answer is a status event at the same watermark.
-    if !state.server_state().delivering() {
-        let at = watermark_of(sub.cursor());
-        return ok(herald_ews::get_events_ok(&Notification {
-            subscription_id: id.to_owned(),
-            previous_watermark: Some(watermark.to_owned()),
-            more_events: Some(false),
-            events: vec![EwsEvent::status(at)],
-        }));
-    }
-    match dequeue(state.log(), &sub, MAX_EVENTS).await {
-        Ok((mut events, cursor, more)) => {
-            sub.advance(cursor);
+    let cursor = sub.cursor();
+    // Offline, nothing is handed out (the page stops at the cursor): the answer is a status
+    // event at the same watermark.
+    let page = ews
+        .delivery()
+        .page(
+            PageRequest {
+                after: cursor,
+                limit: MAX_EVENTS,
+                scan_budget: SCAN_BUDGET,
+                ceiling: Watermark(u64::MAX),
+            },
+            cursor,
+            |n| sub.selects(n) && map::to_ews(n).is_some(),
+        )
+        .await;
+    match page {
+        Ok(page) => {
+            sub.advance(page.cursor);
+            let mut events: Vec<EwsEvent> = page.events.iter().filter_map(map::to_ews).collect();
             if events.is_empty() {
-                events.push(EwsEvent::status(watermark_of(cursor)));
+                events.push(EwsEvent::status(watermark_of(page.cursor)));
             }
             ok(herald_ews::get_events_ok(&Notification {
                 subscription_id: id.to_owned(),
                 previous_watermark: Some(watermark.to_owned()),
-                more_events: Some(more),
+                more_events: Some(page.more),
                 events,
             }))
         }
         Err(e) => {
             // EWS deletes a subscription whose events cannot be read.
-            end(state, &sub, "close");
+            ews.end(&sub, EndReason::Close);
             let code = match e {
                 ReadError::Expired { .. } => "ErrorEventNotFound",
                 _ => "ErrorReadEventsFailed",
@@ -642,17 +588,16 @@ async fn get_events(
     }
 }
 
-/// The text of a refusal by a hook.
-fn refusal(e: HookError<Infallible>) -> String {
+/// The text of a refusal.
+fn refusal<E: std::fmt::Display>(e: ConnectError<E>) -> String {
     match e {
-        HookError::Cancelled { hook, reason } => format!("Refused by {hook}: {reason}"),
-        HookError::Failed(never) => match never {},
+        ConnectError::Refused { hook, reason } => format!("Refused by {hook}: {reason}"),
+        other => other.to_string(),
     }
 }
 
-async fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Response {
+async fn unsubscribe(ews: &Ews, user: &Option<String>, id: &str) -> Response {
     let op = "Unsubscribe";
-    let ews = state.ews();
     let sub = match ews.for_user(id, user, false) {
         Ok(s) => s,
         Err((code, text)) => return op_error(op, code, text),
@@ -665,11 +610,18 @@ async fn unsubscribe(state: &AppState, user: &Option<String>, id: &str) -> Respo
             "Push subscriptions end when the client answers Unsubscribe.",
         );
     }
-    let req = sub.cancel_request("unsubscribe", false);
-    let ended = state
-        .hooks()
-        .run(&req, || {
-            ews.remove(id);
+    let Some(req) = sub.live().as_ref().map(|l| l.request().clone()) else {
+        return op_error(
+            op,
+            "ErrorSubscriptionNotFound",
+            "The specified subscription was not found.",
+        );
+    };
+    let ended = ews
+        .delivery()
+        .lifecycle()
+        .run(&req.cancel("unsubscribe", false), || {
+            ews.inner.subs.take(id);
             std::future::ready(Ok::<_, Infallible>(()))
         })
         .await;
@@ -707,15 +659,15 @@ fn get_folder(user: &Option<String>, headers: &HeaderMap, folders: &[FolderRef])
 
 /// Counts an account's open streaming connections until dropped.
 struct StreamPermit {
-    state: AppState,
+    ews: Ews,
     owner: String,
 }
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
         let mut streams = self
-            .state
-            .ews()
+            .ews
+            .inner
             .streams
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -726,16 +678,15 @@ impl Drop for StreamPermit {
 }
 
 async fn streaming(
-    state: &AppState,
+    ews: &Ews,
     user: &Option<String>,
     ids: Vec<String>,
     timeout_minutes: u32,
 ) -> Response {
-    let ews = state.ews();
     let mut subs = Vec::new();
     let mut bad = Vec::new();
     for id in &ids {
-        match ews.get(id) {
+        match ews.inner.subs.peek(id) {
             Some(s) if s.kind == Kind::Streaming => {
                 if !s.belongs_to(user) {
                     return ok(herald_ews::streaming_error(
@@ -758,9 +709,9 @@ async fn streaming(
     }
     let owner = owner_name(user.as_deref()).to_owned();
     {
-        let mut streams = ews.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streams = ews.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
         let n = streams.entry(owner.clone()).or_default();
-        if *n >= state.config().ews.max_streaming_connections {
+        if *n >= ews.inner.config.max_streaming_connections {
             return op_error(
                 "GetStreamingEvents",
                 "ErrorExceededConnectionCount",
@@ -770,10 +721,9 @@ async fn streaming(
         *n += 1;
     }
     let permit = StreamPermit {
-        state: state.clone(),
+        ews: ews.clone(),
         owner: owner.clone(),
     };
-    let conn_id = format!("ews-{}", uuid::Uuid::new_v4().simple());
     // What it follows: the subscriptions' mailbox (hooks and access rules judge keys).
     let mut mailboxes: Vec<String> = subs.iter().map(|s| format!("{}/", s.mailbox)).collect();
     mailboxes.dedup();
@@ -782,51 +732,41 @@ async fn streaming(
     } else {
         String::new()
     };
-    let req = HookRequest::new(
-        Operation::Connect,
-        conn_id.clone(),
-        owner.clone(),
-        "ews",
-        target.clone(),
-    );
-    let opened = state
-        .hooks()
-        .run(&req, || {
-            std::future::ready(Ok::<_, Infallible>(state.connections().open(
-                Some(conn_id.clone()),
-                "ews",
-                &owner,
-                &target,
-                Lease::Stream,
-            )))
+    let connect = Connect::fresh(Transport::Ews, owner, target);
+    let opened = ews
+        .delivery()
+        .lifecycle()
+        .connect(connect, Some(Lease::Stream), || {
+            std::future::ready(Ok::<_, Infallible>(()))
         })
         .await;
-    let conn = match opened {
-        Ok(c) => c,
+    let live = match opened {
+        Ok(((), live)) => live,
         Err(e) => return op_error("GetStreamingEvents", "ErrorAccessDenied", &refusal(e)),
     };
     let body = Body::from_stream(stream_body(
-        state.clone(),
+        ews.clone(),
         subs,
-        state.config().ews.minute * timeout_minutes,
+        ews.inner.config.minute * timeout_minutes,
         permit,
-        LiveConnection::new(conn, req, state.clone()),
+        live,
     ));
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }
 
-/// What a subscription's follower tells the connection.
-enum Feed {
-    Batch(usize, herald_core::Batch),
+/// What one subscription of a streaming connection yields.
+enum SubItem {
+    Feed(Result<FeedItem, FollowError>),
     /// Another connection took the subscription over.
-    TakenOver(usize),
-    Failed(usize, String),
+    TakenOver,
 }
 
+type SubStream = Pin<Box<dyn Stream<Item = SubItem> + Send>>;
+
 struct StreamState {
-    state: AppState,
-    subs: Vec<Arc<EwsSub>>,
-    rx: tokio::sync::mpsc::Receiver<Feed>,
+    ews: Ews,
+    subs: Vec<SubRef>,
+    feeds: StreamMap<usize, SubStream>,
     queue: VecDeque<Bytes>,
     /// Cursor moves to apply once the chunk carrying their events has been taken.
     commit: Vec<(usize, Watermark)>,
@@ -834,11 +774,10 @@ struct StreamState {
     heartbeat: tokio::time::Interval,
     deadline: tokio::time::Instant,
     done: bool,
+    /// Cancels this connection's hold on its subscriptions when it ends.
     stop: CancellationToken,
     /// The connection's presence; dropping it runs the cancel hooks.
-    live: LiveConnection,
-    /// Offline, batches already fed wait here: no delivery starts once the gate closes.
-    gate: herald_log::Gate,
+    live: Live,
     _permit: StreamPermit,
 }
 
@@ -852,15 +791,28 @@ impl Drop for StreamState {
     }
 }
 
+/// The merged feeds of a streaming connection's subscriptions (no task per subscription):
+/// each ends when its subscription ends, and says so when another connection takes it over.
+fn sub_stream(ews: &Ews, sub: &SubRef, mine: CancellationToken) -> SubStream {
+    let feed = match ews.delivery().feed(sub.filter(), sub.cursor()) {
+        Ok(f) => f.select(EwsSub::select(sub)).into_stream().left_stream(),
+        Err(e) => futures_util::stream::once(async { Err(e) }).right_stream(),
+    };
+    let taken_over =
+        futures_util::stream::once(mine.cancelled_owned()).map(|()| SubItem::TakenOver);
+    let gone = sub.stop().clone().cancelled_owned();
+    Box::pin(futures_util::stream::select(feed.map(SubItem::Feed), taken_over).take_until(gone))
+}
+
 fn stream_body(
-    state: AppState,
-    subs: Vec<Arc<EwsSub>>,
+    ews: Ews,
+    subs: Vec<SubRef>,
     timeout: Duration,
     permit: StreamPermit,
-    live: LiveConnection,
+    live: Live,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut feeds = StreamMap::new();
     for (i, sub) in subs.iter().enumerate() {
         let mine = stop.child_token();
         // This connection now serves the subscription; an older one is told to let go.
@@ -872,47 +824,13 @@ fn stream_body(
         {
             old.cancel();
         }
-        let (app, sub, tx) = (state.clone(), sub.clone(), tx.clone());
-        let gone = sub.stop.clone();
-        tokio::spawn(async move {
-            let mut follower = match app.follow(sub.filter(), sub.cursor()) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.send(Feed::Failed(i, e.to_string())).await;
-                    return;
-                }
-            };
-            loop {
-                tokio::select! {
-                    next = follower.next() => match next {
-                        Ok(b) => {
-                            if tx.send(Feed::Batch(i, b)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Feed::Failed(i, e.to_string())).await;
-                            return;
-                        }
-                    },
-                    () = mine.cancelled() => {
-                        if !gone.is_cancelled() {
-                            let _ = tx.try_send(Feed::TakenOver(i));
-                        }
-                        return;
-                    }
-                    () = gone.cancelled() => return,
-                }
-            }
-        });
+        feeds.insert(i, sub_stream(&ews, sub, mine));
     }
-    let gate = state.server_state().gate();
-    let mut heartbeat = tokio::time::interval(state.config().ews.heartbeat);
+    let mut heartbeat = tokio::time::interval(ews.inner.config.heartbeat);
     heartbeat.reset();
     let s = StreamState {
-        state,
         subs,
-        rx,
+        feeds,
         queue: VecDeque::from([Bytes::from(herald_ews::streaming_status(false))]),
         commit: Vec::new(),
         pending_commit: Vec::new(),
@@ -921,7 +839,7 @@ fn stream_body(
         done: false,
         stop,
         live,
-        gate,
+        ews,
         _permit: permit,
     };
     futures_util::stream::unfold(s, |mut s| async move {
@@ -937,38 +855,27 @@ fn stream_body(
             if s.done {
                 return None;
             }
-            let shutdown = s.state.shutdown().clone();
-            s.live.conn().renew();
-            let expired = s.live.conn().expired().clone();
-            let delivering = s.gate.is_open();
+            let shutdown = s.ews.delivery().shutdown().clone();
+            s.live.renew();
             tokio::select! {
-                () = s.gate.changed() => {}
-                feed = s.rx.recv(), if delivering => match feed {
-                    Some(Feed::Batch(i, batch)) => {
+                Some((i, item)) = s.feeds.next(), if !s.feeds.is_empty() => match item {
+                    SubItem::Feed(Ok(FeedItem::Events { batch, cursor })) => {
                         let sub = s.subs[i].clone();
-                        let last = batch.last_watermark();
-                        let events: Vec<EwsEvent> = batch.iter().filter(|n| sub.selects(n)).filter_map(map::to_ews).collect();
-                        if events.is_empty() {
-                            if let Some(w) = last {
-                                sub.advance(w);
-                            }
-                            continue;
-                        }
-                        let chunks: Vec<&[EwsEvent]> = events.chunks(MAX_EVENTS).collect();
-                        for c in &chunks {
+                        let events: Vec<EwsEvent> = batch.iter().filter_map(map::to_ews).collect();
+                        for c in events.chunks(MAX_EVENTS) {
                             s.queue.push_back(Bytes::from(herald_ews::streaming_notifications(&[Notification {
-                                subscription_id: sub.id.clone(),
+                                subscription_id: sub.id().to_owned(),
                                 previous_watermark: None,
                                 more_events: Some(false),
                                 events: c.to_vec(),
                             }])));
                         }
-                        if let Some(w) = last {
-                            s.pending_commit.push((i, w));
-                        }
+                        s.pending_commit.push((i, cursor));
                     }
-                    Some(Feed::TakenOver(i)) => {
-                        let id = s.subs[i].id.clone();
+                    SubItem::Feed(Ok(FeedItem::KeepAlive { .. })) => {}
+                    SubItem::TakenOver => {
+                        s.feeds.remove(&i);
+                        let id = s.subs[i].id().to_owned();
                         s.queue.push_back(Bytes::from(herald_ews::response(
                             "GetStreamingEvents",
                             &[herald_ews::error_message(
@@ -979,13 +886,9 @@ fn stream_body(
                             )],
                         )));
                     }
-                    Some(Feed::Failed(i, why)) => {
-                        let id = s.subs[i].id.clone();
-                        s.queue.push_back(Bytes::from(herald_ews::streaming_error("ErrorReadEventsFailed", &why, &[id])));
-                        s.done = true;
-                    }
-                    None => {
-                        s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
+                    SubItem::Feed(Err(e)) => {
+                        let id = s.subs[i].id().to_owned();
+                        s.queue.push_back(Bytes::from(herald_ews::streaming_error("ErrorReadEventsFailed", &e.to_string(), &[id])));
                         s.done = true;
                     }
                 },
@@ -994,15 +897,14 @@ fn stream_body(
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
                     s.done = true;
                 }
-                () = expired.cancelled() => {
+                why = s.live.expired() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
-                    let why = s.live.conn().end_reason();
                     s.live.end(why);
                     s.done = true;
                 }
                 () = shutdown.cancelled() => {
                     s.queue.push_back(Bytes::from(herald_ews::streaming_status(true)));
-                    s.live.end("shutdown");
+                    s.live.end(EndReason::Shutdown);
                     s.done = true;
                 }
             }
@@ -1010,68 +912,124 @@ fn stream_body(
     })
 }
 
+/// The retry policy of EWS push: 30 s, 60 s, 120 s, … (with jitter) while the next wait
+/// stays within StatusFrequency; then the subscription is dropped. Every failure takes the
+/// endpoint offline (retries are half a minute apart or more: each is worth telling).
+fn push_policy(base: Duration, frequency: Duration) -> RetryPolicy {
+    RetryPolicy {
+        backoff: Backoff {
+            base,
+            cap: frequency,
+        },
+        give_up: GiveUp::BeyondCap,
+        honour_retry_after: false,
+        offline_after: 1,
+    }
+}
+
+/// POSTs one push body until the client takes it; whether the subscription goes on (the
+/// client answered OK). Ends the subscription otherwise.
+async fn push(
+    ews: &Ews,
+    sub: &SubRef,
+    pusher: &Pusher,
+    url: &str,
+    body: String,
+    events: usize,
+) -> bool {
+    let client = &ews.inner.push_client;
+    let pushed = pusher
+        .push(
+            |online| sub.set_online(online),
+            sub.stop(),
+            || {
+                let request = client
+                    .post(url)
+                    .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                    .body(body.clone());
+                async move {
+                    match request.send().await {
+                        Ok(r) if r.status().is_success() => {
+                            Attempt::Delivered(r.text().await.unwrap_or_default())
+                        }
+                        Ok(r) => Attempt::Failed {
+                            error: format!("the endpoint answered {}", r.status()),
+                            retry_after: None,
+                        },
+                        Err(e) => Attempt::Failed {
+                            error: e.to_string(),
+                            retry_after: None,
+                        },
+                    }
+                }
+            },
+        )
+        .await;
+    match pushed {
+        Pushed::Delivered(reply) => {
+            crate::metrics::delivered_count("ews-push", events);
+            match herald_ews::parse_send_notification_result(&reply) {
+                SubscriptionStatus::Ok => true,
+                SubscriptionStatus::Unsubscribe => {
+                    tracing::info!(id = %sub.id(), "EWS push subscription ended by the client");
+                    ews.end(sub, EndReason::Unsubscribe);
+                    false
+                }
+            }
+        }
+        Pushed::GaveUp(error) | Pushed::Gone(error) => {
+            tracing::warn!(id = %sub.id(), %error, "EWS push subscription dropped after retries exceeded StatusFrequency");
+            ews.end(sub, EndReason::Expiry);
+            false
+        }
+        Pushed::Stopped => false,
+    }
+}
+
 /// Delivers a push subscription: an initial StatusEvent, then events as they come, a
-/// StatusEvent after StatusFrequency without events; ends when the client answers
-/// Unsubscribe or when retries would exceed StatusFrequency.
-async fn push_worker(state: AppState, sub: Arc<EwsSub>, url: String, frequency: Duration) {
-    let first = sub.cursor();
-    let status = Notification {
-        subscription_id: sub.id.clone(),
-        previous_watermark: Some(watermark_of(first)),
-        more_events: Some(false),
-        events: vec![EwsEvent::status(watermark_of(first))],
+/// StatusEvent after StatusFrequency without a notification to it; ends when the client
+/// answers Unsubscribe, when retries would exceed StatusFrequency, or, after telling the
+/// client `ErrorReadEventsFailed`, when its events can no longer be read.
+async fn push_worker(ews: Ews, sub: SubRef, url: String, frequency: Duration) {
+    let pusher = ews.delivery().pusher(
+        "ews-push",
+        push_policy(ews.inner.config.push_retry_base, frequency),
+    );
+    let status = |w: Watermark| {
+        herald_ews::send_notification(&Notification {
+            subscription_id: sub.id().to_owned(),
+            previous_watermark: Some(watermark_of(w)),
+            more_events: Some(false),
+            events: vec![EwsEvent::status(watermark_of(w))],
+        })
     };
-    if !push(&state, &sub, &url, frequency, &status).await {
+    if !push(&ews, &sub, &pusher, &url, status(sub.cursor()), 0).await {
         return;
     }
-    let mut follower = match state.follow(sub.filter(), sub.cursor()) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(id = %sub.id, error = %e, "EWS push subscription cannot follow; dropped");
-            end(&state, &sub, "close");
-            return;
-        }
+    let mut feed = match ews.delivery().feed(sub.filter(), sub.cursor()) {
+        Ok(f) => f.select(EwsSub::select(&sub)).keepalive(frequency),
+        Err(e) => return read_failed(&ews, &sub, &pusher, &url, &e).await,
     };
     loop {
-        let next = tokio::select! {
-            n = follower.next() => Some(n),
-            () = tokio::time::sleep(frequency) => None,
-            () = sub.stop.cancelled() => return,
-        };
-        match next {
-            None => {
-                let w = watermark_of(sub.cursor());
-                let n = Notification {
-                    subscription_id: sub.id.clone(),
-                    previous_watermark: Some(w.clone()),
-                    more_events: Some(false),
-                    events: vec![EwsEvent::status(w)],
-                };
-                if !push(&state, &sub, &url, frequency, &n).await {
+        match feed.next().await {
+            Ok(FeedItem::KeepAlive { cursor }) => {
+                sub.advance(cursor);
+                if !push(&ews, &sub, &pusher, &url, status(sub.cursor()), 0).await {
                     return;
                 }
             }
-            Some(Err(e)) => {
-                tracing::warn!(id = %sub.id, error = %e, "EWS push subscription stopped");
-                end(&state, &sub, "close");
-                return;
-            }
-            Some(Ok(batch)) => {
-                let last = batch.last_watermark();
-                let events: Vec<EwsEvent> = batch
-                    .iter()
-                    .filter(|n| sub.selects(n))
-                    .filter_map(map::to_ews)
-                    .collect();
+            Ok(FeedItem::Events { batch, cursor }) => {
+                let events: Vec<EwsEvent> = batch.iter().filter_map(map::to_ews).collect();
                 let chunks: Vec<&[EwsEvent]> = events.chunks(MAX_EVENTS).collect();
                 for (k, c) in chunks.iter().enumerate() {
                     let n = Notification {
-                        subscription_id: sub.id.clone(),
+                        subscription_id: sub.id().to_owned(),
                         previous_watermark: Some(watermark_of(sub.cursor())),
                         more_events: Some(k + 1 < chunks.len()),
                         events: c.to_vec(),
                     };
-                    if !push(&state, &sub, &url, frequency, &n).await {
+                    let body = herald_ews::send_notification(&n);
+                    if !push(&ews, &sub, &pusher, &url, body, c.len()).await {
                         return;
                     }
                     if let Some(w) = c
@@ -1082,76 +1040,24 @@ async fn push_worker(state: AppState, sub: Arc<EwsSub>, url: String, frequency: 
                         sub.advance(w);
                     }
                 }
-                if let Some(w) = last {
-                    sub.advance(w);
-                }
+                sub.advance(cursor);
             }
+            Err(e) => return read_failed(&ews, &sub, &pusher, &url, &e).await,
         }
     }
 }
 
-/// POSTs one notification, retrying 30 s, 60 s, 120 s, … while the next wait stays within
-/// StatusFrequency. Returns `false` when the subscription has ended (Unsubscribe answered,
-/// retries exhausted, or deleted).
-async fn push(
-    state: &AppState,
-    sub: &EwsSub,
-    url: &str,
-    frequency: Duration,
-    n: &Notification,
-) -> bool {
-    let body = herald_ews::send_notification(n);
-    let client = state.push_client();
-    let mut wait = state.config().ews.push_retry_base;
-    loop {
-        // Offline, the attempt waits here; going offline waits for this one to finish.
-        let push = tokio::select! {
-            p = state.server_state().push() => p,
-            () = sub.stop.cancelled() => return false,
-        };
-        let result = client
-            .post(url)
-            .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .body(body.clone())
-            .send()
-            .await;
-        drop(push);
-        match result {
-            Ok(r) if r.status().is_success() => {
-                sub.set_online(true);
-                let reply = r.text().await.unwrap_or_default();
-                crate::metrics::delivered_count("ews-push", n.events.len());
-                return match herald_ews::parse_send_notification_result(&reply) {
-                    SubscriptionStatus::Ok => true,
-                    SubscriptionStatus::Unsubscribe => {
-                        tracing::info!(id = %sub.id, "EWS push subscription ended by the client");
-                        end(state, sub, "unsubscribe");
-                        false
-                    }
-                };
-            }
-            Ok(r) => tracing::debug!(id = %sub.id, status = %r.status(), "EWS push failed"),
-            Err(e) => tracing::debug!(id = %sub.id, error = %e, "EWS push failed"),
-        }
-        // Retries are half a minute apart or more: each failure is worth telling.
-        sub.set_online(false);
-        if wait > frequency {
-            tracing::warn!(id = %sub.id, "EWS push subscription dropped after retries exceeded StatusFrequency");
-            end(state, sub, "expiry");
-            return false;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = sub.stop.cancelled() => return false,
-        }
-        wait *= 2;
-    }
-}
-
-/// Removes a subscription that ended on its own (the client answered Unsubscribe, pushes
-/// failed, its events can no longer be read), with its cancel hooks.
-fn end(state: &AppState, sub: &EwsSub, reason: &str) {
-    if state.ews().remove(&sub.id).is_some() {
-        state.cancelled(sub.cancel_request(reason, true));
+/// Tells the client its subscription's events can no longer be read, and ends it: the
+/// client recreates it from the last watermark it holds.
+async fn read_failed(ews: &Ews, sub: &SubRef, pusher: &Pusher, url: &str, e: &FollowError) {
+    tracing::warn!(id = %sub.id(), error = %e, "EWS push subscription cannot read its events");
+    let body = herald_ews::send_notification_error(
+        "ErrorReadEventsFailed",
+        &format!("Reading events failed: {e}."),
+        sub.id(),
+    );
+    // Whatever the client answers, the subscription is gone.
+    if push(ews, sub, pusher, url, body, 0).await {
+        ews.end(sub, EndReason::Close);
     }
 }

@@ -10,19 +10,21 @@
 
 pub mod map;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::hooks::{HookError, HookRequest, Operation};
-use herald_core::{AsyncWait, EventMask, Filter, Key, Scope, Watermark};
-use herald_log::EventLog;
+use herald_core::{EventMask, Filter, Key, Scope, Watermark};
+use herald_delivery::{
+    Connect, ConnectError, Delivery, EndReason, Feed, FeedItem, Lease, NudgeTarget, Outbox,
+    Registry, Session, Transport,
+};
 use herald_rop::mapihttp::{
     self, ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse,
     NotificationWaitResponse,
@@ -31,10 +33,10 @@ use herald_rop::{
     LogonSuccess, NotificationScope, OpenFolderSuccess, RopBuffer, RopNotify, RopRequest,
     RopResponse, TypesWidth, decode_requests, ec,
 };
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
-use crate::AppState;
-use crate::connections::{BusyGuard, Conn, Lease};
+use crate::Log;
+use crate::config::MapiConfig;
 use crate::subscriptions::owner_name;
 use map::KnownFolders;
 
@@ -80,130 +82,95 @@ struct Objects {
     next_handle: u32,
     objects: HashMap<u32, Object>,
     subscriptions: HashMap<u32, Subscription>,
-    /// RopNotify bytes with their subscription handle, in log order.
-    queue: VecDeque<(u32, Vec<u8>)>,
 }
 
-/// A MAPI/HTTP session.
-pub struct Session {
+/// A MAPI/HTTP session (the registry's session adds its id, stop signal, idle clock and
+/// connection).
+pub struct MapiSession {
     owner: Option<String>,
     mailbox: String,
     index: u16,
     objects: Mutex<Objects>,
-    wait: Arc<AsyncWait>,
-    last_used: Mutex<Instant>,
+    /// RopNotify bytes with their subscription handle, in log order, until fetched.
+    outbox: Outbox<(u32, Vec<u8>)>,
+    /// One Execute at a time.
     busy: AtomicBool,
-    /// Woken when the client drained the queue (the log reader waits on it when full).
-    drained: tokio::sync::Notify,
-    stop: CancellationToken,
-    /// A UDP push target: address and opaque context.
-    udp: Mutex<Option<(std::net::SocketAddr, Vec<u8>)>>,
-    /// Whether the UDP repeat task is running.
-    udp_running: AtomicBool,
-    /// Its presence; taken (published offline) when the session ends.
-    conn: Mutex<Option<Conn>>,
-    /// What its connect hooks were told; its cancel hooks get the same.
-    hook: HookRequest,
+    /// The UDP push target (EcRRegisterPushNotification).
+    udp: watch::Sender<Option<NudgeTarget>>,
+    /// Whether the UDP nudger runs.
+    nudging: AtomicBool,
 }
 
-impl Session {
-    fn touch(&self) {
-        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        if let Some(c) = self.conn().as_ref() {
-            c.renew();
-        }
-    }
+type SessionRef = Arc<Session<MapiSession>>;
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn busy(&self) -> Option<BusyGuard> {
-        self.conn().as_ref().map(|c| c.busy())
-    }
-
-    /// The hook request for ending it.
-    pub fn cancel_request(&self, reason: &str, forced: bool) -> HookRequest {
-        self.hook.clone().cancel(reason, forced)
-    }
-
+impl MapiSession {
     fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Every MAPI/HTTP session of this server.
-#[derive(Default)]
+/// Every MAPI/HTTP session of this server, and what serving them needs; cheap to clone.
+#[derive(Clone)]
 pub struct Mapi {
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    inner: Arc<MapiInner>,
+}
+
+struct MapiInner {
+    delivery: Delivery<Log>,
+    config: MapiConfig,
+    egress: crate::egress::EgressPolicy,
+    sessions: Registry<MapiSession>,
     known: KnownFolders,
     next_index: AtomicU16,
 }
 
-impl Mapi {
-    fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-    }
+/// The presence id of session `id`.
+fn conn_id(id: &str) -> String {
+    format!("mapi-{id}")
+}
 
-    fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        let s = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let Some(s) = &s {
-            s.stop.cancel();
-            s.wait.close();
-            s.conn().take();
+impl Mapi {
+    /// The endpoint's state over `delivery`.
+    pub fn new(
+        delivery: Delivery<Log>,
+        config: MapiConfig,
+        egress: crate::egress::EgressPolicy,
+    ) -> Mapi {
+        Mapi {
+            inner: Arc::new(MapiInner {
+                sessions: delivery.registry(),
+                delivery,
+                config,
+                egress,
+                known: KnownFolders::default(),
+                next_index: AtomicU16::new(0),
+            }),
         }
-        s
     }
 
     /// Ends the session whose connection id is `conn_id` (`mapi-<session>`), as an
-    /// operator's kick; returns whether there was one.
+    /// operator's kick whose hooks ran; returns whether there was one.
     pub fn kick(&self, conn_id: &str) -> bool {
         conn_id
             .strip_prefix("mapi-")
-            .and_then(|id| self.remove(id))
+            .and_then(|id| self.inner.sessions.take(id))
             .is_some()
     }
 
-    /// Destroys sessions idle for longer than `idle` (a session with a NotificationWait open
-    /// is not idle). Returns them.
-    pub fn expire(&self, idle: Duration) -> Vec<Arc<Session>> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let mut gone = Vec::new();
-        sessions.retain(|_, s| {
-            let quiet = s
-                .last_used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed();
-            let keep = quiet <= idle || s.wait.is_waiting();
-            if !keep {
-                s.stop.cancel();
-                s.wait.close();
-                s.conn().take();
-                gone.push(s.clone());
-            }
-            keep
-        });
-        gone
+    /// Destroys sessions idle for longer than `mapi.session_idle` (a session with a
+    /// NotificationWait open is not idle). Returns how many.
+    pub fn expire(&self) -> usize {
+        let idle = self.inner.config.session_idle;
+        self.inner
+            .sessions
+            .expire(|s, quiet| quiet > idle && !s.outbox.is_waiting())
+            .len()
     }
 
-    /// Ends every session (at shutdown): outstanding waits complete with ecExiting. Returns
-    /// the sessions, which end with the process.
-    pub fn stop_all(&self) -> Vec<Arc<Session>> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        for s in sessions.values() {
-            s.stop.cancel();
-            s.wait.close();
-        }
-        sessions.values().cloned().collect()
+    /// Ends every session (at shutdown): outstanding waits complete with ecExiting; their
+    /// cancel hooks hear it.
+    pub fn stop_all(&self) {
+        self.inner.sessions.stop_all(|_| false);
     }
 }
 
@@ -286,13 +253,14 @@ fn mailbox_id(query: Option<&str>) -> Option<String> {
 
 /// The endpoint.
 pub async fn handle(
-    State(state): State<AppState>,
+    State(mapi): State<Mapi>,
+    State(auth): State<Arc<crate::auth::Auth>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let config = &state.config().mapi;
+    let config = &mapi.inner.config;
     let echo = Echo {
         request_type: headers
             .get("x-requesttype")
@@ -307,10 +275,10 @@ pub async fn handle(
     if echo.request_type.is_empty() {
         return echo.fail(code::MISSING_HEADER, "X-RequestType is missing");
     }
-    if state.shutdown().is_cancelled() {
+    if mapi.inner.delivery.shutdown().is_cancelled() {
         return echo.fail(code::SHUTTING_DOWN, "the server is shutting down");
     }
-    let user = match state.auth().basic_user(&headers) {
+    let user = match auth.basic_user(&headers) {
         Ok(u) => u,
         Err(challenge) => return challenge.into_response(),
     };
@@ -318,7 +286,7 @@ pub async fn handle(
     match request_type.as_str() {
         "connect" => {
             connect(
-                &state,
+                &mapi,
                 &echo,
                 user,
                 query.as_deref(),
@@ -332,7 +300,7 @@ pub async fn handle(
             let Some(id) = crate::auth::cookie(&headers, COOKIE) else {
                 return echo.fail(code::MISSING_COOKIE, "the MapiContext cookie is missing");
             };
-            let Some(session) = state.mapi().get(&id) else {
+            let Some(session) = mapi.inner.sessions.peek(&id) else {
                 return echo.fail(
                     code::CONTEXT_NOT_FOUND,
                     "no such session (expired or ended)",
@@ -346,11 +314,9 @@ pub async fn handle(
             }
             session.touch();
             match request_type.as_str() {
-                "execute" => execute(&state, &echo, &session, &body, started),
-                "notificationwait" => notification_wait(&state, echo, session, &body),
-                "registerpushnotification" => {
-                    register_push(&state, &echo, &session, &body, started)
-                }
+                "execute" => execute(&mapi, &echo, &session, &body, started),
+                "notificationwait" => notification_wait(&mapi, echo, session, &body),
+                "registerpushnotification" => register_push(&mapi, &echo, &session, &body, started),
                 "disconnect" => {
                     if mapihttp::decode_disconnect_request(&body).is_err() {
                         return echo.fail(
@@ -358,11 +324,15 @@ pub async fn handle(
                             "the Disconnect body is malformed",
                         );
                     }
-                    let req = session.cancel_request("unsubscribe", false);
-                    let ended = state
-                        .hooks()
-                        .run(&req, || {
-                            state.mapi().remove(&id);
+                    let Some(req) = session.live().as_ref().map(|l| l.request().clone()) else {
+                        return echo.fail(code::CONTEXT_NOT_FOUND, "the session ended");
+                    };
+                    let ended = mapi
+                        .inner
+                        .delivery
+                        .lifecycle()
+                        .run(&req.cancel("unsubscribe", false), || {
+                            mapi.inner.sessions.take(&id);
                             std::future::ready(Ok::<_, String>(()))
                         })
                         .await;
@@ -401,15 +371,12 @@ fn expired_cookie() -> HeaderValue {
 }
 
 /// The text of a refusal by a hook.
-fn refusal(e: HookError<String>) -> String {
-    match e {
-        HookError::Cancelled { hook, reason } => format!("refused by {hook}: {reason}"),
-        HookError::Failed(e) => e,
-    }
+fn refusal<E: std::fmt::Display>(e: ConnectError<E>) -> String {
+    e.to_string()
 }
 
 async fn connect(
-    state: &AppState,
+    mapi: &Mapi,
     echo: &Echo,
     user: Option<String>,
     query: Option<&str>,
@@ -422,10 +389,13 @@ async fn connect(
     };
     // A reconnect carries the old cookie: that session ends.
     if let Some(old) = crate::auth::cookie(headers, COOKIE) {
-        if state.mapi().get(&old).is_some_and(|s| s.owner == user) {
-            if let Some(s) = state.mapi().remove(&old) {
-                state.cancelled(s.cancel_request("replaced", true));
-            }
+        if mapi
+            .inner
+            .sessions
+            .peek(&old)
+            .is_some_and(|s| s.owner == user)
+        {
+            mapi.inner.sessions.remove(&old, EndReason::Replaced);
         }
     }
     let mailbox = mailbox_id(query).or_else(|| user.clone());
@@ -448,62 +418,53 @@ async fn connect(
         return refuse(LOGIN_PERM);
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let owner = owner_name(user.as_deref()).to_owned();
-    let hook = HookRequest::new(
-        Operation::Connect,
-        format!("mapi-{id}"),
-        owner.clone(),
-        "mapi",
-        format!("{mailbox}/"),
-    );
-    let session = Arc::new(Session {
-        owner: user.clone(),
-        mailbox: mailbox.clone(),
-        index: state.mapi().next_index.fetch_add(1, Ordering::Relaxed),
-        objects: Mutex::default(),
-        wait: AsyncWait::new(),
-        last_used: Mutex::new(Instant::now()),
-        busy: AtomicBool::new(false),
-        drained: tokio::sync::Notify::new(),
-        stop: CancellationToken::new(),
-        udp: Mutex::new(None),
-        udp_running: AtomicBool::new(false),
-        conn: Mutex::new(None),
-        hook: hook.clone(),
-    });
-    let start = state.log().bounds().map_or(Watermark(0), |b| b.last);
-    let made = state
-        .hooks()
-        .run(&hook, || {
-            let made = spawn_reader(state, session.clone(), start).map(|()| {
-                *session.conn() = Some(state.connections().open(
-                    Some(hook.connection.clone()),
-                    "mapi",
-                    &owner,
-                    &hook.target,
-                    Lease::Session,
-                ));
-                state
-                    .mapi()
-                    .sessions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), session.clone());
-            });
-            std::future::ready(made)
+    let connect = Connect {
+        id: conn_id(&id),
+        owner: owner_name(user.as_deref()).to_owned(),
+        transport: Transport::Mapi,
+        target: format!("{mailbox}/"),
+    };
+    let delivery = &mapi.inner.delivery;
+    let start = delivery.head().unwrap_or(Watermark(0));
+    let filter = Filter {
+        scope: Scope::Subtree(Key::from(mailbox.as_str())),
+        mask: EventMask::ALL,
+    };
+    let made = delivery
+        .lifecycle()
+        .connect(connect, Some(Lease::Session), || {
+            std::future::ready(delivery.feed(filter.clone(), start))
         })
         .await;
-    match made {
-        Ok(()) => {}
-        Err(e @ HookError::Cancelled { .. }) => {
+    let (feed, live) = match made {
+        Ok(made) => made,
+        Err(e @ ConnectError::Refused { .. }) => {
             tracing::info!(reason = %refusal(e), %mailbox, "a hook refused a MAPI Connect");
             return refuse(ec::ACCESS_DENIED);
         }
+        Err(ConnectError::Busy) => return refuse(ec::SERVER_MEMORY),
         Err(e) => {
             tracing::warn!(error = %refusal(e), "a MAPI session cannot follow the log");
             return refuse(ec::LOGIN_FAILURE);
         }
-    }
+    };
+    let session = mapi.inner.sessions.insert(
+        id.clone(),
+        MapiSession {
+            owner: user.clone(),
+            mailbox: mailbox.clone(),
+            index: mapi.inner.next_index.fetch_add(1, Ordering::Relaxed),
+            objects: Mutex::default(),
+            outbox: delivery.outbox(mapi.inner.config.max_queue_bytes),
+            busy: AtomicBool::new(false),
+            udp: watch::Sender::new(None),
+            nudging: AtomicBool::new(false),
+        },
+        Some(live),
+    );
+    mapi.inner
+        .sessions
+        .spawn(&session, read(mapi.clone(), session.clone(), feed));
     tracing::debug!(%mailbox, user_dn = %req.user_dn, "MAPI session connected");
     let body = ConnectResponse {
         error_code: 0,
@@ -521,78 +482,53 @@ async fn connect(
 }
 
 /// Follows the log for the session's mailbox and queues a RopNotify per matching
-/// subscription.
-fn spawn_reader(state: &AppState, session: Arc<Session>, start: Watermark) -> Result<(), String> {
-    let filter = Filter {
-        scope: Scope::Subtree(Key::from(session.mailbox.as_str())),
-        mask: EventMask::ALL,
-    };
-    let mut follower = state.follow(filter, start).map_err(|e| e.to_string())?;
-    let state = state.clone();
-    let max_queue = state.config().mapi.max_queue.max(1);
-    tokio::spawn(async move {
-        loop {
-            // Back-pressure, not loss: wait for the client to fetch.
-            loop {
-                let drained = session.drained.notified();
-                if session.objects().queue.len() < max_queue {
-                    break;
-                }
-                tokio::select! {
-                    () = drained => {}
-                    () = session.stop.cancelled() => return,
-                }
-            }
-            let batch = tokio::select! {
-                b = follower.next() => b,
-                () = session.stop.cancelled() => return,
-            };
-            let Ok(batch) = batch else {
-                tracing::warn!("a MAPI session stopped following the log");
+/// subscription; waits for the client to fetch when the outbox is full.
+async fn read(mapi: Mapi, session: SessionRef, mut feed: Feed<Log>) {
+    loop {
+        // Back-pressure, not loss: wait for the client to fetch.
+        session.outbox.room().await;
+        let batch = match feed.next().await {
+            Ok(FeedItem::Events { batch, .. }) => batch,
+            Ok(FeedItem::KeepAlive { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "a MAPI session stopped following the log");
                 return;
+            }
+        };
+        for n in batch.events() {
+            let Some(data) = map::to_notification_data(n, &mapi.inner.known) else {
+                continue;
             };
-            let mut queued = false;
-            for n in batch.events() {
-                let Some(data) = map::to_notification_data(n, &state.mapi().known) else {
-                    continue;
+            let w = n.watermark.unwrap_or(Watermark(u64::MAX));
+            // Under the objects lock: a subscription released meanwhile gets nothing.
+            let objects = session.objects();
+            let mut matching: Vec<(u32, u8)> = objects
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| {
+                    w > s.after && s.types & (data.kind as u16) != 0 && in_scope(&s.scope, &data)
+                })
+                .map(|(h, s)| (*h, s.logon_id))
+                .collect();
+            matching.sort_unstable();
+            for (handle, logon_id) in matching {
+                let notify = RopNotify {
+                    handle,
+                    logon_id,
+                    data: data.clone(),
                 };
-                let w = n.watermark.unwrap_or(Watermark(u64::MAX));
-                let mut objects = session.objects();
-                let mut matching: Vec<(u32, u8)> = objects
-                    .subscriptions
-                    .iter()
-                    .filter(|(_, s)| {
-                        w > s.after
-                            && s.types & (data.kind as u16) != 0
-                            && in_scope(&s.scope, &data)
-                    })
-                    .map(|(h, s)| (*h, s.logon_id))
-                    .collect();
-                matching.sort_unstable();
-                for (handle, logon_id) in matching {
-                    let notify = RopNotify {
-                        handle,
-                        logon_id,
-                        data: data.clone(),
-                    };
-                    match notify.to_bytes() {
-                        Ok(bytes) => {
-                            objects.queue.push_back((handle, bytes));
-                            queued = true;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "an event did not encode as RopNotify")
-                        }
+                match notify.to_bytes() {
+                    Ok(bytes) => {
+                        let len = bytes.len();
+                        session.outbox.push((handle, bytes), len);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an event did not encode as RopNotify")
                     }
                 }
             }
-            if queued {
-                session.wait.set_pending();
-                udp_push(&state, &session);
-            }
         }
-    });
-    Ok(())
+    }
 }
 
 fn in_scope(scope: &NotificationScope, d: &herald_rop::NotificationData) -> bool {
@@ -611,69 +547,13 @@ fn in_scope(scope: &NotificationScope, d: &herald_rop::NotificationData) -> bool
     }
 }
 
-/// While notifications stay unfetched, sends the session's registered context to its UDP
-/// address at once and every `mapi.udp_repeat`; stops once everything is fetched.
-fn udp_push(state: &AppState, session: &Arc<Session>) {
-    let Some((addr, context)) = session
-        .udp
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-    else {
-        return;
-    };
-    if session.udp_running.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let repeat = state.config().mapi.udp_repeat;
-    let session = session.clone();
-    let mut gate = state.server_state().gate();
-    tokio::spawn(async move {
-        let bind = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        };
-        let socket = match tokio::net::UdpSocket::bind(bind).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "no UDP socket for push notifications");
-                session.udp_running.store(false, Ordering::Release);
-                return;
-            }
-        };
-        loop {
-            while !session.objects().queue.is_empty() && !session.stop.is_cancelled() {
-                // Offline, no nudges either.
-                tokio::select! {
-                    () = gate.opened() => {}
-                    () = session.stop.cancelled() => continue,
-                }
-                if let Err(e) = socket.send_to(&context, addr).await {
-                    tracing::debug!(error = %e, %addr, "UDP push failed");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(repeat) => {}
-                    () = session.stop.cancelled() => {}
-                }
-            }
-            session.udp_running.store(false, Ordering::Release);
-            // Events queued while this task was ending: carry on unless another task did.
-            if session.objects().queue.is_empty()
-                || session.stop.is_cancelled()
-                || session.udp_running.swap(true, Ordering::AcqRel)
-            {
-                return;
-            }
-        }
-    });
-}
-
 /// Herald's `RegisterPushNotification` request: EcRRegisterPushNotification for MAPI/HTTP.
+/// While notifications stay unfetched, the registered context goes to the address at once
+/// and every `mapi.udp_repeat`.
 fn register_push(
-    state: &AppState,
+    mapi: &Mapi,
     echo: &Echo,
-    session: &Arc<Session>,
+    session: &SessionRef,
     body: &[u8],
     started: Instant,
 ) -> Response {
@@ -685,11 +565,19 @@ fn register_push(
     };
     let answer = match req.target() {
         Err(refused) => refused.code(),
-        Ok(addr) if state.egress().check(addr.ip()).is_err() => ec::ACCESS_DENIED,
+        Ok(addr) if mapi.inner.egress.check(addr.ip()).is_err() => ec::ACCESS_DENIED,
         Ok(addr) => {
-            *session.udp.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, req.context));
-            if session.wait.is_pending() {
-                udp_push(state, session);
+            session.udp.send_replace(Some(NudgeTarget {
+                addr,
+                context: req.context,
+            }));
+            if !session.nudging.swap(true, Ordering::AcqRel) {
+                let nudger = mapi.inner.delivery.nudger(
+                    session.outbox.pending(),
+                    session.udp.subscribe(),
+                    mapi.inner.config.udp_repeat,
+                );
+                mapi.inner.sessions.spawn(session, nudger);
             }
             0
         }
@@ -698,15 +586,15 @@ fn register_push(
 }
 
 /// Releases a handle: its object, and for a subscription its registration and queued notifies.
-fn release(objects: &mut Objects, handle: u32) {
+fn release(session: &MapiSession, objects: &mut Objects, handle: u32) {
     if let Some(Object::Subscription { .. }) = objects.objects.remove(&handle) {
         objects.subscriptions.remove(&handle);
-        objects.queue.retain(|(h, _)| *h != handle);
+        session.outbox.retain(|(h, _)| *h != handle);
     }
 }
 
 /// Releases every object `pick` chooses.
-fn release_where(objects: &mut Objects, pick: impl Fn(&Object) -> bool) {
+fn release_where(session: &MapiSession, objects: &mut Objects, pick: impl Fn(&Object) -> bool) {
     let chosen: Vec<u32> = objects
         .objects
         .iter()
@@ -714,7 +602,7 @@ fn release_where(objects: &mut Objects, pick: impl Fn(&Object) -> bool) {
         .map(|(h, _)| *h)
         .collect();
     for h in chosen {
-        release(objects, h);
+        release(session, objects, h);
     }
 }
 
@@ -728,9 +616,9 @@ impl Drop for Busy<'_> {
 }
 
 fn execute(
-    state: &AppState,
+    mapi: &Mapi,
     echo: &Echo,
-    session: &Arc<Session>,
+    session: &SessionRef,
     body: &[u8],
     started: Instant,
 ) -> Response {
@@ -776,12 +664,18 @@ fn execute(
         };
         (requests, buf.handles)
     };
-    let mapi = state.mapi();
-    let now = state.log().bounds().map_or(Watermark(0), |b| b.last);
+    let now = mapi.inner.delivery.head().unwrap_or(Watermark(0));
     let mut out: Vec<u8> = Vec::new();
     let mut objects = session.objects();
     for rop in requests {
-        let answer = run_rop(&mut objects, session, &mapi.known, &mut handles, rop, now);
+        let answer = run_rop(
+            &mut objects,
+            session,
+            &mapi.inner.known,
+            &mut handles,
+            rop,
+            now,
+        );
         if let Some(a) = answer {
             if let Err(e) = a.encode(&mut out) {
                 tracing::warn!(error = %e, "a ROP answer did not encode");
@@ -792,33 +686,27 @@ fn execute(
     let budget = (req.max_rop_out as usize).min(8 + herald_rop::MAX_PAYLOAD);
     let fixed = 8 + 2 + 4 * handles.len();
     let mut room = budget.saturating_sub(fixed + out.len());
-    let mut sent = 0usize;
+    drop(objects);
     // Offline, queued notifications stay queued (and pending) until deliveries resume.
-    let delivering = state.server_state().delivering();
-    while let Some((_, bytes)) = objects.queue.front().filter(|_| delivering) {
-        let last = objects.queue.len() == 1;
+    let taken = session.outbox.take(|(_, bytes), last| {
         let need = bytes.len() + if last { 0 } else { 3 };
         if need > room {
-            break;
+            return false;
         }
         room -= bytes.len();
-        if let Some((_, b)) = objects.queue.pop_front() {
-            out.extend_from_slice(&b);
-            sent += 1;
-        }
+        true
+    });
+    for (_, b) in &taken.items {
+        out.extend_from_slice(b);
     }
-    if objects.queue.is_empty() {
-        session.wait.clear_pending();
-    } else if room >= 3 && delivering {
+    if taken.more && room >= 3 {
         let _ = RopResponse::Pending {
             session_index: session.index,
         }
         .encode(&mut out);
     }
-    drop(objects);
-    if sent > 0 {
-        crate::metrics::delivered_count("mapi", sent);
-        session.drained.notify_waiters();
+    if !taken.items.is_empty() {
+        crate::metrics::delivered_count("mapi", taken.items.len());
     }
     let rop_buffer = match (RopBuffer { rops: out, handles }).encode() {
         Ok(b) => b,
@@ -838,7 +726,7 @@ fn execute(
 /// Runs one ROP; returns its answer (RopRelease has none).
 fn run_rop(
     objects: &mut Objects,
-    session: &Session,
+    session: &MapiSession,
     known: &KnownFolders,
     handles: &mut Vec<u32>,
     rop: RopRequest,
@@ -887,6 +775,7 @@ fn run_rop(
             }
             // Reusing a logon id replaces that logon.
             release_where(
+                session,
                 objects,
                 |o| matches!(o, Object::Logon { logon_id } if *logon_id == l.logon_id),
             );
@@ -987,10 +876,10 @@ fn run_rop(
         RopRequest::Release(r) => {
             if let Some(&h) = handles.get(usize::from(r.input_handle_index)) {
                 let is_logon = matches!(objects.objects.get(&h), Some(Object::Logon { .. }));
-                release(objects, h);
+                release(session, objects, h);
                 if is_logon {
                     // Releasing a logon releases everything opened through it.
-                    release_where(objects, |o| match o {
+                    release_where(session, objects, |o| match o {
                         Object::Folder { logon_id } | Object::Subscription { logon_id } => {
                             *logon_id == r.logon_id
                         }
@@ -1036,7 +925,7 @@ fn logon_time(unix: u64) -> ([u8; 6], u16) {
     )
 }
 
-fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: &[u8]) -> Response {
+fn notification_wait(mapi: &Mapi, echo: Echo, session: SessionRef, body: &[u8]) -> Response {
     let started = Instant::now();
     if mapihttp::decode_notification_wait_request(body).is_err() {
         return echo.fail(
@@ -1044,37 +933,33 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
             "the NotificationWait body is malformed",
         );
     }
-    let timer = state.config().mapi.notification_wait;
-    let period = state.config().mapi.pending_period;
-    let shutdown = state.shutdown().clone();
-    let wait = session.wait.begin();
+    let timer = mapi.inner.config.notification_wait;
+    let period = mapi.inner.config.pending_period;
+    let shutdown = mapi.inner.delivery.shutdown().clone();
+    // Completes only with notifications that may go (held while the server is offline).
+    let wait = session.outbox.wait();
     let headers = echo.headers(0, "application/mapi-http");
     // A client waiting for notifications is present however long the wait.
     let busy = session.busy();
-    let mut gate = state.server_state().gate();
-    let stream = async_stream(move |tx| async move {
+    let stream = async_stream(&mapi.inner.delivery, move |tx| async move {
         let _busy = busy;
         let _ = tx.send(Bytes::from_static(mapihttp::PROCESSING)).await;
         let (error_code, event_pending) = match wait {
             Err(_) => (ec::REJECTED, false),
-            Ok(mut w) => {
+            Ok(w) => {
                 let deadline = tokio::time::Instant::now() + timer;
                 let mut tick = tokio::time::interval(period);
                 tick.reset();
-                // Offline, "pending" is held back until deliveries resume (or the timer ends).
-                let mut seen = false;
+                let mut w = std::pin::pin!(w);
                 loop {
-                    if seen && gate.is_open() {
-                        break (0, true);
-                    }
                     tokio::select! {
-                        outcome = &mut w, if !seen => match outcome {
-                            herald_core::WaitOutcome::Pending => seen = true,
+                        outcome = &mut w => match outcome {
+                            herald_core::WaitOutcome::Pending => break (0, true),
                             herald_core::WaitOutcome::Exiting => break (ec::EXITING, false),
                         },
-                        () = gate.changed(), if seen => {}
                         () = tokio::time::sleep_until(deadline) => break (0, false),
                         () = shutdown.cancelled() => break (ec::EXITING, false),
+                        () = session.stopped() => break (ec::EXITING, false),
                         _ = tick.tick() => {
                             if tx.send(Bytes::from_static(mapihttp::PENDING)).await.is_err() {
                                 return;
@@ -1103,13 +988,16 @@ fn notification_wait(state: &AppState, echo: Echo, session: Arc<Session>, body: 
 }
 
 /// A body stream fed by a task through a channel (each send is one chunk, flushed as sent).
-fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>>
+fn async_stream<F, Fut>(
+    delivery: &Delivery<Log>,
+    f: F,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + use<F, Fut>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
+    delivery.track(f(tx));
     futures_util::stream::unfold(
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },

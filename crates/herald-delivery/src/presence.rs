@@ -1,11 +1,18 @@
 //! Client connections and their presence: every stream, long-poll or webhook subscription,
-//! EWS streaming connection and MAPI session has an id, an owner and a state, online or
-//! offline. Each change is a `connection_state` event on `$herald/presence/<owner>/<id>`, so
-//! a client can watch one connection (that key) or everyone of an owner (its subtree) through
-//! any transport. A connection not heard from within its lease goes offline; a stream whose
-//! lease expires is closed.
+//! EWS streaming connection or push endpoint, and MAPI session has an id, an owner and a
+//! state, online or offline. Each change is a `connection_state` event on
+//! `$herald/presence/<owner>/<id>`, so a client can watch one connection (that key) or every
+//! connection of an owner (its subtree) through any transport. A connection not heard from
+//! within its lease goes offline; a stream whose lease expires is closed.
+//!
+//! Presence is written to the log by one task, from a backlog bounded in connections: the
+//! changes of one connection are kept as its first state and a count (states alternate, so
+//! the count says every transition exactly), so flapping costs no memory; and while the
+//! backlog holds [`PresenceOptions::backlog`] connections, new connects are refused
+//! ([`Connections::is_backlogged`]) until the writer catches up. No change is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,18 +20,20 @@ use herald_core::{
     ConnectionStateChange, Event, Key, Notification, STATE_OFFLINE, STATE_OFFLINE_MASK,
     STATE_ONLINE, StateChangePhase, Timestamp,
 };
-use herald_log::{AppendOptions, EmbeddedLog, EventLog};
-
-use crate::server_state::state_name;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use herald_log::{AppendOptions, EventLog};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
+
+use crate::Transport;
+use crate::metrics::names;
+use crate::state::state_name;
 
 /// Where presence events go: `$herald/presence/<owner>/<connection id>`.
 pub const PRESENCE_PREFIX: &str = "$herald/presence";
 /// Keys under this prefix are the server's own; producers may not publish there.
 pub const RESERVED_PREFIX: &str = "$herald";
+/// The most events one presence append carries.
+const WRITE_BATCH: usize = 1024;
 
 /// The presence key of `owner`'s connection `id`.
 pub fn presence_key(owner: &str, id: &str) -> Key {
@@ -44,33 +53,67 @@ fn segment(s: &str) -> String {
     s.replace('%', "%25").replace('/', "%2F")
 }
 
-/// A connection as `GET /v1/connections` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ConnectionView {
+/// A connection as the operator's API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
     /// Its id (for a subscription, the subscription's id).
     pub id: String,
     /// Who holds it.
     pub owner: String,
-    /// `sse`, `ws`, `poll`, `udp`, `webhook`, `ews`, `mapi`.
-    pub transport: String,
+    /// Its transport.
+    pub transport: Transport,
     /// What it follows (a key, a subtree, or a mailbox).
     pub target: String,
-    /// `online` or `offline`.
-    pub state: String,
+    /// Whether it is online.
+    pub online: bool,
     /// The key its presence events are published on.
-    pub presence_key: String,
+    pub presence_key: Key,
     /// When it opened, microseconds since the Unix epoch.
     pub opened_at: u64,
     /// When its state last changed, microseconds since the Unix epoch.
     pub state_since: u64,
-    /// Milliseconds since the client was last heard from.
-    pub idle_ms: u64,
+    /// How long since the client was last heard from (zero while it is being served).
+    pub idle: Duration,
+}
+
+/// How a connection proves it is alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// A stream: it must be heard from within the lease, and when the lease expires it is
+    /// closed (it cannot come back; the client reconnects).
+    Stream,
+    /// A session that outlives quiet spells (long-poll subscriptions, MAPI sessions): offline
+    /// when the lease expires, online again when the client is heard from.
+    Session,
+    /// Herald is the one that calls (webhooks, EWS push): its state follows the calls' results.
+    None,
+}
+
+/// How presence is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct PresenceOptions {
+    /// How long a connection may stay unheard before it goes offline.
+    pub lease: Duration,
+    /// Whether presence events are written at all.
+    pub publish: bool,
+    /// Most connections with unwritten changes; new connects are refused beyond it.
+    pub backlog: usize,
+}
+
+impl Default for PresenceOptions {
+    fn default() -> Self {
+        PresenceOptions {
+            lease: Duration::from_secs(45),
+            publish: true,
+            backlog: 65_536,
+        }
+    }
 }
 
 struct Entry {
     id: String,
     owner: String,
-    transport: String,
+    transport: Transport,
     target: String,
     online: bool,
     opened_at: u64,
@@ -81,24 +124,24 @@ struct Entry {
     expired: CancellationToken,
     generation: u64,
     /// Set when an operator kicked it (its end is then a kick, already hooked).
-    kicked: Arc<std::sync::atomic::AtomicBool>,
+    kicked: Arc<AtomicBool>,
 }
 
 impl Entry {
-    fn view(&self) -> ConnectionView {
-        ConnectionView {
+    fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
             id: self.id.clone(),
             owner: self.owner.clone(),
-            transport: self.transport.clone(),
+            transport: self.transport,
             target: self.target.clone(),
-            state: state_name(self.state()).into(),
-            presence_key: presence_key(&self.owner, &self.id).to_string(),
+            online: self.online,
+            presence_key: presence_key(&self.owner, &self.id),
             opened_at: self.opened_at,
             state_since: self.state_since,
-            idle_ms: if self.busy > 0 {
-                0
+            idle: if self.busy > 0 {
+                Duration::ZERO
             } else {
-                self.seen.elapsed().as_millis() as u64
+                self.seen.elapsed()
             },
         }
     }
@@ -113,20 +156,88 @@ impl Entry {
 }
 
 /// Tells registrations of the same id apart.
-static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+static GENERATION: AtomicU64 = AtomicU64::new(1);
 
-enum Command {
-    Publish(Notification),
-    Flush(oneshot::Sender<()>),
+/// The unwritten changes of one connection: its state before them and how many there are
+/// (each one flips the state).
+struct Pending {
+    first_old: u32,
+    changes: u32,
+}
+
+/// Changes waiting for the writer, by presence key, in the order each key first changed.
+#[derive(Default)]
+struct Backlog {
+    pending: HashMap<Key, Pending>,
+    order: VecDeque<Key>,
+    /// Changes recorded so far (for flush).
+    recorded: u64,
+}
+
+impl Backlog {
+    fn record(&mut self, key: Key, old: u32) {
+        self.recorded += 1;
+        match self.pending.get_mut(&key) {
+            Some(p) => p.changes += 1,
+            None => {
+                self.order.push_back(key.clone());
+                self.pending.insert(
+                    key,
+                    Pending {
+                        first_old: old,
+                        changes: 1,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Up to `max` events, oldest connections first; a connection's changes stay together.
+    fn take(&mut self, max: usize) -> Vec<Notification> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(key) = self.order.pop_front() else {
+                break;
+            };
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            let mut old = p.first_old;
+            for _ in 0..p.changes {
+                let new = if old == STATE_ONLINE {
+                    STATE_OFFLINE
+                } else {
+                    STATE_ONLINE
+                };
+                out.push(Notification::new(
+                    key.clone(),
+                    Event::ConnectionState(ConnectionStateChange {
+                        phase: StateChangePhase::Done,
+                        client_token: 0,
+                        changed_mask: STATE_OFFLINE_MASK,
+                        old_state: old,
+                        new_state: new,
+                    }),
+                ));
+                old = new;
+            }
+        }
+        out
+    }
 }
 
 struct Inner {
     entries: Mutex<HashMap<String, Entry>>,
-    events: mpsc::UnboundedSender<Command>,
-    lease: Duration,
-    presence: bool,
+    backlog: Mutex<Backlog>,
+    /// Wakes the writer.
+    wake: Notify,
+    /// How many recorded changes the writer has written (or given up on).
+    written: watch::Sender<u64>,
+    options: PresenceOptions,
     /// The server is stopping: everything stays offline.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
+    /// The writer task, awaited by [`Connections::close`].
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -134,26 +245,20 @@ impl Inner {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn backlog(&self) -> MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a change of `e` from `old`. Called with the entries locked, so that the
+    /// changes of one id are recorded in the order they happened.
     fn publish(&self, e: &Entry, old: u32) {
         let new = e.state();
-        let n = Notification::new(
-            presence_key(&e.owner, &e.id),
-            Event::ConnectionState(ConnectionStateChange {
-                phase: StateChangePhase::Done,
-                client_token: 0,
-                changed_mask: STATE_OFFLINE_MASK,
-                old_state: old,
-                new_state: new,
-            }),
-        );
-        metrics::counter!(crate::metrics::names::PRESENCE_CHANGES, "state" => state_name(new))
-            .increment(1);
-        if !self.presence {
+        metrics::counter!(names::PRESENCE_CHANGES, "state" => state_name(new)).increment(1);
+        if !self.options.publish {
             return;
         }
-        // Unbounded: one entry per connect, disconnect or lease change, which the connection
-        // limits bound; presence must not be dropped.
-        let _ = self.events.send(Command::Publish(n));
+        self.backlog().record(presence_key(&e.owner, &e.id), old);
+        self.wake.notify_one();
     }
 
     /// Sets the state; publishes when it changed.
@@ -163,7 +268,7 @@ impl Inner {
             return;
         };
         if online
-            && (self.closing.load(std::sync::atomic::Ordering::SeqCst)
+            && (self.closing.load(Ordering::SeqCst)
                 || (e.lease == Lease::Stream && e.expired.is_cancelled()))
         {
             // Stopping, or a stream whose lease ran out: it is closing, not coming back.
@@ -196,41 +301,39 @@ impl std::fmt::Debug for Connections {
     }
 }
 
-/// How a connection proves it is alive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lease {
-    /// A stream: it must be heard from within the lease, and when the lease expires it is
-    /// closed (it cannot come back; the client reconnects).
-    Stream,
-    /// A session that outlives quiet spells (long-poll subscriptions, MAPI sessions): offline
-    /// when the lease expires, online again when the client is heard from.
-    Session,
-    /// Herald is the one that calls (webhooks, EWS push): its state follows the calls' results.
-    None,
-}
-
 impl Connections {
-    /// A registry publishing presence events to `log` (unless `presence` is off). Must be
-    /// called inside a tokio runtime.
-    pub fn new(log: EmbeddedLog, lease: Duration, presence: bool) -> Connections {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_presence(log, rx));
-        Connections {
-            inner: Arc::new(Inner {
-                entries: Mutex::new(HashMap::new()),
-                events: tx,
-                lease,
-                presence,
-                closing: std::sync::atomic::AtomicBool::new(false),
-            }),
-        }
+    /// A registry publishing presence to `log` (unless `options.publish` is off); its writer
+    /// runs until [`Connections::close`]. Must be called inside a tokio runtime.
+    pub fn new<L: EventLog>(log: L, options: PresenceOptions) -> Connections {
+        let inner = Arc::new(Inner {
+            entries: Mutex::new(HashMap::new()),
+            backlog: Mutex::default(),
+            wake: Notify::new(),
+            written: watch::Sender::new(0),
+            options,
+            closing: AtomicBool::new(false),
+            writer: Mutex::new(None),
+        });
+        let writer = tokio::spawn(write_presence(log, inner.clone()));
+        *inner.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        Connections { inner }
+    }
+
+    /// Whether the presence backlog is full: new connects are refused until it drains.
+    pub fn is_backlogged(&self) -> bool {
+        self.inner.backlog().pending.len() >= self.inner.options.backlog
+    }
+
+    /// How many connections have unwritten presence changes.
+    pub fn backlog_len(&self) -> usize {
+        self.inner.backlog().pending.len()
     }
 
     /// Registers a connection, online, and publishes it. `id` defaults to a fresh one.
     pub fn open(
         &self,
         id: Option<String>,
-        transport: &str,
+        transport: Transport,
         owner: &str,
         target: &str,
         lease: Lease,
@@ -238,14 +341,14 @@ impl Connections {
         let id = id.unwrap_or_else(|| format!("{transport}-{}", uuid::Uuid::new_v4().simple()));
         let now = Timestamp::now().0;
         let expired = CancellationToken::new();
-        let kicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kicked = Arc::new(AtomicBool::new(false));
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         // Once the server is stopping, nothing comes online.
-        let online = !self.inner.closing.load(std::sync::atomic::Ordering::SeqCst);
+        let online = !self.inner.closing.load(Ordering::SeqCst);
         let entry = Entry {
             id: id.clone(),
             owner: owner.to_owned(),
-            transport: transport.to_owned(),
+            transport,
             target: target.to_owned(),
             online,
             opened_at: now,
@@ -279,12 +382,12 @@ impl Connections {
     }
 
     /// Every connection, or those of `owner`, sorted by id.
-    pub fn list(&self, owner: Option<&str>) -> Vec<ConnectionView> {
+    pub fn list(&self, owner: Option<&str>) -> Vec<ConnectionInfo> {
         let entries = self.inner.entries();
-        let mut v: Vec<ConnectionView> = entries
+        let mut v: Vec<ConnectionInfo> = entries
             .values()
             .filter(|e| owner.is_none_or(|o| e.owner == o))
-            .map(Entry::view)
+            .map(Entry::info)
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -293,7 +396,7 @@ impl Connections {
     /// Marks offline every leased connection not heard from within the lease, and tells the
     /// streams among them to close. Returns how many went offline.
     pub fn expire_leases(&self) -> usize {
-        let lease = self.inner.lease;
+        let lease = self.inner.options.lease;
         let expired: Vec<(String, Option<CancellationToken>)> = self
             .inner
             .entries()
@@ -319,8 +422,8 @@ impl Connections {
     }
 
     /// The connection `id`, if open.
-    pub fn get(&self, id: &str) -> Option<ConnectionView> {
-        self.inner.entries().get(id).map(Entry::view)
+    pub fn get(&self, id: &str) -> Option<ConnectionInfo> {
+        self.inner.entries().get(id).map(Entry::info)
     }
 
     /// Ends a stream or session (an operator's kick): it is told to close, and its end
@@ -329,7 +432,7 @@ impl Connections {
         let entries = self.inner.entries();
         match entries.get(id) {
             Some(e) => {
-                e.kicked.store(true, std::sync::atomic::Ordering::SeqCst);
+                e.kicked.store(true, Ordering::SeqCst);
                 e.expired.cancel();
                 true
             }
@@ -337,29 +440,41 @@ impl Connections {
         }
     }
 
-    /// Marks every connection offline (the server is stopping: none of them is served any
-    /// more). Durable subscriptions come back online when restored.
-    pub fn all_offline(&self) {
-        self.inner
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Resolves once every presence change recorded so far is in the log (or could not be
+    /// written, which is logged).
+    pub async fn flush(&self) {
+        let target = self.inner.backlog().recorded;
+        let mut written = self.inner.written.subscribe();
+        self.inner.wake.notify_one();
+        let _ = written.wait_for(|w| *w >= target).await;
+    }
+
+    /// At shutdown: marks every connection offline (none of them is served any more; durable
+    /// subscriptions come back online when restored), writes every change, and stops the
+    /// writer.
+    pub async fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
         let ids: Vec<String> = self.inner.entries().keys().cloned().collect();
         for id in ids {
             self.inner.set(&id, false);
         }
-    }
-
-    /// Resolves once every presence event published so far is in the log.
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.events.send(Command::Flush(tx)).is_ok() {
-            let _ = rx.await;
+        self.flush().await;
+        // The writer sees `closing` with an empty backlog and ends.
+        self.inner.wake.notify_one();
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(w) = writer {
+            let _ = w.await;
         }
     }
 
     /// The lease.
     pub fn lease(&self) -> Duration {
-        self.inner.lease
+        self.inner.options.lease
     }
 }
 
@@ -370,7 +485,7 @@ pub struct Conn {
     inner: Arc<Inner>,
     expired: CancellationToken,
     generation: u64,
-    kicked: Arc<std::sync::atomic::AtomicBool>,
+    kicked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -416,7 +531,7 @@ impl Conn {
         }
     }
 
-    /// Sets the state (a webhook endpoint failing or answering again).
+    /// Sets the state (a push endpoint failing or answering again).
     pub fn set_online(&self, online: bool) {
         self.inner.set(&self.id, online);
     }
@@ -427,14 +542,9 @@ impl Conn {
         &self.expired
     }
 
-    /// Why [`Conn::expired`] fired: `kick` or `expiry`.
-    pub fn end_reason(&self) -> &'static str {
-        if self.was_kicked() { "kick" } else { "expiry" }
-    }
-
     /// Whether an operator kicked it (its cancel hooks have run already).
     pub fn was_kicked(&self) -> bool {
-        self.kicked.load(std::sync::atomic::Ordering::SeqCst)
+        self.kicked.load(Ordering::SeqCst)
     }
 
     /// Whether the connection is online now.
@@ -462,50 +572,6 @@ impl Drop for Conn {
     }
 }
 
-/// A stream or session whose connect hooks ran: when it drops, the connection goes offline
-/// and the cancel hooks run with [`LiveConnection::end`]'s reason (unless a kick ran them).
-pub struct LiveConnection {
-    conn: Conn,
-    connect: herald_core::hooks::HookRequest,
-    state: crate::AppState,
-    reason: &'static str,
-}
-
-impl LiveConnection {
-    /// `conn`, opened by the hooked `connect`; it ends as a `close` unless told otherwise.
-    pub fn new(
-        conn: Conn,
-        connect: herald_core::hooks::HookRequest,
-        state: crate::AppState,
-    ) -> LiveConnection {
-        LiveConnection {
-            conn,
-            connect,
-            state,
-            reason: "close",
-        }
-    }
-
-    /// The registration.
-    pub fn conn(&self) -> &Conn {
-        &self.conn
-    }
-
-    /// Why it ends (`close`, `expiry`, `kick`, `shutdown`), for the cancel hooks.
-    pub fn end(&mut self, reason: &'static str) {
-        self.reason = reason;
-    }
-}
-
-impl Drop for LiveConnection {
-    fn drop(&mut self) {
-        if !self.conn.was_kicked() {
-            self.state
-                .cancelled(self.connect.clone().cancel(self.reason, true));
-        }
-    }
-}
-
 /// Keeps a connection's lease from expiring while it is being served.
 pub struct BusyGuard {
     id: String,
@@ -521,33 +587,34 @@ impl Drop for BusyGuard {
     }
 }
 
-/// Appends presence events in the order they were made.
-async fn write_presence(log: EmbeddedLog, mut rx: mpsc::UnboundedReceiver<Command>) {
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            Command::Publish(n) => {
-                let mut batch = vec![n];
-                let mut flushes = Vec::new();
-                while batch.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(Command::Publish(n)) => batch.push(n),
-                        Ok(Command::Flush(tx)) => {
-                            flushes.push(tx);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = log.append(batch, AppendOptions::default()).await {
-                    tracing::error!(error = %e, "presence events could not be written");
-                }
-                for tx in flushes {
-                    let _ = tx.send(());
-                }
+/// Appends presence changes in the order they were recorded, until closed and drained.
+async fn write_presence<L: EventLog>(log: L, inner: Arc<Inner>) {
+    loop {
+        let (batch, recorded) = {
+            let mut backlog = inner.backlog();
+            let batch = backlog.take(WRITE_BATCH);
+            let recorded = if backlog.pending.is_empty() {
+                Some(backlog.recorded)
+            } else {
+                None
+            };
+            (batch, recorded)
+        };
+        if batch.is_empty() {
+            if let Some(r) = recorded {
+                inner.written.send_replace(r);
             }
-            Command::Flush(tx) => {
-                let _ = tx.send(());
+            if inner.closing.load(Ordering::SeqCst) && inner.backlog().pending.is_empty() {
+                return;
             }
+            inner.wake.notified().await;
+            continue;
+        }
+        if let Err(e) = log.append(batch, AppendOptions::default()).await {
+            tracing::error!(error = %e, "presence events could not be written");
+        }
+        if let Some(r) = recorded {
+            inner.written.send_replace(r);
         }
     }
 }
