@@ -82,6 +82,21 @@ impl Connect {
     }
 }
 
+/// The owner as presence and hooks name it: `anonymous` when nobody authenticated (auth
+/// off, or an API key, whose connections belong to no token subject).
+pub fn owner_name(owner: Option<&str>) -> &str {
+    owner.unwrap_or("anonymous")
+}
+
+/// What a filter follows, as hooks and the connections list show it: the key, or the
+/// subtree with a trailing `/`.
+pub fn target_of(filter: &herald_core::Filter) -> String {
+    match &filter.scope {
+        herald_core::Scope::Exact(k) => k.to_string(),
+        herald_core::Scope::Subtree(k) => format!("{k}/"),
+    }
+}
+
 /// Why a hooked operation did not happen.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError<E> {

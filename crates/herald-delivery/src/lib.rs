@@ -7,6 +7,7 @@
 
 mod backoff;
 mod connect;
+mod cursor;
 mod feed;
 pub mod metrics;
 mod nudge;
@@ -14,6 +15,7 @@ mod outbox;
 mod page;
 pub mod presence;
 mod push;
+mod quota;
 mod registry;
 mod state;
 
@@ -28,13 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use backoff::Backoff;
-pub use connect::{Connect, ConnectError, EndReason, Lifecycle, Live};
+pub use connect::{Connect, ConnectError, EndReason, Lifecycle, Live, owner_name, target_of};
+pub use cursor::Cursor;
 pub use feed::{Feed, FeedItem, Select};
 pub use nudge::NudgeTarget;
 pub use outbox::{Outbox, Taken};
 pub use page::{Page, PageRequest};
 pub use presence::{BusyGuard, Conn, ConnectionInfo, Connections, Lease, PresenceOptions};
 pub use push::{Attempt, GiveUp, PushState, PushStatus, Pushed, Pusher, RetryPolicy};
+pub use quota::{Quota, QuotaPermit};
 pub use registry::{Registry, Session};
 pub use state::{Advice, AdviseStream, PushGuard, ServerState, state_name};
 

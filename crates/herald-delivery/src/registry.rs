@@ -111,8 +111,16 @@ pub struct Registry<S> {
 
 struct Inner<S> {
     sessions: Mutex<HashMap<String, Arc<Session<S>>>>,
+    /// Ids of sessions that expired, and when (so that a client is told "expired", not
+    /// "unknown"); forgotten after [`TOMBSTONE_TTL`], at most [`TOMBSTONE_CAP`] of them.
+    expired: Mutex<HashMap<String, Instant>>,
     tasks: TaskTracker,
 }
+
+/// How long an expired session's id is remembered.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+/// Most expired ids remembered.
+const TOMBSTONE_CAP: usize = 10_000;
 
 impl<S> Clone for Registry<S> {
     fn clone(&self) -> Self {
@@ -144,6 +152,7 @@ impl<S: Send + Sync + 'static> Registry<S> {
         Registry {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(HashMap::new()),
+                expired: Mutex::default(),
                 tasks,
             }),
         }
@@ -251,7 +260,23 @@ impl<S: Send + Sync + 'static> Registry<S> {
         for s in &gone {
             s.end(EndReason::Expiry);
         }
+        let now = Instant::now();
+        let mut expired = self.inner.expired.lock().unwrap_or_else(|e| e.into_inner());
+        expired.retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
+        if expired.len() + gone.len() > TOMBSTONE_CAP {
+            expired.clear();
+        }
+        expired.extend(gone.iter().map(|s| (s.id.clone(), now)));
         gone
+    }
+
+    /// Whether session `id` expired (within the last hour).
+    pub fn was_expired(&self, id: &str) -> bool {
+        self.inner
+            .expired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
     }
 
     /// Every session, sorted by id.

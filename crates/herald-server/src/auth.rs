@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::{HeaderMap, StatusCode, header};
@@ -104,7 +104,8 @@ pub struct Auth {
     key_file: PathBuf,
     file_keys: Mutex<(Option<SystemTime>, Vec<[u8; 32]>, Instant)>,
     decoding: Option<(DecodingKey, Validation)>,
-    connections: Mutex<HashMap<String, u32>>,
+    /// Streams each token subject holds.
+    connections: herald_delivery::Quota,
     /// Exchange users (Basic authentication): lower-cased address → password.
     users: HashMap<String, String>,
 }
@@ -141,7 +142,7 @@ impl Auth {
             key_file,
             file_keys: Mutex::new((None, Vec::new(), Instant::now() - Duration::from_secs(10))),
             decoding,
-            connections: Mutex::new(HashMap::new()),
+            connections: herald_delivery::Quota::default(),
             users: config
                 .users
                 .iter()
@@ -328,27 +329,17 @@ impl Auth {
     }
 
     /// Holds one of the principal's streaming connections, or a 429 when it has all it may.
-    pub fn connect(self: &Arc<Self>, p: &Principal) -> Result<ConnectionPermit, ApiError> {
+    pub fn connect(&self, p: &Principal) -> Result<ConnectionPermit, ApiError> {
         let Principal::Token(c) = p else {
-            return Ok(ConnectionPermit {
-                auth: None,
-                sub: String::new(),
-            });
+            return Ok(ConnectionPermit(None));
         };
-        let mut conns = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        let n = conns.entry(c.sub.clone()).or_default();
-        if let Some(max) = c.max_connections {
-            if *n >= max {
-                return Err(too_many(format!(
-                    "the token already holds its {max} connections"
-                )));
-            }
+        match self.connections.acquire(&c.sub, c.max_connections) {
+            Some(permit) => Ok(ConnectionPermit(Some(permit))),
+            None => Err(too_many(format!(
+                "the token already holds its {} connections",
+                c.max_connections.unwrap_or_default()
+            ))),
         }
-        *n += 1;
-        Ok(ConnectionPermit {
-            auth: Some(self.clone()),
-            sub: c.sub.clone(),
-        })
     }
 }
 
@@ -370,24 +361,7 @@ fn describe_prefixes(p: &[String]) -> String {
 
 /// One streaming connection counted against its token until dropped.
 #[derive(Debug)]
-pub struct ConnectionPermit {
-    auth: Option<Arc<Auth>>,
-    sub: String,
-}
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        if let Some(auth) = &self.auth {
-            let mut conns = auth.connections.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = conns.get_mut(&self.sub) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    conns.remove(&self.sub);
-                }
-            }
-        }
-    }
-}
+pub struct ConnectionPermit(#[allow(dead_code)] Option<herald_delivery::QuotaPermit>);
 
 /// A request without valid Basic credentials: 401 with a Basic challenge.
 pub struct BasicChallenge;
@@ -474,6 +448,7 @@ pub fn mint(secret: &str, claims: &Claims) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 

@@ -9,6 +9,44 @@ use std::time::Duration;
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+/// Sends one push request and says how it went, as the delivery layer's push driver reads
+/// it: a 2xx with its body, 410 Gone, or a failure with its root cause (and the endpoint's
+/// `Retry-After`, if it gave one).
+pub async fn attempt(request: reqwest::RequestBuilder) -> herald_delivery::Attempt<bytes::Bytes> {
+    use herald_delivery::Attempt;
+    match request.send().await {
+        Ok(r) if r.status().is_success() => Attempt::Delivered(r.bytes().await.unwrap_or_default()),
+        Ok(r) if r.status() == reqwest::StatusCode::GONE => {
+            Attempt::Gone("the endpoint answered 410 Gone".into())
+        }
+        Ok(r) => Attempt::Failed {
+            error: format!("the endpoint answered {}", r.status()),
+            retry_after: r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+        },
+        Err(e) => Attempt::Failed {
+            error: describe(&e),
+            retry_after: None,
+        },
+    }
+}
+
+/// An outbound error with its root cause (refused address, connection refused, timeout).
+pub fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut source: &dyn std::error::Error = e;
+    while let Some(s) = source.source() {
+        source = s;
+    }
+    format!("{e}: {source}")
+}
+
 /// Which destinations outbound requests may reach.
 #[derive(Clone, Debug, Default)]
 pub struct EgressPolicy {

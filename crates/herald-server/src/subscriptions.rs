@@ -6,15 +6,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_core::{EventMask, Filter, Scope, Timestamp, Watermark};
 use herald_delivery::{
-    Connect, Delivery, FeedItem, Lease, NudgeTarget, PageRequest, Pusher, Registry, Session,
+    Connect, Cursor, Delivery, Lease, NudgeTarget, PageRequest, Pusher, Registry, Session,
 };
-use herald_log::{EventLog, FollowError, ReadError, SubscriptionStore};
+pub use herald_delivery::{owner_name, target_of};
+use herald_log::{EventLog, ReadError, SubscriptionStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use utoipa::ToSchema;
@@ -210,15 +210,8 @@ impl Transport {
 pub struct Durable {
     spec: Mutex<SubscriptionSpec>,
     filter: Filter,
-    acked: AtomicU64,
-    /// The newest matching watermark seen by the watcher.
-    latest: AtomicU64,
-    /// Set when the watcher's position expired (it fell behind retention).
-    expired_at: AtomicU64,
-    /// Woken when `latest` moves or the position expires (long-polls wait on it).
-    changed: Notify,
-    /// Whether events wait after the acknowledged watermark (the UDP nudger follows it).
-    pending: watch::Sender<bool>,
+    /// What the subscriber acknowledged (stored) and what the watcher has seen.
+    cursor: Cursor,
     /// A webhook's delivery state and retries.
     pusher: Option<Pusher>,
     /// Woken when a paused webhook is enabled again.
@@ -295,33 +288,14 @@ impl Durable {
         &self.filter
     }
 
+    /// Its position: acknowledged, seen, pending.
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
     /// The acknowledged watermark.
     pub fn acked(&self) -> Watermark {
-        Watermark(self.acked.load(Ordering::Acquire))
-    }
-
-    /// Whether events are pending after the acknowledged watermark.
-    pub fn pending(&self) -> bool {
-        self.latest.load(Ordering::Acquire) > self.acked.load(Ordering::Acquire)
-    }
-
-    /// The newest matching watermark the watcher has seen.
-    pub fn latest(&self) -> Watermark {
-        Watermark(self.latest.load(Ordering::Acquire))
-    }
-
-    /// Where its watcher's position expired (it fell behind retention), if it did.
-    pub fn expired_position(&self) -> Option<Watermark> {
-        match self.expired_at.load(Ordering::Acquire) {
-            0 => None,
-            w => Some(Watermark(w)),
-        }
-    }
-
-    fn saw(&self, w: Watermark) {
-        self.latest.fetch_max(w.0, Ordering::AcqRel);
-        self.pending.send_replace(self.pending());
-        self.changed.notify_waiters();
+        self.cursor.acked()
     }
 }
 
@@ -505,24 +479,25 @@ impl Durables {
         let durable = Durable {
             spec: Mutex::new(spec),
             filter,
-            acked: AtomicU64::new(acked.0),
-            latest: AtomicU64::new(acked.0),
-            expired_at: AtomicU64::new(0),
-            changed: Notify::new(),
-            pending: watch::Sender::new(false),
+            cursor: Cursor::new(acked),
             pusher,
             enable: Notify::new(),
         };
         let sub = self.inner.registry.insert(id, durable, Some(live));
         match transport {
             Transport::Poll | Transport::Udp => {
-                self.inner
-                    .registry
-                    .spawn(&sub, watch(self.inner.delivery.clone(), sub.clone()));
+                let watcher = sub.clone();
+                let feed = self.inner.delivery.feed(sub.filter.clone(), sub.acked());
+                self.inner.registry.spawn(&sub, async move {
+                    match feed {
+                        Ok(feed) => watcher.cursor.watch(feed).await,
+                        Err(e) => tracing::warn!(id = %watcher.id(), error = %e, "durable subscription cannot follow the log"),
+                    }
+                });
                 if let Some((addr, context)) = udp {
                     let (_target, rx) = watch::channel(Some(NudgeTarget { addr, context }));
                     let nudger = self.inner.delivery.nudger(
-                        sub.pending.subscribe(),
+                        sub.cursor.pending_signal(),
                         rx,
                         self.inner.udp_repeat,
                     );
@@ -555,9 +530,7 @@ impl Durables {
 
     /// Records (and stores) that the subscriber has everything up to `w`.
     pub async fn ack(&self, sub: &DurableRef, w: Watermark) -> Result<(), DurableError> {
-        if w > sub.acked() {
-            sub.acked.fetch_max(w.0, Ordering::AcqRel);
-            sub.pending.send_replace(sub.pending());
+        if sub.cursor.advance(w) {
             self.log().ack(sub.id(), w).await?;
         }
         Ok(())
@@ -672,19 +645,10 @@ impl Durables {
     /// Waits up to `timeout` for events after the acknowledged watermark.
     pub async fn wait(&self, sub: &DurableRef, timeout: Duration) -> Result<bool, DurableError> {
         let _busy = sub.busy();
-        let shutdown = self.inner.delivery.shutdown();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = sub.changed.notified();
-            if sub.pending() {
-                return Ok(true);
-            }
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(deadline) => return Ok(sub.pending()),
-                () = shutdown.cancelled() => return Ok(sub.pending()),
-                () = sub.stopped() => return Err(DurableError::NotFound(sub.id().to_owned())),
-            }
+        tokio::select! {
+            pending = sub.cursor.wait(timeout) => Ok(pending),
+            () = self.inner.delivery.shutdown().cancelled() => Ok(sub.cursor.pending()),
+            () = sub.stopped() => Err(DurableError::NotFound(sub.id().to_owned())),
         }
     }
 
@@ -713,12 +677,12 @@ impl Durables {
                     ceiling: Watermark(u64::MAX),
                 },
                 // Offline, nothing past what the (gated) watcher had seen is handed out.
-                sub.latest(),
+                sub.cursor.latest(),
                 |n| sub.filter.matches(n),
             )
             .await
             .map_err(DurableError::Position)?;
-        let more = page.more || page.cursor < sub.latest();
+        let more = page.more || page.cursor < sub.cursor.latest();
         Ok((page.events, page.cursor, more))
     }
 
@@ -756,53 +720,6 @@ impl Durables {
     /// restored at the next start without hooks, so they end without them too.
     pub fn stop_all(&self) {
         self.inner.registry.stop_all(|_| true);
-    }
-}
-
-/// Follows the log from the subscription's acknowledged watermark and records the newest
-/// matching event, waking long-polls.
-async fn watch(delivery: Delivery<Log>, sub: DurableRef) {
-    let mut feed = match delivery.feed(sub.filter.clone(), sub.acked()) {
-        Ok(f) => f,
-        Err(e) => return note_ended(&sub, &e),
-    };
-    loop {
-        match feed.next().await {
-            Ok(FeedItem::Events { batch, .. }) => {
-                if let Some(w) = batch.last_watermark() {
-                    sub.saw(w);
-                }
-            }
-            Ok(FeedItem::KeepAlive { .. }) => {}
-            Err(e) => return note_ended(&sub, &e),
-        }
-    }
-}
-
-fn note_ended(sub: &DurableRef, e: &FollowError) {
-    if let FollowError::Position(ReadError::Expired {
-        oldest_available, ..
-    }) = e
-    {
-        sub.expired_at
-            .store(oldest_available.0.max(1), Ordering::Release);
-        sub.changed.notify_waiters();
-    } else {
-        tracing::warn!(id = %sub.id(), error = %e, "durable subscription watcher stopped");
-    }
-}
-
-/// The owner as presence and hooks name it (`anonymous` when auth is off or an API key made it).
-pub fn owner_name(owner: Option<&str>) -> &str {
-    owner.unwrap_or("anonymous")
-}
-
-/// What a filter follows, as hooks and `GET /v1/connections` show it: the key, or the
-/// subtree with a trailing `/`.
-pub fn target_of(filter: &Filter) -> String {
-    match &filter.scope {
-        Scope::Exact(k) => k.to_string(),
-        Scope::Subtree(k) => format!("{k}/"),
     }
 }
 

@@ -89,18 +89,6 @@ pub mod ops {
     pub const RECOVERED: u32 = 4;
 }
 
-/// An outbound error with its root cause (refused address, connection refused, timeout).
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "timed out".to_owned();
-    }
-    let mut source: &dyn std::error::Error = e;
-    while let Some(s) = source.source() {
-        source = s;
-    }
-    format!("{e}: {source}")
-}
-
 /// Sends one signed request; on success, the answer's body.
 async fn send(ctx: &WebhookContext, sub: &DurableRef, msg_id: &str, body: Bytes) -> Attempt<Bytes> {
     let Some(url) = sub.webhook_url() else {
@@ -115,38 +103,16 @@ async fn send(ctx: &WebhookContext, sub: &DurableRef, msg_id: &str, body: Bytes)
     let ts = (Timestamp::now().0 / 1_000_000) as i64;
     let signature = signature_header(&sub.webhook_secrets(), msg_id, ts, &body);
     metrics::counter!(names::WEBHOOK_ATTEMPTS).increment(1);
-    let result = ctx
-        .client
-        .post(&url)
-        .header("content-type", "application/json")
-        .header("webhook-id", msg_id)
-        .header("webhook-timestamp", ts.to_string())
-        .header("webhook-signature", signature)
-        .body(body)
-        .send()
-        .await;
-    let outcome = match result {
-        Ok(r) if r.status().is_success() => Attempt::Delivered(r.bytes().await.unwrap_or_default()),
-        Ok(r) if r.status() == reqwest::StatusCode::GONE => {
-            Attempt::Gone("the endpoint answered 410 Gone".into())
-        }
-        Ok(r) => {
-            let retry_after = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            Attempt::Failed {
-                error: format!("the endpoint answered {}", r.status()),
-                retry_after,
-            }
-        }
-        Err(e) => Attempt::Failed {
-            error: describe(&e),
-            retry_after: None,
-        },
-    };
+    let outcome = crate::egress::attempt(
+        ctx.client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body),
+    )
+    .await;
     if !matches!(outcome, Attempt::Delivered(_)) {
         metrics::counter!(names::WEBHOOK_FAILURES).increment(1);
     }

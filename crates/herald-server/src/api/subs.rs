@@ -151,8 +151,8 @@ fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
         transport: spec.transport,
         created_at: spec.created_at,
         acked: d.acked().0,
-        latest: d.latest().0,
-        pending: d.pending(),
+        latest: d.cursor().latest().0,
+        pending: d.cursor().pending(),
         lag: last.saturating_sub(d.acked().0),
         owner: spec.owner.clone(),
         url: webhook.map(|w| w.url.clone()),
@@ -477,7 +477,7 @@ pub(super) async fn wait(
     }
     .min(max);
     let d = owned(&state, &principal, &id)?;
-    if let Some(oldest) = d.expired_position() {
+    if let Some(oldest) = d.cursor().expired() {
         return Err(ApiError::position(&herald_log::ReadError::Expired {
             after: d.acked(),
             oldest_available: oldest,

@@ -11,11 +11,11 @@
 
 pub mod map;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -24,8 +24,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use herald_core::{EventMask, Filter, Key, Notification as HNotification, Scope, Watermark};
 use herald_delivery::{
-    Attempt, Backoff, Connect, ConnectError, Delivery, EndReason, FeedItem, GiveUp, Lease, Live,
-    PageRequest, Pushed, Pusher, Registry, RetryPolicy, Session, Transport,
+    Backoff, Connect, ConnectError, Cursor, Delivery, EndReason, FeedItem, GiveUp, Lease, Live,
+    PageRequest, Pushed, Pusher, Quota, QuotaPermit, Registry, RetryPolicy, Session, Transport,
 };
 use herald_ews::{
     EventType, EwsEvent, FolderInfo, FolderRef, Notification, Request, Subscribe, SubscriptionKind,
@@ -62,7 +62,8 @@ pub struct EwsSub {
     folders: Option<Vec<Key>>,
     types: Vec<EventType>,
     kind: Kind,
-    cursor: Mutex<Watermark>,
+    /// What the client has been given (an EWS subscription's position lives in memory).
+    cursor: Cursor,
     /// The streaming connection currently serving it.
     stream: Mutex<Option<CancellationToken>>,
 }
@@ -71,14 +72,11 @@ type SubRef = Arc<Session<EwsSub>>;
 
 impl EwsSub {
     fn cursor(&self) -> Watermark {
-        *self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+        self.cursor.acked()
     }
 
     fn advance(&self, w: Watermark) {
-        let mut c = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
-        if w > *c {
-            *c = w;
-        }
+        self.cursor.advance(w);
     }
 
     /// Whether `user` may use it (anyone, when authentication is off).
@@ -148,16 +146,9 @@ struct EwsInner {
     /// The outbound client for push notifications (egress policy applied).
     push_client: reqwest::Client,
     subs: Registry<EwsSub>,
-    streams: Mutex<HashMap<String, u32>>,
-    /// Ids of subscriptions that expired, and when: GetEvents on one says
-    /// `ErrorExpiredSubscription` rather than "not found".
-    expired: Mutex<HashMap<String, Instant>>,
+    /// Streaming connections each account holds.
+    streams: Quota,
 }
-
-/// How long an expired subscription's id is remembered.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
-/// Most expired ids remembered.
-const TOMBSTONE_CAP: usize = 10_000;
 /// EWS minutes a streaming subscription outlives its last connection.
 const STREAMING_IDLE_MINUTES: u32 = 30;
 
@@ -176,8 +167,7 @@ impl Ews {
                 config,
                 egress,
                 push_client,
-                streams: Mutex::default(),
-                expired: Mutex::default(),
+                streams: Quota::default(),
             }),
         }
     }
@@ -195,7 +185,7 @@ impl Ews {
         tell_expired: bool,
     ) -> Result<SubRef, (&'static str, &'static str)> {
         let Some(sub) = self.inner.subs.peek(id) else {
-            if tell_expired && self.was_expired(id) {
+            if tell_expired && self.inner.subs.was_expired(id) {
                 return Err((
                     "ErrorExpiredSubscription",
                     "The subscription expired: it was not polled within its Timeout.",
@@ -219,27 +209,14 @@ impl Ews {
     /// subscriptions that have had no connection for 30 EWS minutes. Returns how many.
     pub fn expire(&self) -> usize {
         let minute = self.inner.config.minute;
-        let gone = self.inner.subs.expire(|s, idle| match s.kind {
-            Kind::Pull { timeout } => idle > timeout,
-            Kind::Streaming => !s.connected() && idle > minute * STREAMING_IDLE_MINUTES,
-            Kind::Push => false,
-        });
-        let now = Instant::now();
-        let mut expired = self.inner.expired.lock().unwrap_or_else(|e| e.into_inner());
-        expired.retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
-        if expired.len() + gone.len() > TOMBSTONE_CAP {
-            expired.clear();
-        }
-        expired.extend(gone.iter().map(|s| (s.id().to_owned(), now)));
-        gone.len()
-    }
-
-    fn was_expired(&self, id: &str) -> bool {
         self.inner
-            .expired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(id)
+            .subs
+            .expire(|s, idle| match s.kind {
+                Kind::Pull { timeout } => idle > timeout,
+                Kind::Streaming => !s.connected() && idle > minute * STREAMING_IDLE_MINUTES,
+                Kind::Push => false,
+            })
+            .len()
     }
 
     /// Ends every subscription (at shutdown): they live in memory and end with the process;
@@ -514,7 +491,7 @@ async fn subscribe(
             folders: (!s.all_folders).then_some(folders),
             types: s.event_types.clone(),
             kind: kind.clone(),
-            cursor: Mutex::new(start),
+            cursor: Cursor::new(start),
             stream: Mutex::new(None),
         },
         Some(live),
@@ -657,26 +634,6 @@ fn get_folder(user: &Option<String>, headers: &HeaderMap, folders: &[FolderRef])
     ok(herald_ews::get_folder(&results))
 }
 
-/// Counts an account's open streaming connections until dropped.
-struct StreamPermit {
-    ews: Ews,
-    owner: String,
-}
-
-impl Drop for StreamPermit {
-    fn drop(&mut self) {
-        let mut streams = self
-            .ews
-            .inner
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = streams.get_mut(&self.owner) {
-            *n = n.saturating_sub(1);
-        }
-    }
-}
-
 async fn streaming(
     ews: &Ews,
     user: &Option<String>,
@@ -708,21 +665,13 @@ async fn streaming(
         ));
     }
     let owner = owner_name(user.as_deref()).to_owned();
-    {
-        let mut streams = ews.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let n = streams.entry(owner.clone()).or_default();
-        if *n >= ews.inner.config.max_streaming_connections {
-            return op_error(
-                "GetStreamingEvents",
-                "ErrorExceededConnectionCount",
-                "The account has as many streaming connections as it may.",
-            );
-        }
-        *n += 1;
-    }
-    let permit = StreamPermit {
-        ews: ews.clone(),
-        owner: owner.clone(),
+    let max = ews.inner.config.max_streaming_connections;
+    let Some(permit) = ews.inner.streams.acquire(&owner, Some(max)) else {
+        return op_error(
+            "GetStreamingEvents",
+            "ErrorExceededConnectionCount",
+            "The account has as many streaming connections as it may.",
+        );
     };
     // What it follows: the subscriptions' mailbox (hooks and access rules judge keys).
     let mut mailboxes: Vec<String> = subs.iter().map(|s| format!("{}/", s.mailbox)).collect();
@@ -778,7 +727,7 @@ struct StreamState {
     stop: CancellationToken,
     /// The connection's presence; dropping it runs the cancel hooks.
     live: Live,
-    _permit: StreamPermit,
+    _permit: QuotaPermit,
 }
 
 impl Drop for StreamState {
@@ -808,7 +757,7 @@ fn stream_body(
     ews: Ews,
     subs: Vec<SubRef>,
     timeout: Duration,
-    permit: StreamPermit,
+    permit: QuotaPermit,
     live: Live,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let stop = CancellationToken::new();
@@ -943,32 +892,19 @@ async fn push(
             |online| sub.set_online(online),
             sub.stop(),
             || {
-                let request = client
-                    .post(url)
-                    .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
-                    .body(body.clone());
-                async move {
-                    match request.send().await {
-                        Ok(r) if r.status().is_success() => {
-                            Attempt::Delivered(r.text().await.unwrap_or_default())
-                        }
-                        Ok(r) => Attempt::Failed {
-                            error: format!("the endpoint answered {}", r.status()),
-                            retry_after: None,
-                        },
-                        Err(e) => Attempt::Failed {
-                            error: e.to_string(),
-                            retry_after: None,
-                        },
-                    }
-                }
+                crate::egress::attempt(
+                    client
+                        .post(url)
+                        .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
+                        .body(body.clone()),
+                )
             },
         )
         .await;
     match pushed {
         Pushed::Delivered(reply) => {
             crate::metrics::delivered_count("ews-push", events);
-            match herald_ews::parse_send_notification_result(&reply) {
+            match herald_ews::parse_send_notification_result(&String::from_utf8_lossy(&reply)) {
                 SubscriptionStatus::Ok => true,
                 SubscriptionStatus::Unsubscribe => {
                     tracing::info!(id = %sub.id(), "EWS push subscription ended by the client");
