@@ -14,7 +14,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use herald_core::{
     ConnectionStateChange, Event, Key, Notification, STATE_OFFLINE, STATE_OFFLINE_MASK,

@@ -377,3 +377,133 @@ async fn limits_mailboxes_and_a_newer_stream_taking_over() {
     let got = read_until(&mut new, "CreatedEvent").await;
     assert!(got.contains("CreatedEvent"), "{got}");
 }
+
+/// Publishes with the producer key of [`EXCHANGE_USERS`].
+async fn publish_as_producer(server: &Server, events: serde_json::Value) {
+    let r = client()
+        .post(server.url("/v1/events"))
+        .bearer_auth(PRODUCER_KEY)
+        .json(&serde_json::json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// A push subscription of Alice's inbox to `url`, with StatusFrequency `minutes`.
+async fn subscribe_push(server: &Server, folders: &str, minutes: u32, url: &str) -> String {
+    let body = envelope(&format!(
+        "<m:Subscribe><m:PushSubscriptionRequest><t:FolderIds>{folders}</t:FolderIds><t:EventTypes><t:EventType>CreatedEvent</t:EventType></t:EventTypes><t:StatusFrequency>{minutes}</t:StatusFrequency><t:URL>{url}</t:URL></m:PushSubscriptionRequest></m:Subscribe>"
+    ));
+    let (status, answer) = post(server, body, ALICE).await;
+    assert_eq!(status, 200, "{answer}");
+    subscription_id(&answer)
+}
+
+/// Bodies the receiver got, in order.
+fn pushes(recv: &Receiver) -> Vec<String> {
+    recv.requests().into_iter().map(|r| r.body).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_subscription_gets_its_status_notifications_while_other_folders_are_busy() {
+    let (server, _tmp) = ews_server(true);
+    let recv = Receiver::start().await;
+    let inbox = "<t:DistinguishedFolderId Id=\"inbox\"/>";
+    // StatusFrequency 1 EWS minute (2 s here).
+    let id = subscribe_push(&server, inbox, 1, &recv.url()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pushes(&recv).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pushes(&recv).len(), 1, "the first push is a status");
+    // The mailbox is busy, but not in the subscribed folder: events every 300 ms for 7 s.
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        publish_as_producer(
+            &server,
+            serde_json::json!([created(&format!("alice@example.test/drafts/d-{i}"))]),
+        )
+        .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let bodies = pushes(&recv);
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.contains(&id) && !b.contains("CreatedEvent")),
+        "only status notifications reach an inbox subscription: {bodies:?}"
+    );
+    // Silence past StatusFrequency means a dead subscription to an EWS client: it must hear
+    // from Herald about every 2 s, whatever the rest of the mailbox does.
+    let statuses = bodies.len() - 1;
+    assert!(
+        statuses >= 2,
+        "{statuses} status notifications in 7 s with a 2 s StatusFrequency while {i} events went to another folder"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_subscription_whose_events_cannot_be_read_is_told_error_read_events_failed() {
+    // A tiny retention and live queue: a push subscription held up by a slow endpoint falls
+    // behind what the log still holds.
+    let (server, _tmp) = start_with_config(&format!(
+        "{EXCHANGE_USERS}[ews]\nminute = \"{MINUTE}s\"\npush_retry_base = \"250ms\"\n[retention]\nmax_events = 20\n[limits]\nqueue_capacity = 8\n"
+    ));
+    let recv = Receiver::start().await;
+    let inbox = "<t:DistinguishedFolderId Id=\"inbox\"/>";
+    let id = subscribe_push(&server, inbox, 30, &recv.url()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pushes(&recv).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pushes(&recv).len(), 1, "the first push is a status");
+    // The endpoint takes 3 s to answer the next push; meanwhile 300 events pass and the log
+    // keeps only the last 20.
+    recv.set(Mode::Slow(Duration::from_secs(3)));
+    publish_as_producer(
+        &server,
+        serde_json::json!([created("alice@example.test/inbox/first")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for batch in 0..30 {
+        let events: Vec<serde_json::Value> = (0..10)
+            .map(|i| created(&format!("alice@example.test/inbox/m-{batch}-{i}")))
+            .collect();
+        publish_as_producer(&server, serde_json::Value::Array(events)).await;
+    }
+    recv.set(Mode::Ok);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let failed = loop {
+        let bodies = pushes(&recv);
+        if let Some(b) = bodies.iter().find(|b| b.contains("ErrorReadEventsFailed")) {
+            break b.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ErrorReadEventsFailed push: {bodies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(failed.contains("ResponseClass=\"Error\""), "{failed}");
+    assert!(
+        failed.contains(&format!("<t:Value Name=\"SubscriptionId\">{id}</t:Value>")),
+        "{failed}"
+    );
+    // The subscription is gone: nothing more is pushed.
+    let count = pushes(&recv).len();
+    publish_as_producer(
+        &server,
+        serde_json::json!([created("alice@example.test/inbox/after")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pushes(&recv).len(),
+        count,
+        "a push after the subscription ended"
+    );
+}

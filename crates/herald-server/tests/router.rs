@@ -1,0 +1,175 @@
+//! The router in process: `app()` over a real `AppState` (a log on disk in a temporary
+//! directory), driven with `oneshot` requests. For what needs no process or socket: a
+//! response body that is not read is a client that does not read.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use herald_server::{AppState, Config, app};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// A state over a fresh data directory, on loopback with authentication off.
+async fn state() -> (AppState, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    let state = AppState::open(config, CancellationToken::new())
+        .await
+        .unwrap();
+    (state, dir)
+}
+
+async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn json_request(method: &str, uri: &str, body: Value) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::builder().uri(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_advise_client_that_stops_reading_gets_an_explicit_overflow_not_silence() {
+    let (state, _dir) = state().await;
+    // The advise stream is opened and then not read, while the state flips 30 times: 90
+    // notifications for a queue of 64.
+    let advise = app(state.clone())
+        .oneshot(get("/v1/state/advise?token=7"))
+        .await
+        .unwrap();
+    assert_eq!(advise.status(), StatusCode::OK);
+    for i in 0..30 {
+        let target = if i % 2 == 0 { "offline" } else { "online" };
+        let (status, body) = call(
+            &state,
+            json_request("PUT", "/v1/state", json!({"state": target, "block": true})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Read now: what was queued, in order, then an explicit overflow, then the end.
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        axum::body::to_bytes(advise.into_body(), 1 << 20),
+    )
+    .await
+    .expect("the advise stream of a client that fell behind must end, not go quiet")
+    .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"advised"), "{text}");
+    assert_eq!(events.last(), Some(&"overflow"), "{text}");
+    let notifications = &events[1..events.len() - 1];
+    assert!(
+        !notifications.is_empty() && notifications.len() <= 64,
+        "{} notifications",
+        notifications.len()
+    );
+    // Those that came are the first ones, whole transitions in order.
+    for (i, name) in notifications.iter().enumerate() {
+        assert_eq!(*name, ["start", "change", "done"][i % 3], "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_long_polls_and_fetches_through_the_router() {
+    let (state, _dir) = state().await;
+    let (status, sub) = call(
+        &state,
+        json_request(
+            "POST",
+            "/v1/subscriptions",
+            json!({"transport": "poll", "subtree": "alice/inbox"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+    let id = sub["id"].as_str().unwrap().to_owned();
+    let (status, wait) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/wait?timeout=0")),
+    )
+    .await;
+    assert_eq!((status, &wait["pending"]), (StatusCode::OK, &json!(false)));
+    let (status, published) = call(
+        &state,
+        json_request(
+            "POST",
+            "/v1/events",
+            json!({"events": [
+                {"key": "alice/inbox/m1", "kind": "object_created", "object_type": "message"},
+                {"key": "bob/inbox/m1", "kind": "object_created", "object_type": "message"},
+            ]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{published}");
+    let (_, wait) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/wait?timeout=5")),
+    )
+    .await;
+    assert_eq!(wait["pending"], true);
+    let (status, page) = call(&state, get(&format!("/v1/subscriptions/{id}/events"))).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let keys: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["alice/inbox/m1"]);
+    assert_eq!(page["next_after"], published["watermarks"][1]);
+    // Passing the cursor back acknowledges it: nothing is pending any more.
+    let next = page["next_after"].as_u64().unwrap();
+    let (_, page) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/events?after={next}")),
+    )
+    .await;
+    assert_eq!(page["events"], json!([]));
+    let (_, wait) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/wait?timeout=0")),
+    )
+    .await;
+    assert_eq!(wait["pending"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_connections_and_subscriptions_are_json_404s() {
+    let (state, _dir) = state().await;
+    let kick = Request::builder()
+        .method("DELETE")
+        .uri("/v1/connections/sse-nothing")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = call(&state, kick).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    let (status, body) = call(&state, get("/v1/subscriptions/nope/wait")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "subscription_not_found", "{body}");
+}
