@@ -3,7 +3,49 @@
 //! the log and those frames is here, written once: following the log from a watermark behind
 //! the server's online/offline gate, pages for long-poll, the push driver with its back-off,
 //! the UDP nudger, the connect/cancel sequence with hooks and presence, and the registries
-//! of sessions with their tracked tasks.
+//! of sessions with their tracked tasks. `docs/design/delivery.md` explains the layer.
+//!
+//! A transport in a few lines: connect (hooks, presence), follow, render, end.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use herald_core::{Event, EventMask, Filter, Hub, Notification, ObjectChange, Scope, Watermark};
+//! use herald_delivery::{Connect, Delivery, FeedItem, Lease, ServerState, Transport};
+//! use herald_log::{EmbeddedLog, EventLog, LogOptions, SharedLog};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let log = SharedLog::new(EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap());
+//! let delivery = Delivery::new(
+//!     log.clone(),
+//!     Default::default(),
+//!     ServerState::new(false, Duration::from_secs(1)),
+//!     Arc::default(),
+//!     Default::default(),
+//! );
+//! let filter = Filter { scope: Scope::Subtree("alice".into()), mask: EventMask::ALL };
+//! // The connect sequence: before hooks, the feed, presence (online), after hooks.
+//! let (mut feed, live) = delivery
+//!     .lifecycle()
+//!     .connect(Connect::fresh(Transport::Sse, "alice", "alice/"), Some(Lease::Stream), || {
+//!         std::future::ready(delivery.feed(filter.clone(), Watermark(0)))
+//!     })
+//!     .await
+//!     .unwrap();
+//! log.append(vec![Notification::new("alice/inbox/m1", Event::ObjectCreated(ObjectChange::default()))], Default::default())
+//!     .await
+//!     .unwrap();
+//! // Render what the feed yields, in order, each event with its watermark.
+//! match feed.next().await.unwrap() {
+//!     FeedItem::Events { batch, .. } => assert_eq!(batch[0].watermark, Some(Watermark(1))),
+//!     FeedItem::KeepAlive { .. } => unreachable!("no keep-alive was asked for"),
+//! }
+//! // Dropping `live` takes the connection offline and runs its cancel hooks.
+//! drop(live);
+//! delivery.close(Duration::from_secs(1)).await.unwrap();
+//! # });
+//! ```
 
 mod backoff;
 mod connect;
