@@ -191,6 +191,9 @@ impl EmbeddedLog {
             source,
         })?;
         let path = dir.join(LOG_FILE);
+        if !path.exists() {
+            create_fresh(dir, &path)?;
+        }
         let db = Database::builder()
             .set_repair_callback(|session| {
                 tracing::warn!(
@@ -468,6 +471,37 @@ fn bounds_in(txn: &redb::ReadTransaction) -> Result<LogBounds, LogError> {
         first: Watermark(first),
         last: Watermark(next - 1),
     })
+}
+
+/// Creates an empty log at `path` all at once: made beside it, initialised and synced, then
+/// renamed into place. A process killed (or a machine losing power) while creating its log
+/// for the first time leaves no half-written file that would refuse to open; nothing was
+/// acknowledged from it yet.
+fn create_fresh(dir: &Path, path: &Path) -> Result<(), LogError> {
+    let fresh = dir.join(format!("{LOG_FILE}.new"));
+    let io = |source: std::io::Error| LogError::Directory {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    {
+        let db = Database::create(&fresh).map_err(|e| LogError::Corrupt {
+            path: fresh.clone(),
+            reason: e.to_string(),
+        })?;
+        WriterState::load(&db, &fresh)?;
+    }
+    std::fs::File::open(&fresh)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&fresh, path).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// The writer's view of the log's counters, kept in step with `meta`.

@@ -670,3 +670,18 @@ async fn a_closed_gate_holds_deliveries_and_opening_it_resumes_in_order_with_not
     let expected: Vec<u64> = (2..=101).collect();
     assert_eq!(got, expected);
 }
+
+#[test]
+fn a_log_killed_while_being_created_opens_afresh() {
+    // A process killed while creating its log leaves at most a partial file beside it,
+    // never a half-written log that refuses to open.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("events.redb.new"), b"half a header").unwrap();
+    let log = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
+    assert_eq!(log.bounds().unwrap().last, Watermark(0));
+    assert!(!dir.path().join("events.redb.new").exists());
+    log.close().unwrap();
+    drop(log);
+    let log = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
+    assert_eq!(log.bounds().unwrap().first, Watermark(1));
+}

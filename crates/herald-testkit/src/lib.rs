@@ -1,9 +1,11 @@
 //! Fixtures for Herald's tests and benchmarks. Nothing here ships in the `herald` binary.
 //!
 //! [`NatsServer`] starts a real `nats-server` (Debian's package) on a free loopback port with
-//! its own store directory, and kills it when dropped.
+//! its own store directory, and kills it when dropped. [`memlog::MemoryLog`] is an event log
+//! held in memory, for tests that run on tokio's paused clock.
 
 pub mod arb;
+pub mod memlog;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

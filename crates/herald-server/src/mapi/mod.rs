@@ -485,8 +485,6 @@ async fn connect(
 /// subscription; waits for the client to fetch when the outbox is full.
 async fn read(mapi: Mapi, session: SessionRef, mut feed: Feed<Log>) {
     loop {
-        // Back-pressure, not loss: wait for the client to fetch.
-        session.outbox.room().await;
         let batch = match feed.next().await {
             Ok(FeedItem::Events { batch, .. }) => batch,
             Ok(FeedItem::KeepAlive { .. }) => continue,
@@ -499,6 +497,9 @@ async fn read(mapi: Mapi, session: SessionRef, mut feed: Feed<Log>) {
             let Some(data) = map::to_notification_data(n, &mapi.inner.known) else {
                 continue;
             };
+            // Back-pressure, not loss: wait for the client to fetch. The outbox holds at most
+            // its capacity plus one event's notifications.
+            session.outbox.room().await;
             let w = n.watermark.unwrap_or(Watermark(u64::MAX));
             // Under the objects lock: a subscription released meanwhile gets nothing.
             let objects = session.objects();
