@@ -242,12 +242,6 @@ impl<L: EventLog + Clone> Delivery<L> {
         page::read_page(&self.inner.log, req, select).await
     }
 
-    /// Whether pages may go beyond what subscribers had seen (the server is online). Long
-    /// polls that answer without reading the log (EWS GetEvents offline) ask this.
-    pub fn delivering(&self) -> bool {
-        self.inner.state.delivering()
-    }
-
     /// A pusher for one endpoint of `transport` (its metrics label).
     pub fn pusher(&self, transport: &'static str, policy: RetryPolicy) -> Pusher {
         Pusher::new(self.inner.state.clone(), transport, policy)

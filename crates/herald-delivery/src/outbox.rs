@@ -152,12 +152,14 @@ impl<T> Outbox<T> {
     /// when the outbox is closed. One at a time (a second is rejected, as
     /// `EcDoAsyncWaitEx` rejects a second call).
     pub fn wait(&self) -> Result<impl Future<Output = WaitOutcome> + Send + 'static, WaitRejected> {
-        let wait = self.wait.begin()?;
+        let mut wait = self.wait.begin()?;
         let mut gate = self.gate.clone();
         Ok(async move {
-            match wait.await {
+            match (&mut wait).await {
                 WaitOutcome::Pending => {
+                    // Held at the gate, it is still the session's one outstanding wait.
                     gate.opened().await;
+                    drop(wait);
                     WaitOutcome::Pending
                 }
                 WaitOutcome::Exiting => WaitOutcome::Exiting,

@@ -83,4 +83,19 @@ async fn a_nudger_sends_the_context_at_once_then_every_repeat_while_pending_and_
     set_online(d.state(), true);
     sleep(SLACK).await;
     assert_eq!(received(&subscriber), [CONTEXT], "not nudged once online");
+
+    // Fetched while the server was offline: nothing to nudge when it comes back.
+    pending.send_replace(false);
+    sleep(Duration::from_secs(3600)).await;
+    assert!(received(&subscriber).is_empty());
+    set_online(d.state(), false);
+    pending.send_replace(true);
+    sleep(Duration::from_secs(1)).await;
+    pending.send_replace(false);
+    set_online(d.state(), true);
+    sleep(Duration::from_secs(3600)).await;
+    assert!(
+        received(&subscriber).is_empty(),
+        "nudged for what was fetched while offline"
+    );
 }

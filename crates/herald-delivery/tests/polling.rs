@@ -196,6 +196,27 @@ async fn an_outbox_long_poll_resolves_only_once_something_is_queued_and_the_serv
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_outbox_long_poll_held_at_the_gate_is_still_the_one_outstanding_wait() {
+    let d = delivery(&MemoryLog::new());
+    let outbox = Arc::new(d.outbox::<u32>(1000));
+    set_online(d.state(), false);
+    outbox.push(1, 10);
+    let poll = tokio::spawn(outbox.wait().unwrap());
+    sleep(HOUR).await;
+    assert!(!poll.is_finished());
+    // Items wait, but the server is offline: the client is still parked in its long-poll.
+    assert!(
+        outbox.is_waiting(),
+        "a parked long-poll does not count as waiting"
+    );
+    assert!(outbox.wait().is_err(), "a second long-poll was accepted");
+    set_online(d.state(), true);
+    let outcome = timeout(HOUR, poll).await;
+    assert_eq!(outcome.map(Result::unwrap), Ok(WaitOutcome::Pending));
+    assert!(!outbox.is_waiting());
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_advise_client_that_reads_gets_every_state_notification_in_order() {
     let state = online_state();
     let mut advice = state
