@@ -124,12 +124,14 @@ impl Auth {
                 );
                 let mut v = Validation::new(Algorithm::HS256);
                 v.set_required_spec_claims(&["exp", "sub"]);
+                v.validate_nbf = true;
                 v.leeway = 5;
                 Some((DecodingKey::from_secret(secret.as_bytes()), v))
             }
             (None, Some(pem)) => {
                 let mut v = Validation::new(Algorithm::EdDSA);
                 v.set_required_spec_claims(&["exp", "sub"]);
+                v.validate_nbf = true;
                 v.leeway = 5;
                 Some((DecodingKey::from_ed_pem(pem.as_bytes())?, v))
             }
@@ -167,7 +169,7 @@ impl Auth {
         let basic = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|v| auth_param(v, "Basic"))
             .ok_or(BasicChallenge)?;
         use base64::Engine;
         let decoded = base64::engine::general_purpose::STANDARD
@@ -247,11 +249,22 @@ impl Auth {
             ));
         };
         match jsonwebtoken::decode::<Claims>(&credential, key, validation) {
+            Ok(data) if is_reserved_subject(&data.claims.sub) => Err(unauthorized(
+                "invalid_credentials",
+                format!(
+                    "the token's subject {:?} is reserved (it names unauthenticated and API-key connections)",
+                    data.claims.sub
+                ),
+            )),
             Ok(data) => Ok(Principal::Token(data.claims)),
             Err(e) => match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(unauthorized(
                     "token_expired",
                     "the token has expired; get a new one",
+                )),
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => Err(unauthorized(
+                    "token_not_yet_valid",
+                    "the token is not valid yet (its nbf is in the future)",
                 )),
                 _ => Err(unauthorized(
                     "invalid_credentials",
@@ -389,14 +402,30 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// The credentials of an `Authorization` value if its scheme is `scheme` (schemes are
+/// case-insensitive, RFC 9110 §11.1).
+fn auth_param<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, rest) = value.trim_start().split_once(' ')?;
+    given
+        .eq_ignore_ascii_case(scheme)
+        .then(|| rest.trim())
+        .filter(|r| !r.is_empty())
+}
+
+/// Whether a token may not take this subject: the owner name of unauthenticated and API-key
+/// connections (`anonymous`), and names starting with `$`, which the server keeps for itself.
+pub fn is_reserved_subject(sub: &str) -> bool {
+    sub == herald_delivery::owner_name(None) || sub.starts_with('$')
+}
+
 /// The credential in a request, from the header, the query or the cookie.
 fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        if let Some(t) = v.strip_prefix("Bearer ") {
-            return Some(t.trim().to_owned());
+        if let Some(t) = auth_param(v, "Bearer") {
+            return Some(t.to_owned());
         }
     }
     if let Some(q) = query {
@@ -523,6 +552,67 @@ mod tests {
             a.authenticate(&bearer(&forged), None).unwrap_err().status(),
             StatusCode::UNAUTHORIZED
         );
+    }
+
+    #[test]
+    fn schemes_are_case_insensitive() {
+        let (a, _d) = auth(&["k1"]);
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("{scheme} k1").parse().unwrap(),
+            );
+            assert_eq!(
+                a.authenticate(&h, None).unwrap(),
+                Principal::Key,
+                "{scheme}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            users: [("alice@example.test".to_owned(), "pw".to_owned())].into(),
+            ..Default::default()
+        };
+        let users = Auth::new(&cfg, dir.path()).unwrap();
+        use base64::Engine;
+        let creds = base64::engine::general_purpose::STANDARD.encode("alice@example.test:pw");
+        for scheme in ["basic", "BASIC", "Basic"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("{scheme} {creds}").parse().unwrap(),
+            );
+            assert_eq!(
+                users.basic_user(&h).ok().flatten().as_deref(),
+                Some("alice@example.test"),
+                "{scheme}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_or_with_a_reserved_subject_is_refused() {
+        let (a, _d) = auth(&[]);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let early = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": "alice", "exp": now + 7200, "nbf": now + 3600, "prefixes": ["alice"]}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        let e = a.authenticate(&bearer(&early), None).unwrap_err();
+        assert_eq!(e.code(), "token_not_yet_valid");
+        for sub in ["anonymous", "$open"] {
+            let mut c = claims(&[""], 60);
+            c.sub = sub.into();
+            let t = mint(SECRET, &c).unwrap();
+            let e = a.authenticate(&bearer(&t), None).unwrap_err();
+            assert_eq!(e.code(), "invalid_credentials", "{sub}");
+        }
     }
 
     #[test]

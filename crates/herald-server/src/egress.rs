@@ -83,6 +83,16 @@ pub fn special_range(ip: IpAddr) -> Option<&'static str> {
                 Some("shared address space (CGNAT)")
             } else if o[0] >= 240 {
                 Some("reserved")
+            } else if matches!(o, [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _]) {
+                Some("documentation (TEST-NET)")
+            } else if o[0] == 198 && (o[1] & 0xFE) == 18 {
+                Some("benchmarking")
+            } else if matches!(o, [192, 0, 0, _]) {
+                Some("IETF protocol assignment")
+            } else if o[3] == 255 {
+                // A directed broadcast in any subnet of /24 or longer (and the top address of
+                // larger ones): refused, since Herald cannot know the subnet's mask.
+                Some("directed broadcast")
             } else {
                 None
             }
@@ -99,6 +109,10 @@ pub fn special_range(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local")
             } else if v6.is_multicast() {
                 Some("multicast")
+            } else if seg[0] == 0x2001 && seg[1] == 0x0db8 {
+                Some("documentation")
+            } else if seg[0] == 0x0064 && seg[1] == 0xff9b {
+                Some("NAT64 (it would reach IPv4 addresses unchecked)")
             } else {
                 None
             }
@@ -207,6 +221,16 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "224.0.0.1",
+            "192.0.2.7",
+            "198.51.100.1",
+            "203.0.113.9",
+            "198.18.0.1",
+            "198.19.255.1",
+            "192.0.0.8",
+            "93.184.216.255",
+            "255.255.255.255",
+            "2001:db8::1",
+            "64:ff9b::7f00:1",
         ] {
             assert!(p.check(bad.parse().unwrap()).is_err(), "{bad} allowed");
         }

@@ -287,17 +287,7 @@ impl EventJson {
         now: Timestamp,
         max_key: usize,
     ) -> Result<Notification, FieldError> {
-        let key = parse_key("key", &self.key, max_key)?;
-        if self.key == herald_delivery::presence::RESERVED_PREFIX
-            || self
-                .key
-                .starts_with(&format!("{}/", herald_delivery::presence::RESERVED_PREFIX))
-        {
-            return Err(field_err(
-                "key",
-                "keys under $herald/ are the server's own (presence); producers may not publish there",
-            ));
-        }
+        let key = producer_key("key", &self.key, max_key)?;
         let kind = EventKind::from_name(&self.kind).ok_or_else(|| {
             let names: Vec<&str> = EventKind::ALL
                 .iter()
@@ -332,7 +322,7 @@ impl EventJson {
         }
         let opt_key = |field: &str, v: &Option<String>| -> Result<Option<Key>, FieldError> {
             v.as_deref()
-                .map(|s| parse_key(field, s, max_key))
+                .map(|s| producer_key(field, s, max_key))
                 .transpose()
         };
         let object = || -> Result<ObjectChange, FieldError> {
@@ -539,6 +529,21 @@ fn parse_key(field: &str, s: &str, max: usize) -> Result<Key, FieldError> {
         ));
     }
     Ok(Key::from(s))
+}
+
+/// A key a producer names (the event's key, a parent, a move's or copy's old key and old
+/// parent): as [`parse_key`], and never under `$herald/`, the server's own space (presence),
+/// whichever field names it: moves are matched on their old key too.
+fn producer_key(field: &str, s: &str, max: usize) -> Result<Key, FieldError> {
+    let key = parse_key(field, s, max)?;
+    let reserved = Key::from(herald_delivery::presence::RESERVED_PREFIX);
+    if key.is_within(&reserved) {
+        return Err(field_err(
+            field,
+            "keys under $herald/ are the server's own (presence); producers may not name them",
+        ));
+    }
+    Ok(key)
 }
 
 /// A key from a query parameter or path, with the same rules as in events.
@@ -817,6 +822,38 @@ mod tests {
         assert_eq!(e.field, "key");
         let e = parse(r#"{"key":"a//b","kind":"object_created"}"#).unwrap_err();
         assert_eq!(e.field, "key");
+    }
+
+    #[test]
+    fn no_field_of_an_event_may_name_the_servers_own_space() {
+        for (json, field) in [
+            (
+                r#"{"key":"$herald/presence/bob/ws-1","kind":"object_created"}"#,
+                "key",
+            ),
+            (r#"{"key":"$herald","kind":"object_created"}"#, "key"),
+            (
+                r#"{"key":"a/m1","kind":"object_moved","old_key":"$herald/presence/bob/ws-1"}"#,
+                "old_key",
+            ),
+            (
+                r#"{"key":"a/m1","kind":"object_copied","old_key":"b/m1","old_parent":"$herald/presence/bob"}"#,
+                "old_parent",
+            ),
+            (
+                r#"{"key":"a/m1","kind":"object_created","parent":"$herald/presence"}"#,
+                "parent",
+            ),
+            (
+                r#"{"key":"a/m1","kind":"new_mail","parent":"$herald/x"}"#,
+                "parent",
+            ),
+        ] {
+            let e = parse(json).unwrap_err();
+            assert_eq!(e.field, field, "{json}");
+        }
+        // A key that only starts with the same letters is a producer's.
+        assert!(parse(r#"{"key":"$heraldic/m1","kind":"object_created"}"#).is_ok());
     }
 
     #[test]

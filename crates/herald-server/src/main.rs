@@ -236,6 +236,10 @@ fn main() -> anyhow::Result<()> {
                     config,
                 },
         } => {
+            anyhow::ensure!(
+                !herald_server::auth::is_reserved_subject(&sub),
+                "the subject {sub:?} is reserved (unauthenticated and API-key connections are owned by it, and names starting with $ are the server's); choose another"
+            );
             let config = Config::load(config.as_deref(), &Overrides::default())
                 .context("loading the configuration")?;
             let secret = config
