@@ -166,3 +166,44 @@ impl From<std::convert::Infallible> for ApiError {
         match never {}
     }
 }
+
+/// A query string read into `T`, where every failure is the API's JSON error naming the
+/// parameter at fault (a bad number, a repeated parameter), never axum's plain text.
+#[derive(Debug)]
+pub struct JsonQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for JsonQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let pairs = || url::form_urlencoded::parse(query.as_bytes());
+        let mut seen = std::collections::HashSet::new();
+        for (name, _) in pairs() {
+            if !seen.insert(name.clone()) {
+                return Err(ApiError::field(name, "given more than once"));
+            }
+        }
+        serde_urlencoded::from_str::<T>(query)
+            .map(JsonQuery)
+            .map_err(|e| {
+                // The parameter that fails on its own is the one to name.
+                let field = pairs()
+                    .find(|(k, v)| {
+                        let alone = url::form_urlencoded::Serializer::new(String::new())
+                            .append_pair(k, v)
+                            .finish();
+                        serde_urlencoded::from_str::<T>(&alone).is_err()
+                    })
+                    .map_or_else(|| "query".to_owned(), |(k, _)| k.into_owned());
+                ApiError::field(field, e.to_string())
+            })
+    }
+}

@@ -173,3 +173,42 @@ async fn unknown_connections_and_subscriptions_are_json_404s() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "subscription_not_found", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_repeated_query_parameters_are_json_errors_naming_the_parameter() {
+    let (state, _dir) = state().await;
+    let (_, sub) = call(
+        &state,
+        json_request(
+            "POST",
+            "/v1/subscriptions",
+            json!({"transport": "poll", "subtree": "a"}),
+        ),
+    )
+    .await;
+    let id = sub["id"].as_str().unwrap();
+    for (uri, field) in [
+        ("/v1/stream?subtree=a&after=soon".to_owned(), "after"),
+        ("/v1/stream?subtree=a&after=1&after=2".to_owned(), "after"),
+        (
+            "/v1/stream?subtree=a&access_token=x&access_token=y".to_owned(),
+            "access_token",
+        ),
+        (format!("/v1/subscriptions/{id}/events?limit=-3"), "limit"),
+        (format!("/v1/subscriptions/{id}/events?after=x"), "after"),
+        (
+            format!("/v1/subscriptions/{id}/wait?timeout=forever"),
+            "timeout",
+        ),
+        ("/v1/state/advise?token=abc".to_owned(), "token"),
+    ] {
+        let resp = app(state.clone()).oneshot(get(&uri)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{uri}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["field"], field, "{uri}: {body}");
+    }
+}

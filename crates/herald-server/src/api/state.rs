@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, JsonQuery};
 use crate::frames::{SSE_KEEPALIVE, sse_named};
 use herald_core::hooks::{HookRequest, Operation};
 
@@ -230,7 +230,7 @@ const ADVISE_QUEUE: usize = 64;
 pub(super) async fn advise(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(q): Query<AdviseQuery>,
+    JsonQuery(q): JsonQuery<AdviseQuery>,
 ) -> Result<Response, ApiError> {
     let mask = match q.mask.as_deref() {
         None => offline::STATE_ALL,
@@ -379,7 +379,7 @@ pub(super) struct ConnectionsQuery {
 pub(super) async fn connections(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(q): Query<ConnectionsQuery>,
+    JsonQuery(q): JsonQuery<ConnectionsQuery>,
 ) -> Json<Vec<ConnectionView>> {
     let owner = match &principal {
         Principal::Token(c) => Some(c.sub.clone()),

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use crate::auth::{ConnectionPermit, Principal};
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -23,7 +23,7 @@ use herald_log::{FollowError, ReadError};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, JsonQuery};
 use crate::frames::{SSE_KEEPALIVE, sse_named};
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
@@ -65,7 +65,7 @@ pub(super) struct StreamQuery {
 pub(super) async fn stream(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(q): Query<StreamQuery>,
+    JsonQuery(q): JsonQuery<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let limits = &state.config().limits;

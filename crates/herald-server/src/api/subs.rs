@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_core::Watermark;
@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, JsonQuery};
 use crate::json::EventJson;
 use crate::subscriptions::{
     DurableError, DurableRef, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec,
@@ -464,7 +464,7 @@ pub(super) async fn wait(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    JsonQuery(q): JsonQuery<WaitQuery>,
 ) -> Result<Json<WaitResponse>, ApiError> {
     let max = state.config().limits.max_wait;
     let timeout = match q.timeout.as_deref() {
@@ -511,7 +511,7 @@ pub(super) async fn events(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    JsonQuery(q): JsonQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let d = owned(&state, &principal, &id)?;
     let limit = q
