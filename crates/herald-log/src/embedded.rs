@@ -102,7 +102,7 @@ type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 struct AppendJob {
     batch: Vec<Notification>,
     records: Vec<Vec<u8>>,
-    idempotency: Option<(String, u32)>,
+    idempotency: Option<(String, Digest)>,
     durability: Durability,
     reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
@@ -263,7 +263,7 @@ impl EmbeddedLog {
     /// Validates and encodes a batch on the caller's thread, then hands it to the writer.
     fn submit(
         &self,
-        batch: Vec<Notification>,
+        mut batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<oneshot::Receiver<Result<Appended, AppendError>>, AppendError> {
         if batch.is_empty() {
@@ -271,22 +271,26 @@ impl EmbeddedLog {
         }
         let now = Timestamp::now();
         let mut records = Vec::with_capacity(batch.len());
-        let mut fingerprint = Fingerprint(crc32fast::Hasher::new());
-        for (index, n) in batch.iter().enumerate() {
+        let mut fingerprint = Fingerprint::default();
+        for (index, n) in batch.iter_mut().enumerate() {
             n.validate()
                 .map_err(|reason| AppendError::InvalidEvent { index, reason })?;
-            records.push(record::encode(n, now).map_err(storage)?);
             if options.idempotency_key.is_some() {
-                // Keys and events, not timestamps: a retry is stamped anew but is the same.
-                postcard::to_io(&(&n.key, &n.event), &mut fingerprint).map_err(storage)?;
+                // Keys, events and the producer's own timestamps; an event that came without
+                // one (zero) is stamped below, anew on a retry, and is still the same event.
+                postcard::to_io(&(&n.key, n.timestamp, &n.event), &mut fingerprint)
+                    .map_err(storage)?;
             }
+            if n.timestamp.0 == 0 {
+                n.timestamp = now;
+            }
+            records.push(record::encode(n, now).map_err(storage)?);
         }
-        let crc = fingerprint.0;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Append(AppendJob {
             batch,
             records,
-            idempotency: options.idempotency_key.map(|k| (k, crc.finalize())),
+            idempotency: options.idempotency_key.map(|k| (k, fingerprint.finish())),
             durability: options.durability,
             reply,
         }))?;
@@ -741,8 +745,8 @@ impl Writer {
                             None => None,
                         };
                         match (seen, &job.idempotency) {
-                            (Some(Some(entry)), Some((key, crc))) => {
-                                if entry.crc == *crc && entry.count == count {
+                            (Some(Some(entry)), Some((key, digest))) => {
+                                if entry.is_batch(digest, count) {
                                     Outcome::Appended(Appended {
                                         first: Watermark(entry.first),
                                         count,
@@ -764,12 +768,13 @@ impl Writer {
                                     self.state.bytes += r.len() as u64;
                                 }
                                 self.state.next += u64::from(count);
-                                if let Some((key, crc)) = idempotency {
+                                if let Some((key, digest)) = idempotency {
                                     let entry = IdempotencyEntry {
                                         first,
                                         count,
-                                        crc: *crc,
+                                        crc: digest.crc,
                                         at: now,
+                                        sha256: Some(digest.sha256),
                                     };
                                     idem.insert(key.as_str(), entry.encode().as_slice())
                                         .map_err(storage)?;
@@ -923,12 +928,37 @@ impl Writer {
     }
 }
 
-/// A CRC-32 that postcard can write into.
-struct Fingerprint(crc32fast::Hasher);
+/// What identifies a batch for its idempotency key: SHA-256 of its events (a CRC-32, as
+/// before, let a different batch pass for the first one), and the CRC-32 still, to compare
+/// with entries stored before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Digest {
+    sha256: [u8; 32],
+    crc: u32,
+}
+
+/// Hashes what postcard writes into it.
+#[derive(Default)]
+struct Fingerprint {
+    sha: sha2::Sha256,
+    crc: crc32fast::Hasher,
+}
+
+impl Fingerprint {
+    fn finish(self) -> Digest {
+        use sha2::Digest as _;
+        Digest {
+            sha256: self.sha.finalize().into(),
+            crc: self.crc.finalize(),
+        }
+    }
+}
 
 impl std::io::Write for Fingerprint {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
+        use sha2::Digest as _;
+        self.sha.update(buf);
+        self.crc.update(buf);
         Ok(buf.len())
     }
 
@@ -943,27 +973,47 @@ struct IdempotencyEntry {
     count: u32,
     crc: u32,
     at: u64,
+    /// `None` in entries written before batches were identified by SHA-256.
+    sha256: Option<[u8; 32]>,
 }
 
 impl IdempotencyEntry {
-    fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
-        b[..8].copy_from_slice(&self.first.to_le_bytes());
-        b[8..12].copy_from_slice(&self.count.to_le_bytes());
-        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
-        b[16..].copy_from_slice(&self.at.to_le_bytes());
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(56);
+        b.extend_from_slice(&self.first.to_le_bytes());
+        b.extend_from_slice(&self.count.to_le_bytes());
+        b.extend_from_slice(&self.crc.to_le_bytes());
+        b.extend_from_slice(&self.at.to_le_bytes());
+        if let Some(sha) = &self.sha256 {
+            b.extend_from_slice(sha);
+        }
         b
     }
 
     fn decode(b: &[u8]) -> Option<IdempotencyEntry> {
-        let b: &[u8; 24] = b.try_into().ok()?;
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
+        let head: &[u8; 24] = b.get(..24)?.try_into().ok()?;
+        let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or_default());
+        let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or_default());
+        let sha256 = match b.len() {
+            24 => None,
+            56 => Some(b[24..].try_into().ok()?),
+            _ => return None,
+        };
         Some(IdempotencyEntry {
             first: u64_at(0),
             count: u32_at(8),
             crc: u32_at(12),
             at: u64_at(16),
+            sha256,
         })
+    }
+
+    /// Whether this entry recorded the batch with `digest` and `count` events.
+    fn is_batch(&self, digest: &Digest, count: u32) -> bool {
+        self.count == count
+            && match &self.sha256 {
+                Some(sha) => *sha == digest.sha256,
+                None => self.crc == digest.crc,
+            }
     }
 }

@@ -136,13 +136,11 @@ fn a_retry_with_the_same_idempotency_key_does_not_append_twice() {
         idempotency_key: Some("req-1".into()),
         ..Default::default()
     };
-    let first = log
-        .append_blocking(vec![event("k", 1), event("k", 2)], opts.clone())
-        .unwrap();
+    // A retry sends the same batch again (its events' timestamps included).
+    let batch = vec![event("k", 1), event("k", 2)];
+    let first = log.append_blocking(batch.clone(), opts.clone()).unwrap();
     assert!(!first.replayed);
-    let again = log
-        .append_blocking(vec![event("k", 1), event("k", 2)], opts.clone())
-        .unwrap();
+    let again = log.append_blocking(batch.clone(), opts.clone()).unwrap();
     assert!(again.replayed);
     assert_eq!(again.first, first.first);
     assert_eq!(again.count, 2);
@@ -156,23 +154,106 @@ fn a_retry_with_the_same_idempotency_key_does_not_append_twice() {
     log.close().unwrap();
     drop(log);
     let log = open(dir.path(), unlimited());
-    let after = log
-        .append_blocking(vec![event("k", 1), event("k", 2)], opts)
-        .unwrap();
+    let after = log.append_blocking(batch, opts).unwrap();
     assert!(after.replayed);
     assert_eq!(after.first, Watermark(1));
+}
+
+/// An event without a timestamp (zero): the log stamps it.
+fn unstamped(key: &str, n: u32) -> Notification {
+    let mut e = event(key, n);
+    e.timestamp = Timestamp(0);
+    e
+}
+
+#[test]
+fn a_different_batch_under_a_used_idempotency_key_is_a_conflict_even_when_its_crc_matches() {
+    // Two different events whose encodings have the same CRC-32: found by trying keys.
+    let crc = |n: &Notification| {
+        let bytes = postcard::to_stdvec(&(&n.key, n.timestamp, &n.event)).unwrap();
+        crc32fast::hash(&bytes)
+    };
+    let mut seen = std::collections::HashMap::new();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let (a, b) = (0..2_000_000u32)
+        .find_map(|_| {
+            let mut data = [0u8; 16];
+            for chunk in data.chunks_mut(8) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                chunk.copy_from_slice(&rng.to_le_bytes());
+            }
+            let mut n = unstamped("k", 1);
+            n.event = Event::Extended(Extended {
+                event: 1,
+                data: bytes::Bytes::copy_from_slice(&data),
+            });
+            seen.insert(crc(&n), n.clone()).map(|earlier| (earlier, n))
+        })
+        .expect("a CRC-32 collision among two million events");
+    assert_ne!(a.event, b.event);
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), unlimited());
+    let opts = AppendOptions {
+        idempotency_key: Some("req-1".into()),
+        ..Default::default()
+    };
+    assert!(!log.append_blocking(vec![a], opts.clone()).unwrap().replayed);
+    assert!(matches!(
+        log.append_blocking(vec![b], opts),
+        Err(AppendError::IdempotencyConflict { .. })
+    ));
+    assert_eq!(log.bounds().unwrap().last, Watermark(1));
+}
+
+#[test]
+fn a_producers_own_timestamps_are_part_of_what_makes_a_batch_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), unlimited());
+    let opts = |k: &str| AppendOptions {
+        idempotency_key: Some(k.into()),
+        ..Default::default()
+    };
+    let mut early = unstamped("k", 1);
+    early.timestamp = Timestamp(1_000);
+    let mut late = early.clone();
+    late.timestamp = Timestamp(2_000);
+    log.append_blocking(vec![early.clone()], opts("t")).unwrap();
+    assert!(
+        log.append_blocking(vec![early], opts("t"))
+            .unwrap()
+            .replayed
+    );
+    assert!(matches!(
+        log.append_blocking(vec![late], opts("t")),
+        Err(AppendError::IdempotencyConflict { .. })
+    ));
+    // Events without a timestamp are stamped by the log, anew on a retry, and still the same.
+    let first = log
+        .append_blocking(vec![unstamped("k", 2)], opts("u"))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let again = log
+        .append_blocking(vec![unstamped("k", 2)], opts("u"))
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.first, first.first);
+    let stored = log.read_blocking(Watermark(first.first.0 - 1), 1).unwrap();
+    assert_ne!(stored[0].timestamp, Timestamp(0), "stamped at append");
 }
 
 #[test]
 fn the_same_idempotency_key_racing_from_many_threads_appends_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), unlimited());
+    let batch = vec![event("k", 1)];
     let threads: Vec<_> = (0..16)
         .map(|_| {
-            let log = log.clone();
+            let (log, batch) = (log.clone(), batch.clone());
             std::thread::spawn(move || {
                 log.append_blocking(
-                    vec![event("k", 1)],
+                    batch,
                     AppendOptions {
                         idempotency_key: Some("same".into()),
                         ..Default::default()

@@ -54,25 +54,45 @@ pub struct Claims {
 pub enum Principal {
     /// Authentication is off.
     Open,
-    /// An API key.
-    Key,
+    /// An API key, named by a short digest of its hash (never the key itself).
+    Key(KeyId),
     /// A subscriber token.
     Token(Claims),
 }
 
+/// Which API key: the first 8 bytes of its SHA-256, in hex. Stable across restarts; says
+/// nothing about the key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId(pub String);
+
+impl KeyId {
+    fn of(hash: &[u8; 32]) -> KeyId {
+        KeyId(hash[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
 impl Principal {
+    /// What an idempotency key is scoped to: one producer's keys are not another's.
+    pub fn idempotency_scope(&self) -> String {
+        match self {
+            Principal::Open => "open".to_owned(),
+            Principal::Key(id) => format!("key:{}", id.0),
+            Principal::Token(c) => format!("token:{}", c.sub),
+        }
+    }
+
     /// The owner recorded on what this principal creates.
     pub fn owner(&self) -> Option<String> {
         match self {
             Principal::Token(c) => Some(c.sub.clone()),
-            Principal::Open | Principal::Key => None,
+            Principal::Open | Principal::Key(_) => None,
         }
     }
 
     /// Whether this principal may act on something owned by `owner`.
     pub fn may_manage(&self, owner: Option<&str>) -> bool {
         match self {
-            Principal::Open | Principal::Key => true,
+            Principal::Open | Principal::Key(_) => true,
             Principal::Token(c) => owner == Some(c.sub.as_str()),
         }
     }
@@ -214,14 +234,19 @@ impl Auth {
             .collect();
     }
 
-    fn is_key(&self, candidate: &str) -> bool {
+    /// The id of `candidate` if it is one of the API keys.
+    fn key_id(&self, candidate: &str) -> Option<KeyId> {
         let h = hash(candidate);
         if self.keys.iter().any(|k| constant_time_eq(k, &h)) {
-            return true;
+            return Some(KeyId::of(&h));
         }
         self.reload_key_file();
         let guard = self.file_keys.lock().unwrap_or_else(|e| e.into_inner());
-        guard.1.iter().any(|k| constant_time_eq(k, &h))
+        guard
+            .1
+            .iter()
+            .any(|k| constant_time_eq(k, &h))
+            .then(|| KeyId::of(&h))
     }
 
     /// Who sent these credentials.
@@ -239,8 +264,8 @@ impl Auth {
                 "credentials are required: Authorization: Bearer <API key or token> (or ?access_token=, or the herald_token cookie)",
             )
         })?;
-        if self.is_key(&credential) {
-            return Ok(Principal::Key);
+        if let Some(id) = self.key_id(&credential) {
+            return Ok(Principal::Key(id));
         }
         let Some((key, validation)) = &self.decoding else {
             return Err(unauthorized(
@@ -325,7 +350,7 @@ impl Auth {
     /// A 403 unless the principal may publish.
     pub fn require_producer(&self, p: &Principal) -> Result<(), ApiError> {
         match p {
-            Principal::Open | Principal::Key => Ok(()),
+            Principal::Open | Principal::Key(_) => Ok(()),
             Principal::Token(_) => Err(forbidden(
                 "forbidden",
                 "subscriber tokens can only read; publishing needs an API key",
@@ -336,7 +361,7 @@ impl Auth {
     /// A 403 unless the principal is an API key (or auth is off).
     pub fn require_admin(&self, p: &Principal) -> Result<(), ApiError> {
         match p {
-            Principal::Open | Principal::Key => Ok(()),
+            Principal::Open | Principal::Key(_) => Ok(()),
             Principal::Token(_) => Err(forbidden("forbidden", "this needs an API key")),
         }
     }
@@ -518,7 +543,10 @@ mod tests {
     #[test]
     fn keys_tokens_and_their_failures() {
         let (a, _d) = auth(&["k1"]);
-        assert_eq!(a.authenticate(&bearer("k1"), None).unwrap(), Principal::Key);
+        assert!(matches!(
+            a.authenticate(&bearer("k1"), None).unwrap(),
+            Principal::Key(_)
+        ));
         let e = a.authenticate(&HeaderMap::new(), None).unwrap_err();
         assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
         let t = mint(SECRET, &claims(&["alice"], 60)).unwrap();
@@ -563,9 +591,8 @@ mod tests {
                 header::AUTHORIZATION,
                 format!("{scheme} k1").parse().unwrap(),
             );
-            assert_eq!(
-                a.authenticate(&h, None).unwrap(),
-                Principal::Key,
+            assert!(
+                matches!(a.authenticate(&h, None).unwrap(), Principal::Key(_)),
                 "{scheme}"
             );
         }
@@ -673,7 +700,10 @@ mod tests {
         let (key, line) = new_key();
         std::fs::write(dir.path().join(KEYS_FILE), line).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
-        assert_eq!(a.authenticate(&bearer(&key), None).unwrap(), Principal::Key);
+        assert!(matches!(
+            a.authenticate(&bearer(&key), None).unwrap(),
+            Principal::Key(_)
+        ));
         assert!(a.authenticate(&bearer("hk_other"), None).is_err());
     }
 }

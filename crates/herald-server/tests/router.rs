@@ -13,12 +13,18 @@ use tower::ServiceExt;
 
 /// A state over a fresh data directory, on loopback with authentication off.
 async fn state() -> (AppState, tempfile::TempDir) {
+    state_with(|_| {}).await
+}
+
+/// As [`state`], with the configuration changed first.
+async fn state_with(change: impl FnOnce(&mut Config)) -> (AppState, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("data"),
         ..Config::default()
     };
+    change(&mut config);
     let state = AppState::open(config, CancellationToken::new())
         .await
         .unwrap();
@@ -211,4 +217,38 @@ async fn bad_or_repeated_query_parameters_are_json_errors_naming_the_parameter()
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["field"], field, "{uri}: {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_belong_to_the_api_key_that_used_them() {
+    let (state, _dir) =
+        state_with(|c| c.auth.keys = vec!["key-one".into(), "key-two".into()]).await;
+    let publish = |key: &str, n: u32| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/events")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .header("idempotency-key", "order-42")
+            .body(Body::from(
+                json!({"events": [{"key": format!("shop/{n}"), "kind": "object_created"}]})
+                    .to_string(),
+            ))
+            .unwrap()
+    };
+    let (status, one) = call(&state, publish("key-one", 1)).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    // Another producer's same key is its own: appended, not replayed, not refused.
+    let (status, two) = call(&state, publish("key-two", 2)).await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    assert_eq!(two["replayed"], false);
+    assert_ne!(one["watermarks"], two["watermarks"]);
+    // Each still replays its own, and a different batch under its own key is a conflict.
+    let (_, again) = call(&state, publish("key-one", 1)).await;
+    assert_eq!(
+        (again["replayed"].clone(), again["watermarks"].clone()),
+        (json!(true), one["watermarks"].clone())
+    );
+    let (status, body) = call(&state, publish("key-one", 3)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }

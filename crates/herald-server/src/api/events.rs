@@ -65,7 +65,7 @@ pub(super) async fn publish(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     state.auth().require_producer(&principal)?;
-    let result = append(&state, &headers, body).await;
+    let result = append(&state, &principal, &headers, body).await;
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) if e.status().is_client_error() => "rejected",
@@ -84,6 +84,7 @@ pub(super) async fn publish(
 
 async fn append(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<(PublishResponse, bool), ApiError> {
@@ -133,10 +134,14 @@ async fn append(
                         format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
                     )
                 })?;
-            Some(k.to_owned())
+            // Scoped to the producer: one API key can neither replay nor block another's.
+            Some(format!("{}\u{1f}{k}", principal.idempotency_scope()))
         }
     };
-    let now = Timestamp::now();
+    // An event without a timestamp is stamped by the log when it is appended (so that a
+    // retry of the same batch is recognised as the same, while a producer's own timestamps
+    // are part of what makes a batch the same).
+    let now = Timestamp(0);
     let batch = req
         .events
         .iter()

@@ -383,7 +383,7 @@ pub(super) async fn connections(
 ) -> Json<Vec<ConnectionView>> {
     let owner = match &principal {
         Principal::Token(c) => Some(c.sub.clone()),
-        Principal::Open | Principal::Key => q.owner,
+        Principal::Open | Principal::Key(_) => q.owner,
     };
     let mut list: Vec<ConnectionView> = state
         .delivery()
