@@ -1862,3 +1862,44 @@ async fn flipping_offline_and_online_under_load_loses_and_repeats_nothing() {
         "a duplicate"
     );
 }
+
+/// Reads a WebSocket until its close frame: its code and reason (an error or the end of the
+/// stream first, such as a reset, fails the test).
+async fn close_frame<S>(ws: &mut S) -> (u16, String)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => return (f.code.into(), f.reason.to_string()),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reader_silent_past_its_lease_gets_a_close_frame_1008_not_a_reset() {
+    let (server, _t) = start(SHORT_LEASE);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    // Silent: nothing is read (so no ping is answered) until well past the 2 s lease.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("lease"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_frame_over_the_limit_gets_a_close_frame_1009() {
+    let (server, _t) = start("");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    ws.send(Message::text("x".repeat(70 * 1024))).await.unwrap();
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 1009, "{reason}");
+}

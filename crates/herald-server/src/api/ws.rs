@@ -211,7 +211,15 @@ async fn connection(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    // A frame over the limit is told as such (1009); anything else is a broken
+                    // connection.
+                    if is_too_big(&e) {
+                        close(&mut socket, 1009, "frame too large: at most 64 KiB").await;
+                    }
+                    break;
+                }
                 // Pongs and pings: the client is alive.
                 Some(Ok(_)) => live.renew(),
             },
@@ -228,13 +236,13 @@ async fn connection(
             why = live.expired() => {
                 reason = why;
                 let text = if why == EndReason::Kick { "closed by an operator" } else { "lease expired: no answer to pings" };
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: text.into() }))).await;
+                close(&mut socket, 1008, text).await;
                 break;
             }
             () = shutdown.cancelled() => {
                 reason = EndReason::Shutdown;
                 let _ = send(&mut socket, &ServerFrame::Shutdown).await;
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                close(&mut socket, 1001, "server shutting down").await;
                 break;
             }
         }
@@ -279,6 +287,38 @@ async fn write(
             .await
         }
     }
+}
+
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The closing handshake: a close frame with `code` and `reason`, then what the client still
+/// sends is read (and dropped) until its close, for at most [`CLOSE_WAIT`]. Dropping a socket
+/// with unread data makes the kernel reset the connection, and a reset can discard the close
+/// frame before the client reads it.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    if socket.send(frame).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Whether a read failed because a frame or message was over the limits.
+fn is_too_big(e: &axum::Error) -> bool {
+    // axum hides its WebSocket library's error type; its message names the capacity limit.
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {
