@@ -1872,7 +1872,7 @@ where
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await {
             Ok(Some(Ok(Message::Close(Some(f))))) => return (f.code.into(), f.reason.to_string()),
-            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Ok(_))) => {}
             other => panic!("no close frame: {other:?}"),
         }
     }
