@@ -24,6 +24,8 @@ const IDEMPOTENCY_BY_TIME: TableDefinition<'_, (u64, &str), ()> =
     TableDefinition::new("idempotency_by_time");
 const SUBSCRIPTIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("subscriptions");
 const ACKS: TableDefinition<'_, &str, u64> = TableDefinition::new("acks");
+/// The delivery each push subscription is attempting (see `SubscriptionStore::set_inflight`).
+const INFLIGHT: TableDefinition<'_, &str, u64> = TableDefinition::new("inflight");
 
 const META_NEXT: &str = "next";
 const META_FIRST: &str = "first";
@@ -95,6 +97,9 @@ pub struct SubscriptionRecord {
     pub spec: Vec<u8>,
     /// The last watermark acknowledged (0 if none).
     pub acked: Watermark,
+    /// The end of the delivery being attempted when it was stored (0 if none; not past
+    /// `acked` when that delivery was acknowledged).
+    pub inflight: Watermark,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -119,6 +124,11 @@ enum Command {
         reply: Reply<bool>,
     },
     Ack {
+        id: String,
+        watermark: Watermark,
+        reply: Reply<bool>,
+    },
+    Inflight {
         id: String,
         watermark: Watermark,
         reply: Reply<bool>,
@@ -351,6 +361,11 @@ impl EmbeddedLog {
             Err(e) => return Err(storage(e)),
         };
         let acks = txn.open_table(ACKS).map_err(storage)?;
+        let inflight = match txn.open_table(INFLIGHT) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(storage(e)),
+        };
         let mut out = Vec::new();
         for entry in subs.iter().map_err(storage)? {
             let (k, v) = entry.map_err(storage)?;
@@ -359,10 +374,18 @@ impl EmbeddedLog {
                 .get(id.as_str())
                 .map_err(storage)?
                 .map_or(0, |a| a.value());
+            let through = match &inflight {
+                Some(t) => t
+                    .get(id.as_str())
+                    .map_err(storage)?
+                    .map_or(0, |a| a.value()),
+                None => 0,
+            };
             out.push(SubscriptionRecord {
                 id,
                 spec: v.value().to_vec(),
                 acked: Watermark(acked),
+                inflight: Watermark(through),
             });
         }
         Ok(out)
@@ -459,6 +482,16 @@ impl SubscriptionStore for EmbeddedLog {
         .await
     }
 
+    async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
+        let id = id.to_owned();
+        self.call(|reply| Command::Inflight {
+            id,
+            watermark: through,
+            reply,
+        })
+        .await
+    }
+
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
         self.subscriptions_blocking()
     }
@@ -532,6 +565,7 @@ impl WriterState {
                 .map_err(|e| corrupt(&e))?;
             txn.open_table(SUBSCRIPTIONS).map_err(|e| corrupt(&e))?;
             txn.open_table(ACKS).map_err(|e| corrupt(&e))?;
+            txn.open_table(INFLIGHT).map_err(|e| corrupt(&e))?;
             let get =
                 |meta: &redb::Table<'_, &str, u64>, k: &str| -> Result<Option<u64>, LogError> {
                     Ok(meta.get(k).map_err(|e| corrupt(&e))?.map(|v| v.value()))
@@ -668,7 +702,9 @@ impl Writer {
                         Command::PutSubscription { reply, .. } | Command::Flush { reply } => {
                             let _ = reply.send(Err(LogError::Storage(msg)));
                         }
-                        Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. } => {
+                        Command::DeleteSubscription { reply, .. }
+                        | Command::Ack { reply, .. }
+                        | Command::Inflight { reply, .. } => {
                             let _ = reply.send(Err(LogError::Storage(msg)));
                         }
                     }
@@ -700,7 +736,9 @@ impl Writer {
                     let _ = reply.send(Ok(()));
                 }
                 (
-                    Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. },
+                    Command::DeleteSubscription { reply, .. }
+                    | Command::Ack { reply, .. }
+                    | Command::Inflight { reply, .. },
                     Outcome::Found(found),
                 ) => {
                     let _ = reply.send(Ok(found));
@@ -710,7 +748,12 @@ impl Writer {
                         .reply
                         .send(Err(AppendError::Log(storage("internal: no outcome"))));
                 }
-                (Command::DeleteSubscription { reply, .. } | Command::Ack { reply, .. }, _) => {
+                (
+                    Command::DeleteSubscription { reply, .. }
+                    | Command::Ack { reply, .. }
+                    | Command::Inflight { reply, .. },
+                    _,
+                ) => {
                     let _ = reply.send(Err(storage("internal: no outcome")));
                 }
             }
@@ -732,6 +775,7 @@ impl Writer {
             let mut idem_by_time = txn.open_table(IDEMPOTENCY_BY_TIME).map_err(storage)?;
             let mut subs = txn.open_table(SUBSCRIPTIONS).map_err(storage)?;
             let mut acks = txn.open_table(ACKS).map_err(storage)?;
+            let mut inflight = txn.open_table(INFLIGHT).map_err(storage)?;
             let now = Timestamp::now().0;
             for cmd in group {
                 let outcome = match cmd {
@@ -797,7 +841,16 @@ impl Writer {
                     Command::DeleteSubscription { id, .. } => {
                         let existed = subs.remove(id.as_str()).map_err(storage)?.is_some();
                         acks.remove(id.as_str()).map_err(storage)?;
+                        inflight.remove(id.as_str()).map_err(storage)?;
                         Outcome::Found(existed)
+                    }
+                    Command::Inflight { id, watermark, .. } => {
+                        if subs.get(id.as_str()).map_err(storage)?.is_some() {
+                            inflight.insert(id.as_str(), watermark.0).map_err(storage)?;
+                            Outcome::Found(true)
+                        } else {
+                            Outcome::Found(false)
+                        }
                     }
                     Command::Ack { id, watermark, .. } => {
                         if subs.get(id.as_str()).map_err(storage)?.is_some() {

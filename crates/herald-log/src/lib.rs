@@ -259,6 +259,15 @@ pub trait SubscriptionStore: Send + Sync + 'static {
         watermark: Watermark,
     ) -> impl Future<Output = Result<bool, LogError>> + Send;
 
+    /// Records that a delivery up to `through` is being attempted for `id` (a push), so that
+    /// after a restart the same delivery, with the same identity, is attempted again before
+    /// anything new. Resolves to whether the subscription exists.
+    fn set_inflight(
+        &self,
+        id: &str,
+        through: Watermark,
+    ) -> impl Future<Output = Result<bool, LogError>> + Send;
+
     /// Every stored subscription.
     fn subscriptions(
         &self,

@@ -37,6 +37,11 @@ trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), LogError>>;
     fn delete_subscription<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, LogError>>;
     fn ack<'a>(&'a self, id: &'a str, w: Watermark) -> BoxFuture<'a, Result<bool, LogError>>;
+    fn set_inflight<'a>(
+        &'a self,
+        id: &'a str,
+        w: Watermark,
+    ) -> BoxFuture<'a, Result<bool, LogError>>;
     fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<SubscriptionRecord>, LogError>>;
 }
 
@@ -76,6 +81,13 @@ impl<T: EventLog + SubscriptionStore> Backend for T {
     }
     fn ack<'a>(&'a self, id: &'a str, w: Watermark) -> BoxFuture<'a, Result<bool, LogError>> {
         Box::pin(SubscriptionStore::ack(self, id, w))
+    }
+    fn set_inflight<'a>(
+        &'a self,
+        id: &'a str,
+        w: Watermark,
+    ) -> BoxFuture<'a, Result<bool, LogError>> {
+        Box::pin(SubscriptionStore::set_inflight(self, id, w))
     }
     fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<SubscriptionRecord>, LogError>> {
         Box::pin(SubscriptionStore::subscriptions(self))
@@ -151,6 +163,10 @@ impl SubscriptionStore for SharedLog {
 
     async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
         self.0.ack(id, watermark).await
+    }
+
+    async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
+        self.0.set_inflight(id, through).await
     }
 
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {

@@ -449,6 +449,9 @@ async fn durable_subscriptions_and_their_acks_survive_restart() {
         "an older ack is ignored, not refused"
     );
     assert!(!log.ack("nope", Watermark(1)).await.unwrap());
+    assert!(log.set_inflight("s1", Watermark(9)).await.unwrap());
+    assert!(log.set_inflight("s2", Watermark(3)).await.unwrap());
+    assert!(!log.set_inflight("nope", Watermark(1)).await.unwrap());
     assert!(log.delete_subscription("s2").await.unwrap());
     assert!(!log.delete_subscription("s2").await.unwrap());
     let l2 = log.clone();
@@ -462,7 +465,8 @@ async fn durable_subscriptions_and_their_acks_survive_restart() {
         vec![SubscriptionRecord {
             id: "s1".into(),
             spec: b"{\"transport\":\"poll\"}".to_vec(),
-            acked: Watermark(7)
+            acked: Watermark(7),
+            inflight: Watermark(9),
         }]
     );
 }

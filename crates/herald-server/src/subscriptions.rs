@@ -212,6 +212,9 @@ pub struct Durable {
     filter: Filter,
     /// What the subscriber acknowledged (stored) and what the watcher has seen.
     cursor: Cursor,
+    /// The end of the push delivery being attempted (stored), so that after a restart the
+    /// same delivery goes again under the same identity.
+    inflight: std::sync::atomic::AtomicU64,
     /// A webhook's delivery state and retries.
     pusher: Option<Pusher>,
     /// Woken when a paused webhook is enabled again.
@@ -296,6 +299,12 @@ impl Durable {
     /// The acknowledged watermark.
     pub fn acked(&self) -> Watermark {
         self.cursor.acked()
+    }
+
+    /// The end of a push delivery attempted but not acknowledged, if there is one.
+    pub fn inflight(&self) -> Option<Watermark> {
+        let w = Watermark(self.inflight.load(std::sync::atomic::Ordering::Acquire));
+        (w > self.acked()).then_some(w)
     }
 }
 
@@ -396,7 +405,7 @@ impl Durables {
             };
             match spec.filter.to_filter(self.inner.max_key) {
                 Ok(filter) => {
-                    self.start(record.id, spec, filter, record.acked);
+                    self.start(record.id, spec, filter, record.acked, record.inflight);
                     restored += 1;
                 }
                 Err(e) => {
@@ -441,7 +450,7 @@ impl Durables {
             serde_json::to_vec(&spec).map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
         self.log().put_subscription(&id, bytes).await?;
         self.log().ack(&id, start).await?;
-        Ok(self.start(id, spec, filter, start))
+        Ok(self.start(id, spec, filter, start, Watermark(0)))
     }
 
     fn start(
@@ -450,6 +459,7 @@ impl Durables {
         spec: SubscriptionSpec,
         filter: Filter,
         acked: Watermark,
+        inflight: Watermark,
     ) -> DurableRef {
         let transport = spec.transport;
         let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
@@ -480,6 +490,7 @@ impl Durables {
             spec: Mutex::new(spec),
             filter,
             cursor: Cursor::new(acked),
+            inflight: std::sync::atomic::AtomicU64::new(inflight.0),
             pusher,
             enable: Notify::new(),
         };
@@ -534,6 +545,15 @@ impl Durables {
             self.log().ack(sub.id(), w).await?;
         }
         Ok(())
+    }
+
+    /// Records (and stores) that a push delivery up to `through` is being attempted.
+    pub async fn set_inflight(&self, sub: &DurableRef, through: Watermark) {
+        sub.inflight
+            .store(through.0, std::sync::atomic::Ordering::Release);
+        if let Err(e) = self.log().set_inflight(sub.id(), through).await {
+            tracing::warn!(id = %sub.id(), error = %e, "could not store a delivery in flight");
+        }
     }
 
     /// Sets a webhook's state and stores it.

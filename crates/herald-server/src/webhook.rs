@@ -288,6 +288,69 @@ fn events_body(frames: &EventCache, id: &str, events: &[Notification]) -> Bytes 
     out.freeze()
 }
 
+/// Delivers one chunk of events: its end is stored as in flight first, so that after a
+/// restart the same chunk goes again with the same webhook-id (stable across retries and
+/// restarts: receivers dedupe on it); acknowledged once delivered. Whether it was.
+async fn deliver_chunk(
+    ctx: &WebhookContext,
+    durables: &Durables,
+    sub: &DurableRef,
+    pusher: &Pusher,
+    chunk: &[Notification],
+) -> bool {
+    let (Some(first), Some(last)) = (
+        chunk.first().and_then(|n| n.watermark),
+        chunk.last().and_then(|n| n.watermark),
+    ) else {
+        return true;
+    };
+    if sub.inflight() != Some(last) {
+        durables.set_inflight(sub, last).await;
+    }
+    let msg_id = format!("{}-{}-{}", sub.id(), first.0, last.0);
+    let body = events_body(&ctx.frames, sub.id(), chunk);
+    if !deliver(ctx, durables, sub, pusher, &msg_id, body).await {
+        return false;
+    }
+    for n in chunk {
+        crate::metrics::delivered("webhook", n);
+    }
+    if let Err(e) = durables.ack(sub, last).await {
+        tracing::warn!(id = %sub.id(), error = %e, "could not store a webhook acknowledgement");
+    }
+    true
+}
+
+/// Delivers again the chunk that was in flight when the server stopped: the matching events
+/// after the acknowledged watermark up to `through`. Whether it was delivered; an error if
+/// those events can no longer be read.
+async fn redeliver(
+    ctx: &WebhookContext,
+    durables: &Durables,
+    sub: &DurableRef,
+    pusher: &Pusher,
+    through: Watermark,
+) -> Result<bool, String> {
+    let page = ctx
+        .delivery
+        .page(
+            herald_delivery::PageRequest {
+                after: sub.acked(),
+                limit: usize::MAX,
+                scan_budget: usize::MAX,
+                ceiling: through,
+            },
+            through,
+            |n| sub.filter().matches(n),
+        )
+        .await
+        .map_err(|e| format!("the delivery in flight at the last stop cannot be read: {e}"))?;
+    if page.events.is_empty() {
+        return Ok(true);
+    }
+    Ok(deliver_chunk(ctx, durables, sub, pusher, &page.events).await)
+}
+
 /// The worker of one webhook subscription; runs until the subscription is deleted.
 async fn run(ctx: Arc<WebhookContext>, durables: Durables, sub: DurableRef) {
     let Some(pusher) = sub.pusher().cloned() else {
@@ -313,6 +376,20 @@ async fn run(ctx: Arc<WebhookContext>, durables: Durables, sub: DurableRef) {
         }
         if !sub.webhook_verified() && !verify(&ctx, &durables, &sub, &pusher).await {
             continue;
+        }
+        // A delivery attempted before a restart goes again first, exactly as it was (same
+        // events, same webhook-id), so that receivers deduplicating on the id see it once.
+        if let Some(through) = sub.inflight() {
+            match redeliver(&ctx, &durables, &sub, &pusher, through).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(reason) => {
+                    durables
+                        .set_webhook_state(&sub, WebhookState::Paused, Some(&reason))
+                        .await;
+                    continue;
+                }
+            }
         }
         // Follow from the acknowledged watermark: after a pause, a restart or a failure,
         // everything not yet delivered comes again, in order.
@@ -359,26 +436,9 @@ async fn run(ctx: Arc<WebhookContext>, durables: Durables, sub: DurableRef) {
                 Ok(FeedItem::Events { batch, .. }) => {
                     let mut delivered_all = true;
                     for chunk in batch.chunks(ctx.config.max_batch.max(1)) {
-                        let first = chunk
-                            .first()
-                            .and_then(|n| n.watermark)
-                            .unwrap_or(Watermark(0));
-                        let last = chunk
-                            .last()
-                            .and_then(|n| n.watermark)
-                            .unwrap_or(Watermark(0));
-                        // Stable across retries: receivers dedupe on it.
-                        let msg_id = format!("{}-{}-{}", sub.id(), first.0, last.0);
-                        let body = events_body(&ctx.frames, sub.id(), chunk);
-                        if !deliver(&ctx, &durables, &sub, &pusher, &msg_id, body).await {
+                        if !deliver_chunk(&ctx, &durables, &sub, &pusher, chunk).await {
                             delivered_all = false;
                             break;
-                        }
-                        for n in chunk {
-                            crate::metrics::delivered("webhook", n);
-                        }
-                        if let Err(e) = durables.ack(&sub, last).await {
-                            tracing::warn!(id = %sub.id(), error = %e, "could not store a webhook acknowledgement");
                         }
                     }
                     if !delivered_all {

@@ -363,3 +363,54 @@ async fn redirects_are_never_followed() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_by_a_crash_comes_again_under_the_same_webhook_id() {
+    let recv = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let mut server = Server::start_in(&dir, &[], &FAST);
+    let port = server.port;
+    let sub = create_webhook(&server, &recv.url(), "a").await;
+    let id = sub["id"].as_str().unwrap().to_owned();
+    wait_state(&server, &id, "active", WAIT).await;
+    // The receiver takes the next delivery but answers late; meanwhile more events come.
+    recv.set(Mode::Hold(Duration::from_secs(30)));
+    publish_n(&server, 0, 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while recv.delivered_watermarks().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        recv.delivered_watermarks().len(),
+        1,
+        "the first delivery is in flight"
+    );
+    publish_n(&server, 1, 4).await;
+    // kill -9 while that delivery is unacknowledged, and start again.
+    server.child.take().unwrap().kill().unwrap();
+    recv.set(Mode::Ok);
+    let server = Server::start_on(port, &dir, &[], &FAST);
+    let got = recv.wait_for(5, WAIT).await;
+    assert!(got.len() >= 5, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every event is under one webhook-id only, however often it was delivered.
+    let mut ids: std::collections::HashMap<u64, std::collections::BTreeSet<String>> =
+        Default::default();
+    for r in recv.requests() {
+        let v = r.json();
+        if v["type"] != "events" {
+            continue;
+        }
+        for e in v["events"].as_array().unwrap() {
+            ids.entry(e["watermark"].as_u64().unwrap())
+                .or_default()
+                .insert(r.headers["webhook-id"].clone());
+        }
+    }
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    for (w, set) in &ids {
+        assert_eq!(set.len(), 1, "event {w} came under several ids: {set:?}");
+    }
+    drop(server);
+}

@@ -74,6 +74,8 @@ struct State {
     idempotency: HashMap<String, Remembered>,
     /// Subscriptions by id: their description and acknowledged watermark.
     subscriptions: BTreeMap<String, (Vec<u8>, Watermark)>,
+    /// Deliveries being attempted, by subscription.
+    inflight: BTreeMap<String, Watermark>,
     closed: bool,
 }
 
@@ -120,6 +122,7 @@ impl MemoryLog {
                     next: 1,
                     idempotency: HashMap::new(),
                     subscriptions: BTreeMap::new(),
+                    inflight: BTreeMap::new(),
                     closed: false,
                 }),
                 turn: tokio::sync::Mutex::new(()),
@@ -320,6 +323,7 @@ impl SubscriptionStore for MemoryLog {
         if s.closed {
             return Err(LogError::Closed);
         }
+        s.inflight.remove(id);
         Ok(s.subscriptions.remove(id).is_some())
     }
 
@@ -337,15 +341,27 @@ impl SubscriptionStore for MemoryLog {
         })
     }
 
+    async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
+        let mut s = self.state();
+        if s.closed {
+            return Err(LogError::Closed);
+        }
+        if !s.subscriptions.contains_key(id) {
+            return Ok(false);
+        }
+        s.inflight.insert(id.to_owned(), through);
+        Ok(true)
+    }
+
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
-        Ok(self
-            .state()
-            .subscriptions
+        let s = self.state();
+        Ok(s.subscriptions
             .iter()
             .map(|(id, (spec, acked))| SubscriptionRecord {
                 id: id.clone(),
                 spec: spec.clone(),
                 acked: *acked,
+                inflight: s.inflight.get(id).copied().unwrap_or(Watermark(0)),
             })
             .collect())
     }

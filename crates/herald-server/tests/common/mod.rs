@@ -233,6 +233,9 @@ pub enum Mode {
     Status(u16, Option<u64>),
     /// Answer 200 after this long (longer than Herald's request timeout = a timeout).
     Slow(Duration),
+    /// Take the request at once (recorded, as a receiver that processed it) and answer 200
+    /// only after this long: a crash of the sender meanwhile leaves it unacknowledged.
+    Hold(Duration),
     /// 200 without echoing verification challenges.
     NoEcho,
     /// 302 to this URL.
@@ -458,6 +461,18 @@ async fn answer(
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
             record(200);
+            if v["type"] == "verification" {
+                return v["challenge"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+                    .into_response();
+            }
+            axum::http::StatusCode::NO_CONTENT.into_response()
+        }
+        Mode::Hold(d) => {
+            record(200);
+            tokio::time::sleep(d).await;
             if v["type"] == "verification" {
                 return v["challenge"]
                     .as_str()
