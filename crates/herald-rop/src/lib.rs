@@ -69,6 +69,8 @@ pub mod ec {
     pub const EXITING: u32 = 0x0000_03ED;
     /// The login failed.
     pub const LOGIN_FAILURE: u32 = 0x8004_0111;
+    /// Not enough memory for what was asked (MAPI_E_NOT_ENOUGH_MEMORY): a per-session limit.
+    pub const NOT_ENOUGH_MEMORY: u32 = 0x8007_000E;
     /// The server is out of resources for now (ecServerOOM): retry later.
     pub const SERVER_MEMORY: u32 = 0x0000_03F0;
     /// A buffer is too large (RopBufferSize, MaxRopOut, aux).

@@ -487,6 +487,11 @@ pub struct MapiConfig {
     /// Bytes of RopNotify queued per session before the session stops reading the log
     /// (nothing is dropped: it resumes when the client fetches).
     pub max_queue_bytes: usize,
+    /// Notification registrations one session may hold; past it RopRegisterNotification fails
+    /// with MAPI_E_NOT_ENOUGH_MEMORY.
+    pub max_registrations: usize,
+    /// Sessions one user may hold at once; past it Connect fails with ecServerOOM.
+    pub max_sessions_per_user: u32,
 }
 
 impl Default for MapiConfig {
@@ -497,6 +502,8 @@ impl Default for MapiConfig {
             pending_period: Duration::from_secs(30),
             udp_repeat: Duration::from_secs(60),
             max_queue_bytes: 4 << 20,
+            max_registrations: 1024,
+            max_sessions_per_user: 16,
         }
     }
 }

@@ -719,3 +719,54 @@ async fn offline_a_session_is_told_nothing_and_online_it_gets_everything_queued(
     }
     assert_eq!(got, 3, "the queued one and the two logged while offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_at_most_its_registrations_and_a_user_at_most_its_sessions() {
+    let (server, _tmp) = mapi_server("max_registrations = 5\nmax_sessions_per_user = 2");
+    let mut c = Client::new(&server, ALICE);
+    assert_eq!(c.connect().await.error_code, 0);
+    c.logon().await;
+    let six: Vec<RopRequest> = (1..=6)
+        .map(|i| register(0, i, CREATED, NotificationScope::WholeStore))
+        .collect();
+    let answers = c.execute(&six).await;
+    let refused: Vec<_> = answers
+        .iter()
+        .filter(|a| matches!(a, RopResponse::Failure { .. }))
+        .collect();
+    assert_eq!(answers.len(), 6);
+    assert_eq!(refused.len(), 1, "{answers:?}");
+    assert!(
+        matches!(
+            refused[0],
+            RopResponse::Failure {
+                return_value: herald_rop::ec::NOT_ENOUGH_MEMORY,
+                ..
+            }
+        ),
+        "{answers:?}"
+    );
+    // A logon again under the same id releases what the old one registered.
+    c.logon().await;
+    let five: Vec<RopRequest> = (1..=5)
+        .map(|i| register(0, i, CREATED, NotificationScope::WholeStore))
+        .collect();
+    let answers = c.execute(&five).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, RopResponse::RegisterNotification { .. })),
+        "{answers:?}"
+    );
+    // A second session of the same user is allowed, a third is not.
+    let mut second = Client::new(&server, ALICE);
+    assert_eq!(second.connect().await.error_code, 0);
+    let mut third = Client::new(&server, ALICE);
+    assert_eq!(
+        third.connect().await.error_code,
+        herald_rop::ec::SERVER_MEMORY
+    );
+    // Another user is counted apart.
+    let mut bob = Client::new(&server, "bob@example.test");
+    assert_eq!(bob.connect().await.error_code, 0);
+}

@@ -22,8 +22,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::{EventMask, Filter, Key, Scope, Watermark};
 use herald_delivery::{
-    Connect, ConnectError, Delivery, EndReason, Feed, FeedItem, Lease, NudgeTarget, Outbox,
-    Registry, Session, Transport,
+    Connect, ConnectError, Delivery, EndReason, Feed, FeedItem, Lease, NudgeTarget, Outbox, Quota,
+    QuotaPermit, Registry, Session, Transport,
 };
 use herald_rop::mapihttp::{
     self, ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse,
@@ -99,6 +99,10 @@ pub struct MapiSession {
     udp: watch::Sender<Option<NudgeTarget>>,
     /// Whether the UDP nudger runs.
     nudging: AtomicBool,
+    /// Most registrations it may hold (`mapi.max_registrations`).
+    max_registrations: usize,
+    /// Its place among its user's sessions.
+    _quota: QuotaPermit,
 }
 
 type SessionRef = Arc<Session<MapiSession>>;
@@ -120,6 +124,8 @@ struct MapiInner {
     config: MapiConfig,
     egress: crate::egress::EgressPolicy,
     sessions: Registry<MapiSession>,
+    /// Sessions each user holds.
+    per_user: Quota,
     known: KnownFolders,
     next_index: AtomicU16,
 }
@@ -139,6 +145,7 @@ impl Mapi {
         Mapi {
             inner: Arc::new(MapiInner {
                 sessions: delivery.registry(),
+                per_user: Quota::default(),
                 delivery,
                 config,
                 egress,
@@ -417,10 +424,19 @@ async fn connect(
     {
         return refuse(LOGIN_PERM);
     }
+    let owner = owner_name(user.as_deref()).to_owned();
+    let Some(quota) = mapi
+        .inner
+        .per_user
+        .acquire(&owner, Some(mapi.inner.config.max_sessions_per_user))
+    else {
+        tracing::info!(%owner, "a MAPI Connect past mapi.max_sessions_per_user was refused");
+        return refuse(ec::SERVER_MEMORY);
+    };
     let id = uuid::Uuid::new_v4().simple().to_string();
     let connect = Connect {
         id: conn_id(&id),
-        owner: owner_name(user.as_deref()).to_owned(),
+        owner,
         transport: Transport::Mapi,
         target: format!("{mailbox}/"),
     };
@@ -459,6 +475,8 @@ async fn connect(
             busy: AtomicBool::new(false),
             udp: watch::Sender::new(None),
             nudging: AtomicBool::new(false),
+            max_registrations: mapi.inner.config.max_registrations,
+            _quota: quota,
         },
         Some(live),
     );
@@ -774,12 +792,12 @@ fn run_rop(
                     ec::NOT_SUPPORTED,
                 );
             }
-            // Reusing a logon id replaces that logon.
-            release_where(
-                session,
-                objects,
-                |o| matches!(o, Object::Logon { logon_id } if *logon_id == l.logon_id),
-            );
+            // Reusing a logon id replaces that logon, and everything opened through it.
+            release_where(session, objects, |o| match o {
+                Object::Logon { logon_id }
+                | Object::Folder { logon_id }
+                | Object::Subscription { logon_id } => *logon_id == l.logon_id,
+            });
             let h = new_handle(
                 objects,
                 Object::Logon {
@@ -847,6 +865,11 @@ fn run_rop(
         RopRequest::RegisterNotification(r) => {
             let id = herald_rop::ROP_REGISTER_NOTIFICATION;
             match lookup(objects, handles, r.input_handle_index) {
+                Ok(Object::Logon { .. } | Object::Folder { .. })
+                    if objects.subscriptions.len() >= session.max_registrations =>
+                {
+                    fail(id, r.output_handle_index, ec::NOT_ENOUGH_MEMORY)
+                }
                 Ok(Object::Logon { logon_id } | Object::Folder { logon_id, .. })
                     if logon_id == r.logon_id =>
                 {
