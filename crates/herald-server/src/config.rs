@@ -139,12 +139,15 @@ pub struct SubscriptionsConfig {
     /// subscription past its timeout.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Most durable subscriptions the server holds; past it a create is answered 429.
+    pub max: usize,
 }
 
 impl Default for SubscriptionsConfig {
     fn default() -> Self {
         SubscriptionsConfig {
             idle_timeout: Duration::from_secs(30 * 60),
+            max: 100_000,
         }
     }
 }

@@ -770,3 +770,37 @@ async fn a_session_holds_at_most_its_registrations_and_a_user_at_most_its_sessio
     let mut bob = Client::new(&server, "bob@example.test");
     assert_eq!(bob.connect().await.error_code, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_at_most_4096_open_objects() {
+    let (server, _tmp) = mapi_server("");
+    let mut c = Client::new(&server, ALICE);
+    c.connect().await;
+    let folders = c.logon().await;
+    let (mut opened, mut refused) = (0usize, 0usize);
+    for _ in 0..21 {
+        let opens: Vec<RopRequest> = (1..=200u8)
+            .map(|i| {
+                RopRequest::OpenFolder(OpenFolder {
+                    logon_id: 0,
+                    input_handle_index: 0,
+                    output_handle_index: i,
+                    folder_id: folders[3],
+                    open_mode_flags: 0,
+                })
+            })
+            .collect();
+        for a in c.execute(&opens).await {
+            match a {
+                RopResponse::OpenFolder { .. } => opened += 1,
+                RopResponse::Failure {
+                    return_value: herald_rop::ec::NOT_ENOUGH_MEMORY,
+                    ..
+                } => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // The logon is one object; 4,095 folders fit beside it.
+    assert_eq!((opened, refused), (4095, 4200 - 4095));
+}

@@ -252,3 +252,30 @@ async fn idempotency_keys_belong_to_the_api_key_that_used_them() {
     let (status, body) = call(&state, publish("key-one", 3)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_holds_at_most_subscriptions_max_durable_subscriptions() {
+    let (state, _dir) = state_with(|c| c.subscriptions.max = 2).await;
+    let create = || {
+        json_request(
+            "POST",
+            "/v1/subscriptions",
+            json!({"transport": "poll", "subtree": "a"}),
+        )
+    };
+    assert_eq!(call(&state, create()).await.0, StatusCode::CREATED);
+    let (status, second) = call(&state, create()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = call(&state, create()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "limit_reached");
+    // Deleting one makes room.
+    let id = second["id"].as_str().unwrap();
+    let delete = Request::builder()
+        .method("DELETE")
+        .uri(format!("/v1/subscriptions/{id}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call(&state, delete).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(call(&state, create()).await.0, StatusCode::CREATED);
+}

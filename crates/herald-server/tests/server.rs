@@ -759,3 +759,40 @@ async fn api_keys_are_required_when_configured() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_websocket_holds_at_most_max_ws_subscriptions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        &tmp.path().join("d"),
+        &[],
+        &[("HERALD_LIMITS__MAX_WS_SUBSCRIPTIONS", "3")],
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+            .await
+            .unwrap();
+    for i in 0..4 {
+        let frame = json!({"op": "subscribe", "id": format!("s{i}"), "key": format!("k/{i}")});
+        ws.send(Message::text(frame.to_string())).await.unwrap();
+        let answer = ws_next(&mut ws).await;
+        if i < 3 {
+            assert_eq!(answer["type"], "subscribed", "{answer}");
+        } else {
+            assert_eq!(answer["code"], "too_many_subscriptions", "{answer}");
+        }
+    }
+    // One unsubscribed makes room again.
+    ws.send(Message::text(
+        json!({"op": "unsubscribe", "id": "s0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_next(&mut ws).await["type"], "unsubscribed");
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "s4", "key": "k/4"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_next(&mut ws).await["type"], "subscribed");
+}

@@ -236,6 +236,12 @@ pub(super) async fn create(
         .to_filter(state.config().limits.max_key_bytes)
         .map_err(|e| ApiError::field_in("", e))?;
     state.auth().check_filter(&principal, &engine_filter)?;
+    let max = state.config().subscriptions.max;
+    if state.durables().len() >= max {
+        return Err(crate::auth::too_many(format!(
+            "the server holds subscriptions.max ({max}) durable subscriptions"
+        )));
+    }
     if let Principal::Token(claims) = &principal {
         if let Some(max) = claims.max_subscriptions {
             let held = state

@@ -59,6 +59,10 @@ const SERVER_APPLICATION: &str = "Exchange/15.00.0847.4040";
 /// ecLoginPerm: Connect to a mailbox that is not the user's.
 const LOGIN_PERM: u32 = 0x0000_03F2;
 
+/// Most objects (logons, folders, registrations) one session may hold open; past it the
+/// ROP that would open one more fails with MAPI_E_NOT_ENOUGH_MEMORY.
+const MAX_OBJECTS: usize = 4096;
+
 /// A handle's object.
 #[derive(Clone, Debug)]
 enum Object {
@@ -798,6 +802,13 @@ fn run_rop(
                 | Object::Folder { logon_id }
                 | Object::Subscription { logon_id } => *logon_id == l.logon_id,
             });
+            if objects.objects.len() >= MAX_OBJECTS {
+                return fail(
+                    herald_rop::ROP_LOGON,
+                    l.output_handle_index,
+                    ec::NOT_ENOUGH_MEMORY,
+                );
+            }
             let h = new_handle(
                 objects,
                 Object::Logon {
@@ -846,6 +857,9 @@ fn run_rop(
                     if !mine {
                         return fail(id, o.output_handle_index, ec::NOT_FOUND);
                     }
+                    if objects.objects.len() >= MAX_OBJECTS {
+                        return fail(id, o.output_handle_index, ec::NOT_ENOUGH_MEMORY);
+                    }
                     let h = new_handle(
                         objects,
                         Object::Folder {
@@ -866,7 +880,8 @@ fn run_rop(
             let id = herald_rop::ROP_REGISTER_NOTIFICATION;
             match lookup(objects, handles, r.input_handle_index) {
                 Ok(Object::Logon { .. } | Object::Folder { .. })
-                    if objects.subscriptions.len() >= session.max_registrations =>
+                    if objects.subscriptions.len() >= session.max_registrations
+                        || objects.objects.len() >= MAX_OBJECTS =>
                 {
                     fail(id, r.output_handle_index, ec::NOT_ENOUGH_MEMORY)
                 }
