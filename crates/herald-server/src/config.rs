@@ -114,6 +114,9 @@ pub struct Limits {
     pub keepalive: Duration,
     /// Most subscriptions on one WebSocket connection.
     pub max_ws_subscriptions: usize,
+    /// How long a client has to send a request's headers; slower ones are disconnected.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -127,6 +130,7 @@ impl Default for Limits {
             max_page: 1000,
             keepalive: Duration::from_secs(15),
             max_ws_subscriptions: 256,
+            header_timeout: crate::serve::HEADER_READ_TIMEOUT,
         }
     }
 }

@@ -218,12 +218,13 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     state.delivery().spawn(sweep_idle(state.clone()));
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "herald ready");
     let timeout = state.config().shutdown_timeout;
-    let serving = tokio::spawn(serve::serve_http1(
+    let serving = tokio::spawn(serve::serve_http1_with(
         listener,
         app(state.clone()),
         shutdown.clone(),
         timeout,
         Some(state.config().connections.lease),
+        state.config().limits.header_timeout,
     ));
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing streams and draining requests");

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a client has to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to send a request's headers, unless configured.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Makes the kernel notice a peer that vanished (killed machine, lost network) within about
 /// `lease`: keep-alive probes on idle connections, and a limit on how long sent data may stay
@@ -45,11 +45,32 @@ pub async fn serve_http1(
     drain: Duration,
     lease: Option<Duration>,
 ) -> bool {
+    serve_http1_with(
+        listener,
+        router,
+        shutdown,
+        drain,
+        lease,
+        HEADER_READ_TIMEOUT,
+    )
+    .await
+}
+
+/// [`serve_http1`], closing connections whose request headers take longer than
+/// `header_timeout` (slowloris).
+pub async fn serve_http1_with(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    drain: Duration,
+    lease: Option<Duration>,
+    header_timeout: Duration,
+) -> bool {
     let connections = TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .keep_alive(true);
     loop {
         tokio::select! {
