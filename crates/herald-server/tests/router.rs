@@ -279,3 +279,50 @@ async fn the_server_holds_at_most_subscriptions_max_durable_subscriptions() {
     assert_eq!(call(&state, delete).await.0, StatusCode::NO_CONTENT);
     assert_eq!(call(&state, create()).await.0, StatusCode::CREATED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_waits_at_most_max_wait_and_a_page_holds_at_most_max_page() {
+    let (state, _dir) = state_with(|c| {
+        c.limits.max_wait = Duration::from_secs(1);
+        c.limits.max_page = 3;
+    })
+    .await;
+    let (_, sub) = call(
+        &state,
+        json_request(
+            "POST",
+            "/v1/subscriptions",
+            json!({"transport": "poll", "subtree": "a"}),
+        ),
+    )
+    .await;
+    let id = sub["id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let (status, wait) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/wait?timeout=60")),
+    )
+    .await;
+    assert_eq!((status, &wait["pending"]), (StatusCode::OK, &json!(false)));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        started.elapsed()
+    );
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"key": format!("a/{i}"), "kind": "object_created"}))
+        .collect();
+    let (status, _) = call(
+        &state,
+        json_request("POST", "/v1/events", json!({ "events": events })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page) = call(
+        &state,
+        get(&format!("/v1/subscriptions/{id}/events?limit=100")),
+    )
+    .await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
+    assert_eq!(page["more"], true);
+}
