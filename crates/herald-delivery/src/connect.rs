@@ -26,10 +26,12 @@ pub enum EndReason {
     Shutdown,
     /// A newer connection of the same client took its place.
     Replaced,
+    /// The client's credentials were revoked.
+    Revoked,
 }
 
 impl EndReason {
-    /// `close`, `unsubscribe`, `expiry`, `kick`, `shutdown`, `replaced`.
+    /// `close`, `unsubscribe`, `expiry`, `kick`, `shutdown`, `replaced`, `revoked`.
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Close => "close",
@@ -38,6 +40,7 @@ impl EndReason {
             EndReason::Kick => "kick",
             EndReason::Shutdown => "shutdown",
             EndReason::Replaced => "replaced",
+            EndReason::Revoked => "revoked",
         }
     }
 }

@@ -1,32 +1,30 @@
 //! Who may do what.
 //!
 //! - **API keys** (configured in `auth.keys`, or created with `herald keys create`, which
-//!   stores a SHA-256 of the key in `<data_dir>/api-keys`) may publish, subscribe to anything
-//!   and administer.
+//!   stores a SHA-256 of the key in `<data_dir>/api-keys`) may publish, subscribe and
+//!   administer; a created key may be limited to key prefixes and to operations (publish,
+//!   admin), listed, and revoked while the server runs (see `keys`).
 //! - **Subscriber tokens** (JWT, HS256 with `auth.token_secret` or EdDSA with
 //!   `auth.token_public_key`; `herald token create` mints them) may only read: the key
 //!   prefixes and kinds they name, until they expire, within their connection and
-//!   subscription limits.
+//!   subscription limits, unless revoked (`herald token revoke`: one token, or every token
+//!   of a subject issued before a time; open streams of a revoked credential close).
 //!
 //! Credentials come in `Authorization: Bearer`, the `access_token` query parameter, or the
 //! `herald_token` cookie (a browser's EventSource can send neither a header nor a body).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
 
 use axum::http::{HeaderMap, StatusCode, header};
 use herald_core::{EventKind, EventMask, Filter, Key, Scope};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-
-/// The file, in the data directory, holding hashes of keys made with `herald keys create`.
-pub const KEYS_FILE: &str = "api-keys";
+pub use crate::keys::{KEYS_FILE, KeyGrant, KeyId};
+use crate::keys::{constant_time_eq, hash};
 
 /// What a subscriber token says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +45,13 @@ pub struct Claims {
     /// Most streaming connections (SSE, WebSocket) it may hold at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Its id, for revoking it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// When it was issued, seconds since the Unix epoch (revoking a subject's tokens revokes
+    /// those issued before a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 /// Who is asking.
@@ -54,21 +59,10 @@ pub struct Claims {
 pub enum Principal {
     /// Authentication is off.
     Open,
-    /// An API key, named by a short digest of its hash (never the key itself).
-    Key(KeyId),
+    /// An API key, and what it may do.
+    Key(KeyGrant),
     /// A subscriber token.
     Token(Claims),
-}
-
-/// Which API key: the first 8 bytes of its SHA-256, in hex. Stable across restarts; says
-/// nothing about the key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct KeyId(pub String);
-
-impl KeyId {
-    fn of(hash: &[u8; 32]) -> KeyId {
-        KeyId(hash[..8].iter().map(|b| format!("{b:02x}")).collect())
-    }
 }
 
 impl Principal {
@@ -76,7 +70,7 @@ impl Principal {
     pub fn idempotency_scope(&self) -> String {
         match self {
             Principal::Open => "open".to_owned(),
-            Principal::Key(id) => format!("key:{}", id.0),
+            Principal::Key(g) => format!("key:{}", g.id.0),
             Principal::Token(c) => format!("token:{}", c.sub),
         }
     }
@@ -98,15 +92,6 @@ impl Principal {
     }
 }
 
-fn hash(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
 }
@@ -121,8 +106,8 @@ pub fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
 pub struct Auth {
     enabled: bool,
     keys: Vec<[u8; 32]>,
-    key_file: PathBuf,
-    file_keys: Mutex<(Option<SystemTime>, Vec<[u8; 32]>, Instant)>,
+    /// Keys made with the CLI, and token revocations.
+    store: crate::keys::Store,
     decoding: Option<(DecodingKey, Validation)>,
     /// Streams each token subject holds.
     connections: herald_delivery::Quota,
@@ -157,12 +142,11 @@ impl Auth {
             }
             (None, None) => None,
         };
-        let key_file = data_dir.join(KEYS_FILE);
+        let store = crate::keys::Store::new(data_dir);
         let auth = Auth {
-            enabled: config.enabled() || key_file.exists(),
+            enabled: config.enabled() || store.has_key_file(),
             keys: config.keys.iter().map(|k| hash(k)).collect(),
-            key_file,
-            file_keys: Mutex::new((None, Vec::new(), Instant::now() - Duration::from_secs(10))),
+            store,
             decoding,
             connections: herald_delivery::Quota::default(),
             users: config
@@ -171,7 +155,6 @@ impl Auth {
                 .map(|(u, p)| (u.to_ascii_lowercase(), p.clone()))
                 .collect(),
         };
-        auth.reload_key_file();
         Ok(auth)
     }
 
@@ -205,48 +188,45 @@ impl Auth {
         }
     }
 
-    /// Re-reads the key file when it changed (checked at most once a second).
-    fn reload_key_file(&self) {
-        let mut guard = self.file_keys.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.2.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        guard.2 = Instant::now();
-        let modified = std::fs::metadata(&self.key_file)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified == guard.0 {
-            return;
-        }
-        guard.0 = modified;
-        guard.1 = std::fs::read_to_string(&self.key_file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter_map(|hex| {
-                let mut out = [0u8; 32];
-                (hex.len() == 64).then_some(())?;
-                for (i, b) in out.iter_mut().enumerate() {
-                    *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-                }
-                Some(out)
-            })
-            .collect();
-    }
-
-    /// The id of `candidate` if it is one of the API keys.
-    fn key_id(&self, candidate: &str) -> Option<KeyId> {
+    /// What `candidate` may do if it is an API key.
+    fn key_grant(&self, candidate: &str) -> Option<KeyGrant> {
         let h = hash(candidate);
         if self.keys.iter().any(|k| constant_time_eq(k, &h)) {
-            return Some(KeyId::of(&h));
+            return Some(KeyGrant::full(&h));
         }
-        self.reload_key_file();
-        let guard = self.file_keys.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .1
-            .iter()
-            .any(|k| constant_time_eq(k, &h))
-            .then(|| KeyId::of(&h))
+        self.store.grant(&h)
+    }
+
+    /// Rereads the key and revocation files if they changed (the server calls it every
+    /// second or so, so that revocations reach open streams).
+    pub fn reload(&self) {
+        self.store.reload(false);
+    }
+
+    /// Whether the principal's credential has been revoked since it was checked.
+    pub fn is_revoked(&self, p: &Principal) -> bool {
+        match p {
+            Principal::Open => false,
+            Principal::Key(g) => self.store.key_revoked(&g.id),
+            Principal::Token(c) => self.store.token_revoked(&c.sub, c.jti.as_deref(), c.iat),
+        }
+    }
+
+    /// Resolves when the principal's credential is revoked (never for open access): a
+    /// stream it opened closes then.
+    pub async fn revoked(&self, p: &Principal) {
+        if matches!(p, Principal::Open) {
+            return std::future::pending().await;
+        }
+        let mut changes = self.store.changes();
+        loop {
+            if self.is_revoked(p) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Who sent these credentials.
@@ -264,8 +244,8 @@ impl Auth {
                 "credentials are required: Authorization: Bearer <API key or token> (or ?access_token=, or the herald_token cookie)",
             )
         })?;
-        if let Some(id) = self.key_id(&credential) {
-            return Ok(Principal::Key(id));
+        if let Some(grant) = self.key_grant(&credential) {
+            return Ok(Principal::Key(grant));
         }
         let Some((key, validation)) = &self.decoding else {
             return Err(unauthorized(
@@ -281,6 +261,15 @@ impl Auth {
                     data.claims.sub
                 ),
             )),
+            Ok(data)
+                if self.store.token_revoked(
+                    &data.claims.sub,
+                    data.claims.jti.as_deref(),
+                    data.claims.iat,
+                ) =>
+            {
+                Err(unauthorized("token_revoked", "the token has been revoked"))
+            }
             Ok(data) => Ok(Principal::Token(data.claims)),
             Err(e) => match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(unauthorized(
@@ -301,8 +290,30 @@ impl Auth {
 
     /// A 403 unless the principal may read everything `filter` selects.
     pub fn check_filter(&self, p: &Principal, filter: &Filter) -> Result<(), ApiError> {
-        let Principal::Token(c) = p else {
-            return Ok(());
+        let c = match p {
+            Principal::Open => return Ok(()),
+            Principal::Key(g) => {
+                let Some(prefixes) = &g.prefixes else {
+                    return Ok(());
+                };
+                let key = filter.scope.key();
+                if within_prefixes(key, prefixes) {
+                    return Ok(());
+                }
+                let what = match &filter.scope {
+                    Scope::Exact(_) => "key",
+                    Scope::Subtree(_) => "subtree",
+                };
+                return Err(forbidden(
+                    "forbidden_scope",
+                    format!(
+                        "the API key may not read {what} {key}: it allows {}",
+                        describe_prefixes(prefixes)
+                    ),
+                )
+                .with_field(what));
+            }
+            Principal::Token(c) => c,
         };
         let key = filter.scope.key();
         // A subscriber may always watch the presence of its own connections.
@@ -350,7 +361,12 @@ impl Auth {
     /// A 403 unless the principal may publish.
     pub fn require_producer(&self, p: &Principal) -> Result<(), ApiError> {
         match p {
-            Principal::Open | Principal::Key(_) => Ok(()),
+            Principal::Open => Ok(()),
+            Principal::Key(g) if g.publish => Ok(()),
+            Principal::Key(_) => Err(forbidden(
+                "forbidden",
+                "this API key may not publish (its ops do not include publish)",
+            )),
             Principal::Token(_) => Err(forbidden(
                 "forbidden",
                 "subscriber tokens can only read; publishing needs an API key",
@@ -358,10 +374,48 @@ impl Auth {
         }
     }
 
-    /// A 403 unless the principal is an API key (or auth is off).
+    /// A 403 naming the event unless the principal may publish to every key of `batch`
+    /// (an API key limited to prefixes; moves and copies count their old key too).
+    pub fn check_publish(
+        &self,
+        p: &Principal,
+        batch: &[herald_core::Notification],
+    ) -> Result<(), ApiError> {
+        let Principal::Key(KeyGrant {
+            prefixes: Some(prefixes),
+            ..
+        }) = p
+        else {
+            return Ok(());
+        };
+        let prefixes: &[String] = prefixes;
+        for (i, n) in batch.iter().enumerate() {
+            for (field, key) in [("key", Some(&n.key)), ("old_key", n.old_key())] {
+                let Some(key) = key else { continue };
+                if !within_prefixes(key, prefixes) {
+                    return Err(forbidden(
+                        "forbidden_scope",
+                        format!(
+                            "the API key may not publish to {key}: it allows {}",
+                            describe_prefixes(prefixes)
+                        ),
+                    )
+                    .with_field(format!("events[{i}].{field}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A 403 unless the principal is an API key that may administer (or auth is off).
     pub fn require_admin(&self, p: &Principal) -> Result<(), ApiError> {
         match p {
-            Principal::Open | Principal::Key(_) => Ok(()),
+            Principal::Open => Ok(()),
+            Principal::Key(g) if g.admin => Ok(()),
+            Principal::Key(_) => Err(forbidden(
+                "forbidden",
+                "this API key may not administer (its ops do not include admin)",
+            )),
             Principal::Token(_) => Err(forbidden("forbidden", "this needs an API key")),
         }
     }
@@ -384,6 +438,13 @@ impl Auth {
 /// A 429 with `Retry-After`.
 pub fn too_many(message: String) -> ApiError {
     ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", message).with_retry_after(5)
+}
+
+/// Whether `key` is within one of `prefixes` (`""` is everything).
+fn within_prefixes(key: &Key, prefixes: &[String]) -> bool {
+    prefixes
+        .iter()
+        .any(|prefix| prefix.is_empty() || key.is_within(&Key::from(prefix.as_str())))
 }
 
 fn describe_prefixes(p: &[String]) -> String {
@@ -470,22 +531,6 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A new API key (`hk_` and 32 random bytes) and the line to store for it.
-pub fn new_key() -> (String, String) {
-    use base64::Engine;
-    use rand::Rng;
-    let bytes: [u8; 32] = rand::rng().random();
-    let key = format!(
-        "hk_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
-    let hex: String = hash(&key).iter().map(|b| format!("{b:02x}")).collect();
-    let created = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    (key, format!("{hex} created={created}\n"))
-}
-
 /// Signs a subscriber token with an HS256 secret.
 pub fn mint(secret: &str, claims: &Claims) -> anyhow::Result<String> {
     anyhow::ensure!(
@@ -503,6 +548,7 @@ pub fn mint(secret: &str, claims: &Claims) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -537,6 +583,8 @@ mod tests {
             kinds: Some("new_mail,object_created".into()),
             max_subscriptions: Some(1),
             max_connections: Some(1),
+            jti: Some("t-1".into()),
+            iat: Some(now as u64 - 10),
         }
     }
 
@@ -695,15 +743,24 @@ mod tests {
     }
 
     #[test]
-    fn created_keys_are_accepted_from_the_key_file() {
+    fn created_keys_are_accepted_from_the_key_file_until_revoked() {
         let (a, dir) = auth(&[]);
-        let (key, line) = new_key();
-        std::fs::write(dir.path().join(KEYS_FILE), line).unwrap();
+        let key = crate::keys::create(dir.path(), Some("feed"), &[], true, false).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(matches!(
-            a.authenticate(&bearer(&key), None).unwrap(),
-            Principal::Key(_)
-        ));
+        let p = a.authenticate(&bearer(&key), None).unwrap();
+        let Principal::Key(grant) = &p else {
+            panic!("{p:?}")
+        };
+        assert!(grant.publish && !grant.admin);
+        assert!(a.require_admin(&p).is_err());
         assert!(a.authenticate(&bearer("hk_other"), None).is_err());
+        assert_eq!(crate::keys::revoke(dir.path(), "feed").unwrap(), 1);
+        std::thread::sleep(Duration::from_millis(1100));
+        a.reload();
+        assert!(a.is_revoked(&p));
+        assert_eq!(
+            a.authenticate(&bearer(&key), None).unwrap_err().status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
 }

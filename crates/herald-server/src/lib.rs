@@ -14,6 +14,7 @@ pub mod ews;
 pub mod frames;
 pub mod hooks;
 pub mod json;
+pub mod keys;
 pub mod mapi;
 pub mod metrics;
 pub mod serve;
@@ -246,16 +247,16 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
 
 /// Expires idle sessions and leases periodically.
 async fn sweep_idle(state: AppState) {
-    let every = (state.config().subscriptions.idle_timeout / 4)
-        .min(state.config().ews.minute / 4)
-        .min(state.config().mapi.session_idle / 4)
-        .min(state.config().connections.lease / 4)
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    // Every second: idle timeouts and leases are checked to within a second, and
+    // revocations reach open streams within a second or two.
+    let every = Duration::from_secs(1);
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         state.durables().expire_idle().await;
         state.delivery().connections().expire_leases();
+        // Revocations reach open streams through this reread.
+        state.auth().reload();
         let expired = state.ews().expire();
         if expired > 0 {
             tracing::debug!(expired, "EWS subscriptions expired");

@@ -141,6 +141,30 @@ enum KeysCommand {
         /// The data directory (as given to `herald serve`).
         #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
         data_dir: PathBuf,
+        /// A name, to list and revoke it by.
+        #[arg(long)]
+        name: Option<String>,
+        /// A key prefix it may publish to and read (repeatable; default: all).
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+        /// What it may do: publish, admin (comma-separated).
+        #[arg(long, default_value = "publish,admin", value_delimiter = ',')]
+        ops: Vec<String>,
+    },
+    /// List the keys of the data directory (ids, names, scopes; never the keys).
+    List {
+        /// The data directory.
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
+        data_dir: PathBuf,
+    },
+    /// Revoke a key by id or name: a running server refuses it within a second and closes
+    /// its streams.
+    Revoke {
+        /// Its id (from `herald keys list`) or name.
+        which: String,
+        /// The data directory.
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -170,6 +194,23 @@ enum TokenCommand {
         #[arg(long, env = "HERALD_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Revoke one token (`--jti`) or every token of a subject issued before a time (`--sub`):
+    /// a running server refuses them within a second and closes their streams.
+    Revoke {
+        /// The token's id (its `jti`).
+        #[arg(long, conflicts_with = "sub", required_unless_present = "sub")]
+        jti: Option<String>,
+        /// The subject whose tokens are revoked.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Revoke the subject's tokens issued before this many seconds since the Unix epoch
+        /// (default: now, i.e. all of them).
+        #[arg(long, requires = "sub")]
+        before: Option<u64>,
+        /// The data directory (as given to `herald serve`).
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn init_tracing(format: &str, filter: &str) {
@@ -181,6 +222,69 @@ fn init_tracing(format: &str, filter: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// `herald keys …`.
+fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    use herald_server::keys;
+    match command {
+        KeysCommand::Create {
+            data_dir,
+            name,
+            prefixes,
+            ops,
+        } => {
+            for op in &ops {
+                anyhow::ensure!(
+                    op == "publish" || op == "admin",
+                    "unknown op {op:?}: publish or admin"
+                );
+            }
+            let key = keys::create(
+                &data_dir,
+                name.as_deref(),
+                &prefixes,
+                ops.iter().any(|o| o == "publish"),
+                ops.iter().any(|o| o == "admin"),
+            )
+            .with_context(|| format!("writing the key file in {}", data_dir.display()))?;
+            println!("{key}");
+            eprintln!(
+                "stored its hash in {}; the key is not stored anywhere else",
+                data_dir.join(keys::KEYS_FILE).display()
+            );
+            Ok(())
+        }
+        KeysCommand::List { data_dir } => {
+            for e in keys::list(&data_dir)? {
+                let g = &e.grant;
+                let ops: Vec<&str> = [("publish", g.publish), ("admin", g.admin)]
+                    .into_iter()
+                    .filter_map(|(o, on)| on.then_some(o))
+                    .collect();
+                println!(
+                    "{}  {:<16} ops={:<13} prefixes={:<24} {}",
+                    g.id.0,
+                    g.name.as_deref().unwrap_or("-"),
+                    ops.join(","),
+                    g.prefixes
+                        .as_ref()
+                        .map_or("(all)".to_owned(), |p| p.join(",")),
+                    match e.revoked {
+                        Some(t) => format!("revoked at {t}"),
+                        None => "live".to_owned(),
+                    }
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { which, data_dir } => {
+            let n = keys::revoke(&data_dir, &which)?;
+            anyhow::ensure!(n > 0, "no live key has the id or name {which:?}");
+            eprintln!("revoked {n} key(s)");
+            Ok(())
+        }
     }
 }
 
@@ -203,25 +307,29 @@ fn main() -> anyhow::Result<()> {
             init_tracing(&config.logging.format, &config.logging.filter);
             runtime.block_on(serve(config))
         }
-        Command::Keys {
-            command: KeysCommand::Create { data_dir },
+        Command::Keys { command } => keys_command(command),
+        Command::Token {
+            command:
+                TokenCommand::Revoke {
+                    jti,
+                    sub,
+                    before,
+                    data_dir,
+                },
         } => {
-            std::fs::create_dir_all(&data_dir)
-                .with_context(|| format!("creating {}", data_dir.display()))?;
-            let (key, line) = herald_server::auth::new_key();
-            let path = data_dir.join(herald_server::auth::KEYS_FILE);
-            use std::io::Write;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(line.as_bytes()))
-                .with_context(|| format!("writing {}", path.display()))?;
-            println!("{key}");
-            eprintln!(
-                "stored its hash in {}; the key is not stored anywhere else",
-                path.display()
-            );
+            use herald_server::keys::{Revocation, revoke_tokens, unix_now};
+            let r = match (jti, sub) {
+                (Some(jti), _) => Revocation::Token(jti),
+                (None, Some(sub)) => Revocation::Subject {
+                    sub,
+                    // Strictly after now: a token issued this very second is revoked too.
+                    before: before.unwrap_or_else(|| unix_now() + 1),
+                },
+                (None, None) => anyhow::bail!("give --jti or --sub"),
+            };
+            revoke_tokens(&data_dir, &r)
+                .with_context(|| format!("writing the revocations in {}", data_dir.display()))?;
+            eprintln!("revoked: {}", r.line().trim());
             Ok(())
         }
         Command::Token {
@@ -253,6 +361,8 @@ fn main() -> anyhow::Result<()> {
             let claims = herald_server::auth::Claims {
                 sub,
                 exp,
+                jti: Some(uuid::Uuid::new_v4().simple().to_string()),
+                iat: Some(herald_server::keys::unix_now()),
                 prefixes,
                 kinds,
                 max_subscriptions,

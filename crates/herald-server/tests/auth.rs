@@ -428,3 +428,157 @@ fn serving_openly_on_a_non_loopback_address_is_refused_unless_chosen() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Runs the CLI; its stdout.
+fn cli(args: &[&str]) -> String {
+    let out = herald().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "herald {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn publish_as(server: &Server, key: &str, event_key: &str) -> reqwest::Response {
+    client()
+        .post(server.url("/v1/events"))
+        .bearer_auth(key)
+        .json(&json!({"events": [{"key": event_key, "kind": "object_created"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_limited_to_prefixes_and_operations_is_listed_and_revoked_without_a_restart() {
+    let (server, _tmp) = secured();
+    let dir = server.data_dir.to_str().unwrap().to_owned();
+    let key = cli(&[
+        "keys",
+        "create",
+        "--data-dir",
+        &dir,
+        "--name",
+        "shop-feed",
+        "--prefix",
+        "shop",
+        "--ops",
+        "publish",
+    ])
+    .trim()
+    .to_owned();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        publish_as(&server, &key, "shop/orders/1").await.status(),
+        200
+    );
+    let r = publish_as(&server, &key, "bank/accounts/1").await;
+    assert_eq!(err_code(r).await, (403, "forbidden_scope".into()));
+    // Not an administrator.
+    let r = client()
+        .put(server.url("/v1/state"))
+        .bearer_auth(&key)
+        .json(&json!({"state": "offline"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // It reads only its prefixes too.
+    let r = client()
+        .get(server.url("/v1/stream?subtree=bank"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(err_code(r).await, (403, "forbidden_scope".into()));
+    let listed = cli(&["keys", "list", "--data-dir", &dir]);
+    assert!(
+        listed.contains("shop-feed") && listed.contains("ops=publish") && listed.contains("live"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key), "a listing never shows the key");
+    // An open stream of the key closes when it is revoked.
+    let mut stream = client_no_timeout()
+        .get(server.url("/v1/stream?subtree=shop"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    cli(&["keys", "revoke", "shop-feed", "--data-dir", &dir]);
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.contains("\"revoked\"") {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("the stream did not close as revoked: {other:?} after {seen:?}"),
+        }
+    }
+    assert!(seen.contains("event: closed"), "{seen}");
+    let r = publish_as(&server, &key, "shop/orders/2").await;
+    assert_eq!(r.status(), 401);
+    assert!(cli(&["keys", "list", "--data-dir", &dir]).contains("revoked at"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refused_and_its_open_streams_close() {
+    let (server, _tmp) = secured();
+    let dir = server.data_dir.to_str().unwrap().to_owned();
+    let token = alice();
+    let mut stream = client_no_timeout()
+        .get(server.url("/v1/stream?subtree=alice@example.test&kinds=new_mail"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (mut ws, _) = tokio_tungstenite::connect_async({
+        let mut req = format!("ws://127.0.0.1:{}/v1/ws", server.port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    })
+    .await
+    .unwrap();
+    cli(&["token", "revoke", "--sub", "alice", "--data-dir", &dir]);
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.contains("\"revoked\"") {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("the SSE stream did not close as revoked: {other:?} after {seen:?}"),
+        }
+    }
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 1008);
+                assert!(f.reason.contains("revoked"), "{}", f.reason);
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the WebSocket did not close as revoked: {other:?}"),
+        }
+    }
+    let r = client()
+        .get(server.url("/v1/connections"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(err_code(r).await, (401, "token_revoked".into()));
+    // A token minted after the revocation works.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = alice();
+    let r = client()
+        .get(server.url("/v1/connections"))
+        .bearer_auth(&fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = ws.send(Message::Close(None)).await;
+}

@@ -151,6 +151,7 @@ async fn append(
                 .map_err(|fe| ApiError::field_in(&format!("events[{i}]"), fe))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    state.auth().check_publish(principal, &batch)?;
     let n = batch.len() as u64;
     let appended = state
         .log()

@@ -116,7 +116,7 @@ pub(super) async fn stream(
         Err(ConnectError::Failed(e)) => Err(e),
         Err(e) => return Err(crate::hooks::api_error(e.map_failed(ApiError::internal))),
     };
-    let body = Body::from_stream(events(start, state.clone(), permit));
+    let body = Body::from_stream(events(start, state.clone(), principal, permit));
     Ok((
         [
             (
@@ -138,6 +138,8 @@ struct StreamState {
     state: AppState,
     /// The connection's presence; dropping it runs the cancel hooks.
     live: Option<Live>,
+    /// Who opened it: the stream closes if its credentials are revoked.
+    principal: Principal,
     _gauge: ConnectionGauge,
     _permit: ConnectionPermit,
 }
@@ -167,6 +169,7 @@ fn final_event(e: &FollowError) -> Bytes {
 fn events(
     start: Result<(Feed<Log>, Live), FollowError>,
     state: AppState,
+    principal: Principal,
     permit: ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let (feed, ending, live) = match start {
@@ -178,6 +181,7 @@ fn events(
         ending,
         state,
         live,
+        principal,
         _gauge: ConnectionGauge::open("sse"),
         _permit: permit,
     };
@@ -215,6 +219,11 @@ fn events(
                 } else {
                     sse_named("closed", &serde_json::json!({"code": "lease_expired", "message": "the connection's lease expired; reconnect with Last-Event-ID"}))
                 }
+            }
+            () = s.state.auth().revoked(&s.principal) => {
+                live.end(EndReason::Revoked);
+                s.feed = None;
+                sse_named("closed", &serde_json::json!({"code": "revoked", "message": "the credentials of this stream were revoked"}))
             }
             () = s.state.shutdown().cancelled() => {
                 live.end(EndReason::Shutdown);

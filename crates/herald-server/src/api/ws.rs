@@ -239,6 +239,11 @@ async fn connection(
                 close(&mut socket, 1008, text).await;
                 break;
             }
+            () = state.auth().revoked(&principal) => {
+                reason = EndReason::Revoked;
+                close(&mut socket, 1008, "credentials revoked").await;
+                break;
+            }
             () = shutdown.cancelled() => {
                 reason = EndReason::Shutdown;
                 let _ = send(&mut socket, &ServerFrame::Shutdown).await;
