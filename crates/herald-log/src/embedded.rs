@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use herald_core::{Batch, Hub, Notification, Timestamp, Watermark};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 use tokio::sync::oneshot;
 
 use crate::record;
@@ -204,21 +204,38 @@ impl EmbeddedLog {
         if !path.exists() {
             create_fresh(dir, &path)?;
         }
-        let db = Database::builder()
-            .set_repair_callback(|session| {
-                tracing::warn!(
-                    progress = session.progress(),
-                    "repairing the log after an unclean shutdown"
-                );
-            })
+        let db = database_builder()
             .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked { path: path.clone() },
-                other => LogError::Corrupt {
-                    path: path.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+            .map_err(|e| open_error(e, &path))?;
+        EmbeddedLog::start(db, path, options, hub)
+    }
+
+    /// Opens (or creates) the log on a storage `backend` instead of a file: the seam for a
+    /// simulated disk, such as the power-cut disk of `herald-testkit`. `name` stands for the
+    /// file in messages and in [`EmbeddedLog::path`]. An empty backend becomes an empty log.
+    /// There is no file to create beside it and rename, so that step of [`EmbeddedLog::open`]
+    /// is left out: a backend whose very first creation was interrupted may hold an image
+    /// that fails to open with [`LogError::Corrupt`].
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        name: impl Into<PathBuf>,
+        options: LogOptions,
+        hub: Hub,
+    ) -> Result<EmbeddedLog, LogError> {
+        let path = name.into();
+        let db = database_builder()
+            .create_with_backend(backend)
+            .map_err(|e| open_error(e, &path))?;
+        EmbeddedLog::start(db, path, options, hub)
+    }
+
+    /// Everything after the database is open: counters, writer thread, handle.
+    fn start(
+        db: Database,
+        path: PathBuf,
+        options: LogOptions,
+        hub: Hub,
+    ) -> Result<EmbeddedLog, LogError> {
         let db = Arc::new(db);
         let state = WriterState::load(&db, &path)?;
         tracing::info!(
@@ -252,7 +269,7 @@ impl EmbeddedLog {
         })
     }
 
-    /// The log file.
+    /// The log file (for a log on a storage backend, the name it was opened with).
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -494,6 +511,31 @@ impl SubscriptionStore for EmbeddedLog {
 
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
         self.subscriptions_blocking()
+    }
+}
+
+/// How every log database is opened: repairs after an unclean shutdown are reported.
+fn database_builder() -> redb::Builder {
+    let mut builder = Database::builder();
+    builder.set_repair_callback(|session| {
+        tracing::warn!(
+            progress = session.progress(),
+            "repairing the log after an unclean shutdown"
+        );
+    });
+    builder
+}
+
+/// What a database that does not open means for the log at `path`.
+fn open_error(e: redb::DatabaseError, path: &Path) -> LogError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked {
+            path: path.to_owned(),
+        },
+        other => LogError::Corrupt {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
     }
 }
 

@@ -39,6 +39,9 @@ use std::future::Future;
 use herald_core::{Hub, InvalidEvent, Notification, Watermark};
 
 pub use embedded::{EmbeddedLog, LogOptions, Retention, SubscriptionRecord};
+/// The storage under an [`EmbeddedLog`] opened with [`EmbeddedLog::open_with_backend`]:
+/// redb's trait, re-exported so that a backend is written against the same redb as the log.
+pub use redb::StorageBackend;
 
 /// The log file's name inside the data directory.
 pub const LOG_FILE: &str = embedded::LOG_FILE;

@@ -111,8 +111,27 @@ pub struct Auth {
     decoding: Option<(DecodingKey, Validation)>,
     /// Streams each token subject holds.
     connections: herald_delivery::Quota,
-    /// Exchange users (Basic authentication): lower-cased address → password.
+    /// Exchange users (Basic authentication): lower-cased address → argon2 password hash.
     users: HashMap<String, String>,
+    /// Credentials verified lately: (user, SHA-256 of the password) → when. Exchange clients
+    /// send Basic credentials with every request; an argon2 check each time would cost tens
+    /// of milliseconds of CPU per request.
+    verified: std::sync::Mutex<HashMap<(String, [u8; 32]), std::time::Instant>>,
+}
+
+/// How long a verified password is remembered.
+const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+/// Most verified credentials remembered.
+const VERIFIED_CAP: usize = 10_000;
+
+/// An argon2id hash of `password`, in PHC form, for `auth.users`.
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))
 }
 
 impl Auth {
@@ -142,6 +161,15 @@ impl Auth {
             }
             (None, None) => None,
         };
+        for (user, stored) in &config.users {
+            anyhow::ensure!(
+                argon2::PasswordHash::new(stored)
+                    .is_ok_and(|h| h.algorithm.as_str().starts_with("argon2")),
+                "auth.users.\"{user}\" is not a password hash: passwords are stored hashed. Make \
+                 the line with `herald users add {user}` (it reads the password from standard \
+                 input) and put it in place of this one"
+            );
+        }
         let store = crate::keys::Store::new(data_dir);
         let auth = Auth {
             enabled: config.enabled() || store.has_key_file(),
@@ -154,6 +182,7 @@ impl Auth {
                 .iter()
                 .map(|(u, p)| (u.to_ascii_lowercase(), p.clone()))
                 .collect(),
+            verified: std::sync::Mutex::default(),
         };
         Ok(auth)
     }
@@ -182,10 +211,35 @@ impl Auth {
             .ok_or(BasicChallenge)?;
         let (user, password) = decoded.split_once(':').ok_or(BasicChallenge)?;
         let user = user.to_ascii_lowercase();
-        match self.users.get(&user) {
-            Some(p) if constant_time_eq(p.as_bytes(), password.as_bytes()) => Ok(Some(user)),
-            _ => Err(BasicChallenge),
+        let stored = self.users.get(&user).ok_or(BasicChallenge)?;
+        let seen = (user.clone(), hash(password));
+        {
+            let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if verified
+                .get(&seen)
+                .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+            {
+                return Ok(Some(user));
+            }
         }
+        let ok = argon2::PasswordHash::new(stored).is_ok_and(|h| {
+            use argon2::PasswordVerifier;
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        });
+        if !ok {
+            return Err(BasicChallenge);
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CAP {
+            verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+            if verified.len() >= VERIFIED_CAP {
+                verified.clear();
+            }
+        }
+        verified.insert(seen, std::time::Instant::now());
+        Ok(Some(user))
     }
 
     /// What `candidate` may do if it is an API key.
@@ -646,7 +700,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let cfg = AuthConfig {
-            users: [("alice@example.test".to_owned(), "pw".to_owned())].into(),
+            users: [(
+                "alice@example.test".to_owned(),
+                hash_password("pw").unwrap(),
+            )]
+            .into(),
             ..Default::default()
         };
         let users = Auth::new(&cfg, dir.path()).unwrap();

@@ -131,6 +131,21 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage the users of the Exchange endpoints (EWS, MAPI/HTTP).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Print the `[auth.users]` line of a user, with an argon2id hash of the password read
+    /// from standard input (the first line).
+    Add {
+        /// The user's address (their mailbox).
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -308,6 +323,19 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
         Command::Keys { command } => keys_command(command),
+        Command::Users {
+            command: UsersCommand::Add { user },
+        } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "the password is empty");
+            let hash = herald_server::auth::hash_password(password)?;
+            println!("{:?} = {:?}", user.to_ascii_lowercase(), hash);
+            Ok(())
+        }
         Command::Token {
             command:
                 TokenCommand::Revoke {
@@ -556,7 +584,10 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                 println!("queue overflows: {}", s.queue_overflows);
             }
         }
-        Command::Serve { .. } | Command::Keys { .. } | Command::Token { .. } => {
+        Command::Serve { .. }
+        | Command::Keys { .. }
+        | Command::Token { .. }
+        | Command::Users { .. } => {
             unreachable!("handled in main")
         }
     }

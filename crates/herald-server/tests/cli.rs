@@ -202,3 +202,46 @@ fn configuration_layers_flags_over_environment_over_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen"), "{err}");
 }
+
+#[test]
+fn exchange_passwords_are_stored_hashed_and_plain_text_is_refused_at_start() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nkeys = [\"k-0123456789\"]\n[auth.users]\n\"alice@example.test\" = \"alice-pw\"\n",
+    )
+    .unwrap();
+    let out = herald()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(tmp.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plain-text password was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("herald users add"), "{stderr}");
+    // The CLI makes the line from a password on standard input.
+    let mut child = herald()
+        .args(["users", "add", "Alice@Example.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"alice-pw\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        line.starts_with("\"alice@example.test\" = \"$argon2id$"),
+        "{line}"
+    );
+    assert!(!line.contains("alice-pw"));
+}

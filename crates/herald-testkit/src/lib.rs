@@ -2,10 +2,12 @@
 //!
 //! [`NatsServer`] starts a real `nats-server` (Debian's package) on a free loopback port with
 //! its own store directory, and kills it when dropped. [`memlog::MemoryLog`] is an event log
-//! held in memory, for tests that run on tokio's paused clock.
+//! held in memory, for tests that run on tokio's paused clock. [`powercut::PowerCutDisk`] is
+//! a disk that loses power, for the embedded log's crash tests.
 
 pub mod arb;
 pub mod memlog;
+pub mod powercut;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

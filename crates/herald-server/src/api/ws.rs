@@ -183,6 +183,7 @@ async fn connection(
     let _gauge = ConnectionGauge::open("websocket");
     let conn_id = live.request().connection.clone();
     let mut reason = EndReason::Close;
+    let mut closing: Option<(u16, &'static str)> = None;
     let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut feeds: StreamMap<String, FeedStream> = StreamMap::new();
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
@@ -216,7 +217,7 @@ async fn connection(
                     // A frame over the limit is told as such (1009); anything else is a broken
                     // connection.
                     if is_too_big(&e) {
-                        close(&mut socket, 1009, "frame too large: at most 64 KiB").await;
+                        closing = Some((1009, "frame too large: at most 64 KiB"));
                     }
                     break;
                 }
@@ -236,26 +237,32 @@ async fn connection(
             why = live.expired() => {
                 reason = why;
                 let text = if why == EndReason::Kick { "closed by an operator" } else { "lease expired: no answer to pings" };
-                close(&mut socket, 1008, text).await;
+                closing = Some((1008, text));
                 break;
             }
             () = state.auth().revoked(&principal) => {
                 reason = EndReason::Revoked;
-                close(&mut socket, 1008, "credentials revoked").await;
+                closing = Some((1008, "credentials revoked"));
                 break;
             }
             () = shutdown.cancelled() => {
                 reason = EndReason::Shutdown;
                 let _ = send(&mut socket, &ServerFrame::Shutdown).await;
-                close(&mut socket, 1001, "server shutting down").await;
+                closing = Some((1001, "server shutting down"));
                 break;
             }
         }
     }
+    // The connection is over for presence and hooks before the closing handshake, which may
+    // wait for a silent client.
     for (_, mut s) in subs {
         s.live.end(reason);
     }
     live.end(reason);
+    drop(live);
+    if let Some((code, why)) = closing {
+        close(&mut socket, code, why).await;
+    }
 }
 
 /// Writes what a feed yielded: a batch as one flush of its frames.
