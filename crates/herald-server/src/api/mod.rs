@@ -67,6 +67,7 @@ pub use ws::{ClientFrame, ServerFrame};
         state::StateNotification,
         state::ConnectionView,
     )),
+    modifiers(&CommonErrors),
     tags(
         (name = "produce", description = "Publishing events"),
         (name = "subscribe", description = "Receiving events"),
@@ -74,6 +75,63 @@ pub use ws::{ClientFrame, ServerFrame};
     )
 )]
 pub struct ApiDoc;
+
+/// Adds to every `/v1` operation the errors any of them can answer, whatever the handler:
+/// 400 (a malformed query string or body), 401 (credentials, when authentication is on), 413
+/// (a body over `limits.max_body_bytes`), 415 (a body that is not JSON), 503 (the log is
+/// unavailable) — each with the JSON error body.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let common = [
+            (
+                "400",
+                "A malformed query string, path or body (the field is named)",
+            ),
+            ("401", "Missing, invalid or revoked credentials"),
+            ("413", "The body is larger than limits.max_body_bytes"),
+            ("415", "The body is not JSON"),
+            ("503", "The log cannot be used now"),
+        ];
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for op in [
+                item.get.as_mut(),
+                item.put.as_mut(),
+                item.post.as_mut(),
+                item.delete.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for (code, description) in common {
+                    op.responses
+                        .responses
+                        .entry(code.to_owned())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(description)
+                                    .content(
+                                        "application/json",
+                                        ContentBuilder::new()
+                                            .schema(Some(utoipa::openapi::Ref::from_schema_name(
+                                                "ErrorBody",
+                                            )))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
+    }
+}
 
 /// The router over `state`.
 pub fn app(state: AppState) -> Router {

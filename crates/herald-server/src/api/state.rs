@@ -83,6 +83,7 @@ pub struct StateView {
 #[serde(deny_unknown_fields)]
 pub struct SetState {
     /// `online` or `offline`.
+    #[schema(value_type = String, pattern = "^(online|offline)$")]
     pub state: String,
     /// Answer only when the transition is done (`MAPIOFFLINE_FLAG_BLOCK`); by default the
     /// call returns at once with 202.
@@ -342,7 +343,7 @@ fn notification(n: &ConnectionStateChange) -> Bytes {
 /// returns S_OK for any token); a subscriber token unadvises only what it advised.
 #[utoipa::path(
     delete, path = "/v1/state/advise/{token}", tag = "operate",
-    params(("token" = u32, Path, description = "The advise token")),
+    params(("token" = String, Path, description = "The advise token (any value: unadvising always succeeds, as IMAPIOfflineMgr::Unadvise does)")),
     responses((status = 204, description = "Unadvised"))
 )]
 pub(super) async fn unadvise(

@@ -38,6 +38,7 @@ pub struct CreateSubscription {
     pub kinds: Option<String>,
     /// `poll` (long-poll `wait` + `events`), `webhook` (Herald POSTs to `url`) or `udp`
     /// (as poll, with datagrams to `udp.address` while events wait).
+    #[schema(value_type = String, pattern = "^(poll|webhook|udp)$")]
     pub transport: String,
     /// Start after this watermark (default: with the next event).
     #[serde(default)]
@@ -498,7 +499,8 @@ pub(super) async fn wait(
 pub(super) struct EventsQuery {
     /// Fetch after this watermark, acknowledging it (default: the acknowledged watermark).
     after: Option<u64>,
-    /// Most events to return (default 100, capped at `limits.max_page`).
+    /// Most events to return, at least 1 (default 100, capped at `limits.max_page`).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
@@ -520,10 +522,10 @@ pub(super) async fn events(
     JsonQuery(q): JsonQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let d = owned(&state, &principal, &id)?;
-    let limit = q
-        .limit
-        .unwrap_or(100)
-        .clamp(1, state.config().limits.max_page);
+    if q.limit == Some(0) {
+        return Err(ApiError::field("limit", "at least 1"));
+    }
+    let limit = q.limit.unwrap_or(100).min(state.config().limits.max_page);
     let (events, next, more) = state
         .durables()
         .fetch(&d, q.after.map(Watermark), limit)

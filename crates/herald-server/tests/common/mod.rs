@@ -505,8 +505,8 @@ pub fn python() -> std::path::PathBuf {
 pub const PRODUCER_KEY: &str = "producer-key-0123456789";
 
 /// Authentication for the Exchange endpoints' tests: a producer key and two users,
-/// Alice (`alice-pw`) and Bob (`bob-pw`).
-/// (Their passwords are `alice-pw` and `bob-pw`, stored as `herald users add` hashes them.)
+/// Alice (`alice-pw`) and Bob (`bob-pw`), their passwords stored as `herald users add` hashes
+/// them.
 pub const EXCHANGE_USERS: &str = "[auth]\nkeys = [\"producer-key-0123456789\"]\n[auth.users]\n\"alice@example.test\" = \"$argon2id$v=19$m=19456,t=2,p=1$NiCSfojN0fumSgcBcWWceQ$Zo150co3jiVydGoPKVOTDyOjC4rJU6M9i5WM+k/b3Kg\"\n\"bob@example.test\" = \"$argon2id$v=19$m=19456,t=2,p=1$nSIM1b+Dcdm4Asx40UPrwA$JDKuI3+ptqBut0QM2AUVzYnSKBb9SHSf2UvWuBdoCaU\"\n";
 
 /// Starts a server with this TOML configuration file, on a fresh data directory.
