@@ -1,10 +1,11 @@
-//! Any bytes as MAPI/HTTP bodies (Connect, Execute, NotificationWait, Disconnect, and the
-//! meta-tag response stream): no panic, no allocation beyond the input's size.
+//! Any bytes as MAPI/HTTP bodies (Connect, Execute, NotificationWait, Disconnect,
+//! RegisterPushNotification, and the meta-tag response stream): no panic, no allocation beyond
+//! the input's size; requests that decode re-encode to bytes that decode the same.
 #![no_main]
 
 use herald_rop::mapihttp::{
     ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse, NotificationWaitResponse,
-    ResponseStream, decode_disconnect_request, decode_notification_wait_request,
+    RegisterPush, ResponseStream, decode_disconnect_request, decode_notification_wait_request,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -21,4 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_notification_wait_request(data);
     let _ = decode_disconnect_request(data);
     let _ = ResponseStream::parse(data);
+    if let Ok(p) = RegisterPush::decode(data) {
+        // AdviseBits is not kept: it is written as 0xFFFFFFFF whatever was read.
+        assert_eq!(RegisterPush::decode(&p.encode()).unwrap(), p);
+        let _ = p.target();
+    }
 });

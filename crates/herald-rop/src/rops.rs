@@ -17,6 +17,11 @@ pub const ROP_PENDING: u8 = 0x6E;
 /// RopLogon's id.
 pub const ROP_LOGON: u8 = 0xFE;
 
+/// RopIds that exist only in responses (MS-OXCROPS 2.2.1: RopNotify, RopPending, RopBackoff,
+/// RopBufferTooSmall). A request RopsList holding one is malformed: answering it as an
+/// unsupported ROP would write a failure a client reads as that response.
+const RESPONSE_ONLY: [u8; 4] = [crate::notify::ROP_NOTIFY, ROP_PENDING, 0xF9, 0xFF];
+
 /// Bit of NotificationTypes that adds a Reserved byte to RopRegisterNotification.
 pub const TYPE_EXTENDED: u16 = 0x0400;
 
@@ -299,11 +304,13 @@ impl RopRequest {
 }
 
 /// Reads a request RopsList. A ROP Herald does not know ends the list with
-/// [`RopRequest::Unsupported`]; a known ROP that is cut short is an error.
+/// [`RopRequest::Unsupported`]; a known ROP that is cut short is an error, and so is a RopId
+/// that exists only in responses.
 pub fn decode_requests(rops: &[u8], width: TypesWidth) -> Result<Vec<RopRequest>, DecodeError> {
     let mut r = Reader::new(rops);
     let mut out = Vec::new();
     while r.remaining() > 0 {
+        let at = r.offset();
         let id = r.u8("RopId")?;
         let rop = match id {
             ROP_LOGON => RopRequest::Logon(Logon::decode_body(&mut r)?),
@@ -321,6 +328,14 @@ pub fn decode_requests(rops: &[u8], width: TypesWidth) -> Result<Vec<RopRequest>
                 logon_id: r.u8("LogonId")?,
                 input_handle_index: r.u8("InputHandleIndex")?,
             }),
+            rop_id if RESPONSE_ONLY.contains(&rop_id) => {
+                return Err(DecodeError::Invalid {
+                    field: "RopId",
+                    offset: at,
+                    value: u64::from(rop_id),
+                    why: "a ROP that exists only in responses",
+                });
+            }
             rop_id => {
                 let logon_id = r.u8("LogonId").unwrap_or(0);
                 let handle_index = r.u8("InputHandleIndex").unwrap_or(0);

@@ -535,6 +535,37 @@ fn notification_wait_vectors_and_the_response_stream() {
     );
 }
 
+#[test]
+fn a_request_list_with_a_response_only_rop_id_is_invalid_not_answered_as_unsupported() {
+    // Found by fuzz/fuzz_targets/mapi_session.rs (corpus/mapi_session/regression-response_only_rop):
+    // RopLogon then 2A 00 00. Answered as an unsupported ROP, the failure `2A 00 02 01 04 80`
+    // reads back as a RopNotify, and the client cannot read the response buffer.
+    for id in [0x2A, 0x6E, 0xF9, 0xFF] {
+        let rops = [0x01, 0x00, 0x00, id, 0x00, 0x00];
+        for width in [TypesWidth::U16, TypesWidth::U8Reserved] {
+            assert_eq!(
+                decode_requests(&rops, width),
+                Err(DecodeError::Invalid {
+                    field: "RopId",
+                    offset: 3,
+                    value: u64::from(id),
+                    why: "a ROP that exists only in responses",
+                }),
+                "RopId {id:#04x}"
+            );
+        }
+    }
+    // Every other id Herald does not know is still answered, as before.
+    assert_eq!(
+        decode_requests(&[0x03, 0x00, 0x01], TypesWidth::U16).unwrap(),
+        vec![RopRequest::Unsupported {
+            rop_id: 0x03,
+            logon_id: 0,
+            handle_index: 1
+        }]
+    );
+}
+
 // ---- round trips --------------------------------------------------------------------------
 
 fn gid() -> impl Strategy<Value = GlobalId> {
