@@ -9,6 +9,12 @@
 //! - S3: 10,000 subscriptions over 1,000 connections, one key each, 1,000 events/s;
 //! - S4: 10,000 idle connections (server memory per connection);
 //! - S5: durable ingest, 64 producers, batches of 1 and 64.
+//!
+//! `herald-load soak --minutes N` is different: a bounded soak of one server with every
+//! transport, churn, offline periods and a restart, checked for loss, duplicates and leaks
+//! (see `soak.rs` and `docs/soak.md`).
+
+mod soak;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -28,15 +34,25 @@ use tokio_tungstenite::tungstenite::Message;
 #[derive(Parser, Clone)]
 #[command(about = "Drive Herald and nats-server through the same load scenarios")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Scenarios to run (s1,s2,s3,s4,s5).
     #[arg(long, default_value = "s1,s2,s3,s4,s5", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// The herald binary (default: next to this one).
-    #[arg(long)]
+    #[arg(long, global = true)]
     herald_bin: Option<PathBuf>,
     /// Scale every count and duration down (for a quick check, not for figures).
     #[arg(long)]
     quick: bool,
+}
+
+/// Instead of the comparison scenarios.
+#[derive(clap::Subcommand, Clone, Debug)]
+enum Cmd {
+    /// A bounded soak of one `herald serve` under every transport at once, with churn,
+    /// offline periods and one restart; fails on a lost or duplicated event or a leak.
+    Soak(soak::SoakArgs),
 }
 
 const PAYLOAD: usize = 128;
@@ -868,13 +884,19 @@ fn main() -> anyhow::Result<()> {
             herald_bin.display()
         );
     }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Some(Cmd::Soak(soak_args)) = args.command {
+        if !rt.block_on(soak::run(soak_args, herald_bin))? {
+            bail!("the soak failed (see the summary above)");
+        }
+        return Ok(());
+    }
     let ctx = Ctx {
         herald_bin,
         quick: args.quick,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     println!(
         "## herald-load — Herald vs nats-server ({} CPUs, {})",
         std::thread::available_parallelism().map_or(0, usize::from),

@@ -28,6 +28,8 @@ pub mod names {
     pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
     /// Counter: hook calls, by phase and decision.
     pub const HOOK_CALLS: &str = "herald_hook_calls_total";
+    /// Gauge: tasks alive on the server's tokio runtime (set when `/metrics` is rendered).
+    pub const TOKIO_TASKS: &str = "herald_tokio_tasks";
 }
 
 /// The process's metrics recorder and its renderer.
@@ -114,6 +116,10 @@ fn describe() {
         "Push attempts (webhooks, EWS push), by transport."
     );
     metrics::describe_counter!(PUSH_FAILURES, "Failed push attempts, by transport.");
+    metrics::describe_gauge!(
+        TOKIO_TASKS,
+        "Tasks alive on the server's tokio runtime (a steady rise under steady load is a leak)."
+    );
 }
 
 /// Counts an open connection of a transport until dropped.

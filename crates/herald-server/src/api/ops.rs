@@ -54,6 +54,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
     metrics::counter!(names::QUEUE_OVERFLOWS).absolute(hub.overflows);
     metrics::gauge!(names::DURABLE_SUBSCRIPTIONS).set(state.durables().list().len() as f64);
     metrics::gauge!(names::LOG_LAST_WATERMARK).set(state.log_last() as f64);
+    metrics::gauge!(names::TOKIO_TASKS).set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as f64,
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics().render(),
