@@ -2,7 +2,7 @@
 //! on the same machine, and prints both with their ratio (Markdown, for `docs/benchmarks.md`).
 //!
 //! It starts both servers itself on free loopback ports: `herald serve` (the binary next to
-//! this one, or `--herald-bin`) on a temporary data directory, and Debian's `nats-server`.
+//! this one, or `--herald-bin`) on a temporary data directory, and the pinned official `nats-server` that `scripts/test` installs.
 //!
 //! - S1: 1 publisher → 1 subscriber, 128-byte events, as fast as possible;
 //! - S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s;

@@ -10,6 +10,7 @@ use herald_core::{Batch, Hub, Notification, Timestamp, Watermark};
 use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 use tokio::sync::oneshot;
 
+use crate::prepare::{Digest, Prepared, prepare};
 use crate::record;
 use crate::{
     AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, ReadError,
@@ -290,34 +291,19 @@ impl EmbeddedLog {
     /// Validates and encodes a batch on the caller's thread, then hands it to the writer.
     fn submit(
         &self,
-        mut batch: Vec<Notification>,
+        batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<oneshot::Receiver<Result<Appended, AppendError>>, AppendError> {
-        if batch.is_empty() {
-            return Err(AppendError::Empty);
-        }
-        let now = Timestamp::now();
-        let mut records = Vec::with_capacity(batch.len());
-        let mut fingerprint = Fingerprint::default();
-        for (index, n) in batch.iter_mut().enumerate() {
-            n.validate()
-                .map_err(|reason| AppendError::InvalidEvent { index, reason })?;
-            if options.idempotency_key.is_some() {
-                // Keys, events and the producer's own timestamps; an event that came without
-                // one (zero) is stamped below, anew on a retry, and is still the same event.
-                postcard::to_io(&(&n.key, n.timestamp, &n.event), &mut fingerprint)
-                    .map_err(storage)?;
-            }
-            if n.timestamp.0 == 0 {
-                n.timestamp = now;
-            }
-            records.push(record::encode(n, now).map_err(storage)?);
-        }
+        let Prepared {
+            batch,
+            records,
+            digest,
+        } = prepare(batch, options.idempotency_key.is_some())?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Append(AppendJob {
             batch,
             records,
-            idempotency: options.idempotency_key.map(|k| (k, fingerprint.finish())),
+            idempotency: options.idempotency_key.zip(digest),
             durability: options.durability,
             reply,
         }))?;
@@ -1019,45 +1005,6 @@ impl Writer {
                 "retention trimmed the log"
             );
         }
-        Ok(())
-    }
-}
-
-/// What identifies a batch for its idempotency key: SHA-256 of its events (a CRC-32, as
-/// before, let a different batch pass for the first one), and the CRC-32 still, to compare
-/// with entries stored before.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Digest {
-    sha256: [u8; 32],
-    crc: u32,
-}
-
-/// Hashes what postcard writes into it.
-#[derive(Default)]
-struct Fingerprint {
-    sha: sha2::Sha256,
-    crc: crc32fast::Hasher,
-}
-
-impl Fingerprint {
-    fn finish(self) -> Digest {
-        use sha2::Digest as _;
-        Digest {
-            sha256: self.sha.finalize().into(),
-            crc: self.crc.finalize(),
-        }
-    }
-}
-
-impl std::io::Write for Fingerprint {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use sha2::Digest as _;
-        self.sha.update(buf);
-        self.crc.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -31,7 +31,8 @@
 
 mod embedded;
 mod follow;
-mod record;
+pub mod prepare;
+pub mod record;
 mod shared;
 
 use std::future::Future;

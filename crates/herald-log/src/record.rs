@@ -38,7 +38,7 @@ struct OwnedBody {
 }
 
 /// Encodes `n` (its watermark is ignored) with the time it was appended.
-pub(crate) fn encode(n: &Notification, appended_at: Timestamp) -> Result<Vec<u8>, postcard::Error> {
+pub fn encode(n: &Notification, appended_at: Timestamp) -> Result<Vec<u8>, postcard::Error> {
     let mut out = Vec::with_capacity(128);
     out.push(FORMAT);
     out.extend_from_slice(&appended_at.0.to_le_bytes());
@@ -52,7 +52,7 @@ pub(crate) fn encode(n: &Notification, appended_at: Timestamp) -> Result<Vec<u8>
 }
 
 /// The append time of a record, without decoding its body.
-pub(crate) fn appended_at(bytes: &[u8]) -> Result<Timestamp, RecordError> {
+pub fn appended_at(bytes: &[u8]) -> Result<Timestamp, RecordError> {
     let header = bytes.get(..HEADER).ok_or(RecordError::Short(bytes.len()))?;
     if header[0] != FORMAT {
         return Err(RecordError::UnknownFormat(header[0]));
@@ -63,7 +63,7 @@ pub(crate) fn appended_at(bytes: &[u8]) -> Result<Timestamp, RecordError> {
 }
 
 /// Decodes a record into the notification stored at `watermark`.
-pub(crate) fn decode(
+pub fn decode(
     bytes: &[u8],
     watermark: herald_core::Watermark,
 ) -> Result<Notification, RecordError> {

@@ -17,6 +17,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the event log (`HERALD_DATA_DIR`, `--data-dir`).
     pub data_dir: PathBuf,
+    /// Where the event log lives (`[log] backend`).
+    pub log: LogConfig,
+    /// The NATS JetStream cluster, when `log.backend` is `jetstream`.
+    pub jetstream: JetStreamConfig,
     /// How much history the log keeps.
     pub retention: RetentionConfig,
     /// Request and connection limits.
@@ -49,6 +53,8 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8470)),
             data_dir: PathBuf::from("herald-data"),
+            log: LogConfig::default(),
+            jetstream: JetStreamConfig::default(),
             retention: RetentionConfig::default(),
             limits: Limits::default(),
             subscriptions: SubscriptionsConfig::default(),
@@ -61,6 +67,67 @@ impl Default for Config {
             hooks: HooksConfig::default(),
             logging: LoggingConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the event log lives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `embedded` (the default: one redb file in the data directory, nothing else to run) or
+    /// `jetstream` (a NATS JetStream cluster shared by several Herald nodes).
+    pub backend: LogBackend,
+}
+
+/// The event log's implementation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// One redb file in the data directory.
+    #[default]
+    Embedded,
+    /// A NATS JetStream stream (see `[jetstream]`).
+    Jetstream,
+}
+
+/// The NATS JetStream cluster the log runs on (`log.backend = "jetstream"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// `nats://` URLs of some or all of the cluster's servers.
+    pub servers: Vec<String>,
+    /// The stream's name (its key-value buckets are named after it).
+    pub stream: String,
+    /// Replicas of the stream and buckets: 3 survives the loss of one server.
+    pub replicas: usize,
+    /// A NATS credentials file.
+    pub credentials: Option<PathBuf>,
+    /// A CA file for TLS to the servers.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate for mutual TLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    pub tls_key: Option<PathBuf>,
+    /// How long one request to the cluster may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// This node's name (default: the host name and port).
+    pub node: Option<String>,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            servers: vec!["nats://127.0.0.1:4222".to_owned()],
+            stream: "HERALD".to_owned(),
+            replicas: 3,
+            credentials: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            request_timeout: Duration::from_secs(10),
+            node: None,
         }
     }
 }
@@ -290,11 +357,33 @@ pub struct Overrides {
     /// `--data-dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// `--log-backend` and `--jetstream-servers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogOverride>,
+    /// `--jetstream-servers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<JetStreamOverride>,
+}
+
+/// `--log-backend`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogOverride {
+    /// The backend.
+    pub backend: LogBackend,
+}
+
+/// `--jetstream-servers`.
+#[derive(Clone, Debug, Serialize)]
+pub struct JetStreamOverride {
+    /// The servers.
+    pub servers: Vec<String>,
 }
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 14] = [
+const ENV_KEYS: [&str; 16] = [
+    "log",
+    "jetstream",
     "connections",
     "state",
     "hooks",
@@ -327,7 +416,9 @@ impl Config {
         }
         fig.merge(Env::prefixed("HERALD_").split("__").filter(|k| {
             let top = k.as_str().split('.').next().unwrap_or_default();
-            ENV_KEYS.iter().any(|n| top.eq_ignore_ascii_case(n))
+            // `HERALD_LOG` is the log filter; `HERALD_LOG__BACKEND` is `log.backend`.
+            let is_filter = k.as_str().eq_ignore_ascii_case("log");
+            !is_filter && ENV_KEYS.iter().any(|n| top.eq_ignore_ascii_case(n))
         }))
         .merge(Serialized::defaults(overrides))
         .extract()
@@ -397,6 +488,30 @@ impl Config {
         }
     }
 
+    /// The JetStream log's options (`[jetstream]`, with the retention of `[retention]`).
+    pub fn jetstream_options(&self) -> herald_jetstream::JetStreamOptions {
+        let j = &self.jetstream;
+        let node = j.node.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "herald".to_owned());
+            format!("{host}:{}", self.listen.port())
+        });
+        herald_jetstream::JetStreamOptions {
+            servers: j.servers.clone(),
+            stream: j.stream.clone(),
+            replicas: j.replicas,
+            retention: self.log_options().retention,
+            idempotency_ttl: self.retention.idempotency_ttl,
+            credentials: j.credentials.clone(),
+            tls_ca: j.tls_ca.clone(),
+            tls_client: j.tls_cert.clone().zip(j.tls_key.clone()),
+            request_timeout: j.request_timeout,
+            node,
+            ..Default::default()
+        }
+    }
+
     /// The log's options for this configuration.
     pub fn log_options(&self) -> herald_log::LogOptions {
         herald_log::LogOptions {
@@ -451,13 +566,50 @@ mod tests {
             assert_eq!(c.limits.max_batch_events, 7);
             assert_eq!(c.limits.max_body_bytes, 99);
             assert_eq!(c.retention.max_age, Some(Duration::from_secs(7200)));
+            assert_eq!(c.log.backend, LogBackend::Embedded);
             let o = Overrides {
                 listen: Some("127.0.0.1:3333".parse().unwrap()),
                 data_dir: Some("from-flag".into()),
+                ..Default::default()
             };
             let c = Config::load(Some(file), &o).map_err(|e| *e)?;
             assert_eq!(c.listen, "127.0.0.1:3333".parse().unwrap());
             assert_eq!(c.data_dir, PathBuf::from("from-flag"));
+            // The log's backend: file, then environment (HERALD_LOG stays the filter), then flags.
+            jail.create_file(
+                "js.toml",
+                "[log]\nbackend = \"jetstream\"\n[jetstream]\nstream = \"S\"\nreplicas = 1\n",
+            )?;
+            let c =
+                Config::load(Some(Path::new("js.toml")), &Overrides::default()).map_err(|e| *e)?;
+            assert_eq!(c.log.backend, LogBackend::Jetstream);
+            assert_eq!(c.jetstream.stream, "S");
+            assert_eq!(c.jetstream.replicas, 1);
+            jail.set_env("HERALD_JETSTREAM__STREAM", "FROM_ENV");
+            jail.set_env("HERALD_LOG__BACKEND", "embedded");
+            let c =
+                Config::load(Some(Path::new("js.toml")), &Overrides::default()).map_err(|e| *e)?;
+            assert_eq!(c.log.backend, LogBackend::Embedded);
+            assert_eq!(c.jetstream.stream, "FROM_ENV");
+            let o = Overrides {
+                log: Some(LogOverride {
+                    backend: LogBackend::Jetstream,
+                }),
+                jetstream: Some(JetStreamOverride {
+                    servers: vec!["nats://a:1".into(), "nats://b:2".into()],
+                }),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("js.toml")), &o).map_err(|e| *e)?;
+            assert_eq!(c.log.backend, LogBackend::Jetstream);
+            assert_eq!(c.jetstream.servers, ["nats://a:1", "nats://b:2"]);
+            assert_eq!(
+                c.jetstream.stream, "FROM_ENV",
+                "a flag changes only what it names"
+            );
+            let js = c.jetstream_options();
+            assert_eq!(js.replicas, 1);
+            assert_eq!(js.retention.max_age, c.retention.max_age);
             Ok(())
         });
     }

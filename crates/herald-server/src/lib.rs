@@ -71,11 +71,23 @@ impl AppState {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let egress = config.egress().map_err(anyhow::Error::msg)?;
         let auth = Arc::new(auth::Auth::new(&config.auth, &config.data_dir)?);
-        let log: Log = SharedLog::new(EmbeddedLog::open(
-            &config.data_dir,
-            config.log_options(),
-            hub,
-        )?);
+        let log: Log = match config.log.backend {
+            config::LogBackend::Embedded => SharedLog::new(EmbeddedLog::open(
+                &config.data_dir,
+                config.log_options(),
+                hub,
+            )?),
+            config::LogBackend::Jetstream => {
+                let options = config.jetstream_options();
+                tracing::info!(
+                    servers = ?options.servers,
+                    stream = %options.stream,
+                    node = %options.node,
+                    "the log is on NATS JetStream"
+                );
+                SharedLog::new(herald_jetstream::JetStreamLog::connect(options, hub).await?)
+            }
+        };
         let frames = Arc::new(frames::EventCache::default());
         let server_state = ServerState::new(config.state.start_offline, config.state.drain_timeout);
         let hooks = Arc::new(hooks::from_config(&config.hooks)?);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_server::cli::{Client, TailQuery, event_from_fields};
-use herald_server::config::{Config, Overrides};
+use herald_server::config::{Config, JetStreamOverride, LogBackend, LogOverride, Overrides};
 use herald_server::{AppState, run};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -49,6 +49,14 @@ enum Command {
         /// Data directory (wins over HERALD_DATA_DIR and the file).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where the log lives: embedded or jetstream (wins over HERALD_LOG__BACKEND and the
+        /// file).
+        #[arg(long, value_parser = ["embedded", "jetstream"])]
+        log_backend: Option<String>,
+        /// NATS servers of the JetStream log, comma-separated (wins over
+        /// HERALD_JETSTREAM__SERVERS and the file).
+        #[arg(long, value_delimiter = ',')]
+        jetstream_servers: Vec<String>,
     },
     /// Publish one event: `herald publish alice/inbox/m1 new_mail -f message_class=IPM.Note`.
     Publish {
@@ -316,9 +324,25 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
             data_dir,
+            log_backend,
+            jetstream_servers,
         } => {
-            let config = Config::load(config.as_deref(), &Overrides { listen, data_dir })
-                .context("loading the configuration")?;
+            let overrides = Overrides {
+                listen,
+                data_dir,
+                log: log_backend.map(|b| LogOverride {
+                    backend: if b == "jetstream" {
+                        LogBackend::Jetstream
+                    } else {
+                        LogBackend::Embedded
+                    },
+                }),
+                jetstream: (!jetstream_servers.is_empty()).then_some(JetStreamOverride {
+                    servers: jetstream_servers,
+                }),
+            };
+            let config =
+                Config::load(config.as_deref(), &overrides).context("loading the configuration")?;
             init_tracing(&config.logging.format, &config.logging.filter);
             runtime.block_on(serve(config))
         }

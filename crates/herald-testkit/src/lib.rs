@@ -1,13 +1,18 @@
 //! Fixtures for Herald's tests and benchmarks. Nothing here ships in the `herald` binary.
 //!
-//! [`NatsServer`] starts a real `nats-server` (Debian's package) on a free loopback port with
+//! [`NatsServer`] starts a real `nats-server` (the pinned
+//! official binary in `.venv/bin`) on a free loopback port with
 //! its own store directory, and kills it when dropped. [`memlog::MemoryLog`] is an event log
 //! held in memory, for tests that run on tokio's paused clock. [`powercut::PowerCutDisk`] is
 //! a disk that loses power, for the embedded log's crash tests.
 
 pub mod arb;
+mod cluster;
 pub mod memlog;
 pub mod powercut;
+pub mod proxy;
+
+pub use cluster::{ClusterOptions, NatsCluster};
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -27,12 +32,20 @@ pub fn free_port() -> io::Result<u16> {
         .port())
 }
 
-/// Where `nats-server` is, or an error that says how to install it.
+/// Where `nats-server` is, or an error that says how to install it: `$HERALD_NATS_SERVER`,
+/// then the workspace's `.venv/bin` (the pinned official binary `scripts/test` installs), then
+/// `PATH`.
 pub fn nats_server_binary() -> io::Result<PathBuf> {
-    let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
+    if let Some(bin) = std::env::var_os("HERALD_NATS_SERVER") {
+        return Ok(PathBuf::from(bin));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin");
+    let candidates = std::iter::once(venv)
+        .chain(
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")]);
     for dir in candidates {
         let bin = dir.join("nats-server");
@@ -42,7 +55,7 @@ pub fn nats_server_binary() -> io::Result<PathBuf> {
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        "nats-server is not installed: run `apt-get install nats-server` (scripts/test does)",
+        "nats-server is not installed: run scripts/test, which puts the pinned official binary in .venv/bin",
     ))
 }
 
@@ -68,11 +81,7 @@ impl NatsServer {
     /// Starts a server on a free loopback port and waits until it accepts connections.
     pub fn start(config: &NatsConfig) -> io::Result<NatsServer> {
         let bin = nats_server_binary()?;
-        let version = Command::new(&bin)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
+        let version = nats_server_version(&bin);
         let dir = tempfile::Builder::new().prefix("herald-nats-").tempdir()?;
         let port = free_port()?;
         let mut conf = format!("listen: 127.0.0.1:{port}\n");
@@ -88,42 +97,14 @@ impl NatsServer {
         }
         let conf_path = dir.path().join("nats.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut server = NatsServer {
+        let child = spawn_nats(&bin, &conf_path, addr, Duration::from_secs(10))?;
+        Ok(NatsServer {
             child,
             addr,
             version,
             _dir: dir,
-        };
-        server.wait_ready(Duration::from_secs(10))?;
-        Ok(server)
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(io::Error::other(format!(
-                    "nats-server exited before it was ready: {status}"
-                )));
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "nats-server did not accept connections in time",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     /// The `nats://` URL clients connect to.
@@ -156,5 +137,55 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What `nats-server --version` prints, trimmed.
+fn nats_server_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Starts `nats-server -c conf` and waits until `addr` accepts connections; its output goes
+/// to `nats.log` beside the config.
+fn spawn_nats(bin: &Path, conf: &Path, addr: SocketAddr, timeout: Duration) -> io::Result<Child> {
+    let log_path = conf.with_file_name(format!(
+        "{}.log",
+        conf.file_stem().and_then(|s| s.to_str()).unwrap_or("nats")
+    ));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+            return Err(io::Error::other(format!(
+                "nats-server exited before it was ready: {status}; last lines of its log (newest first):\n{tail}"
+            )));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("nats-server did not accept connections on {addr} in time"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

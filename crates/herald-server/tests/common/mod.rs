@@ -66,7 +66,8 @@ impl Server {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
+        // A node on a JetStream cluster that is starting waits for the cluster's leaders.
+        let deadline = Instant::now() + WAIT * 3;
         while Instant::now() < deadline {
             if let Ok(r) = reqwest::blocking_get(&self.url("/readyz")) {
                 if r {

@@ -1,0 +1,146 @@
+//! The node's tail: one ordered consumer from the node's position into its hub, batch by
+//! batch in sequence order, and a refresh of the stream's bounds every second. One consumer
+//! per node, not per subscription: a stream's consumers are few and each replicated one is a
+//! consensus group of its own.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use herald_core::{Batch, Hub, Watermark};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::Position;
+
+/// Events handed to the hub in one batch at most (whatever has arrived, up to this).
+const HUB_BATCH: usize = 512;
+
+/// Stops the tail when told or dropped.
+#[derive(Debug)]
+pub(crate) struct TailHandle {
+    token: CancellationToken,
+    _guard: DropGuard,
+}
+
+impl TailHandle {
+    pub(crate) fn stop(&self) {
+        self.token.cancel();
+    }
+}
+
+/// Starts the tail after `position.hub`'s value.
+pub(crate) async fn start(
+    js: jetstream::Context,
+    stream: String,
+    hub: Hub,
+    position: Arc<Position>,
+) -> Result<TailHandle, String> {
+    let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
+    let token = CancellationToken::new();
+    let handle = TailHandle {
+        token: token.clone(),
+        _guard: token.clone().drop_guard(),
+    };
+    tokio::spawn(refresh(s.clone(), position.clone(), token.clone()));
+    tokio::spawn(async move {
+        loop {
+            let from = position.hub_last() + 1;
+            tokio::select! {
+                () = token.cancelled() => return,
+                r = follow(&s, from, &hub, &position) => {
+                    if let Err(e) = r {
+                        tracing::warn!(from, "the node's tail stopped ({e}); starting again");
+                    }
+                }
+            }
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    });
+    Ok(handle)
+}
+
+/// Runs one ordered consumer from `from` until it fails.
+async fn follow(
+    s: &jetstream::stream::Stream,
+    from: u64,
+    hub: &Hub,
+    position: &Position,
+) -> Result<(), String> {
+    let c = s
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = c
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?
+        .ready_chunks(HUB_BATCH);
+    while let Some(chunk) = messages.next().await {
+        let mut batch = Vec::with_capacity(chunk.len());
+        let mut last = position.hub_last();
+        for m in chunk {
+            let m = m.map_err(|e| e.to_string())?;
+            let info = m.info().map_err(|e| e.to_string())?;
+            let seq = info.stream_sequence;
+            if seq <= last {
+                continue;
+            }
+            if seq != last + 1 {
+                // Retention removed events before this node read them: they are gone for
+                // every reader; readers after them get `expired`.
+                tracing::warn!(
+                    expected = last + 1,
+                    got = seq,
+                    "the node's tail skipped events removed by retention"
+                );
+            }
+            match herald_log::record::decode(&m.payload, Watermark(seq)) {
+                Ok(n) => batch.push(n),
+                Err(e) => tracing::error!(seq, "a record in the stream does not decode: {e}"),
+            }
+            last = seq;
+        }
+        if !batch.is_empty() {
+            // A hub shut down has nobody left to tell.
+            let _ = hub.notify(Batch::from(batch));
+        }
+        position.saw_last(last);
+        // After the hub has it: a read up to here then leaves nothing for the live side.
+        position.hub.send_if_modified(|p| {
+            let moved = *p < last;
+            *p = (*p).max(last);
+            moved
+        });
+    }
+    Err("the consumer's messages ended".to_owned())
+}
+
+/// Keeps the stream's first and last sequence fresh (retention moves the first).
+async fn refresh(
+    mut s: jetstream::stream::Stream,
+    position: Arc<Position>,
+    stop: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = s.info().await {
+            position
+                .first
+                .store(info.state.first_sequence.max(1), Ordering::SeqCst);
+            position.saw_last(info.state.last_sequence);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

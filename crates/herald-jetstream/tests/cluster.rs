@@ -1,0 +1,337 @@
+//! The JetStream log against a real 3-node `nats-server` cluster (sync always), with two
+//! Herald "nodes" (two logs with hubs of their own) in this process: every acknowledged event
+//! is kept, and every follower on either node sees a contiguous, duplicate-free stream.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use herald_core::{Event, EventMask, Filter, Hub, Notification, ObjectChange, Scope, Watermark};
+use herald_jetstream::{ConnectError, JetStreamLog, JetStreamOptions};
+use herald_log::{
+    AppendError, AppendOptions, EventLog, Follower, ReadError, Retention, SubscriptionStore,
+};
+use herald_testkit::{ClusterOptions, NatsCluster};
+
+fn options(cluster: &NatsCluster, node: usize, stream: &str) -> JetStreamOptions {
+    JetStreamOptions {
+        servers: vec![cluster.url(node)],
+        stream: stream.to_owned(),
+        replicas: 3,
+        request_timeout: Duration::from_secs(5),
+        node: format!("herald-{node}"),
+        ..Default::default()
+    }
+}
+
+async fn connect(cluster: &NatsCluster, node: usize, stream: &str) -> JetStreamLog {
+    connect_with(options(cluster, node, stream)).await
+}
+
+async fn connect_with(options: JetStreamOptions) -> JetStreamLog {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // A fresh cluster elects its meta leader in a few seconds.
+        match JetStreamLog::connect(options.clone(), Hub::default()).await {
+            Ok(log) => return log,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect: {e}; again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+}
+
+fn event(key: &str) -> Notification {
+    Notification::new(
+        key.to_owned(),
+        Event::ObjectCreated(ObjectChange::default()),
+    )
+}
+
+fn batch(tag: &str, n: usize) -> Vec<Notification> {
+    (0..n)
+        .map(|i| event(&format!("alice/inbox/{tag}-{i}")))
+        .collect()
+}
+
+fn all() -> Filter {
+    Filter {
+        scope: Scope::Subtree("alice".into()),
+        mask: EventMask::ALL,
+    }
+}
+
+/// Follows `log` from `after` until `through` is seen; the watermarks, checked contiguous.
+async fn follow_until(log: &JetStreamLog, after: u64, through: u64) -> Vec<u64> {
+    let mut f = Follower::start(log, all(), Watermark(after), Default::default()).unwrap();
+    let mut seen = Vec::new();
+    let mut last = after;
+    while last < through {
+        let b = tokio::time::timeout(Duration::from_secs(30), f.next())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {last} (want {through})"))
+            .unwrap();
+        for n in b.iter() {
+            let w = n.watermark.unwrap().0;
+            assert_eq!(w, last + 1, "a gap or a duplicate after {last}");
+            last = w;
+            seen.push(w);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_published_on_one_node_are_followed_and_read_on_the_other() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let a = connect(&cluster, 0, "SHARE").await;
+    let b = connect(&cluster, 1, "SHARE").await;
+    // A follower on B from the start, live while A appends.
+    let live = tokio::spawn({
+        let b = b.clone();
+        async move { follow_until(&b, 0, 1000).await }
+    });
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        let done = a
+            .append(batch(&format!("b{i}"), 10), AppendOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(done.count, 10);
+        acked.extend(done.watermarks().map(|w| w.0));
+    }
+    assert_eq!(
+        acked,
+        (1..=1000).collect::<Vec<_>>(),
+        "batches are contiguous"
+    );
+    assert_eq!(live.await.unwrap().len(), 1000);
+    // Reads on B, after B's hub has everything; and a follower resuming in the middle.
+    assert!(
+        b.wait_for_hub(Watermark(1000), Duration::from_secs(10))
+            .await
+    );
+    let page = b.read(Watermark(500), 100).await.unwrap();
+    let ws: Vec<u64> = page.iter().map(|n| n.watermark.unwrap().0).collect();
+    assert_eq!(ws, (501..=600).collect::<Vec<_>>());
+    assert_eq!(page[0].key.as_str(), Some("alice/inbox/b50-0"));
+    assert_eq!(
+        follow_until(&b, 990, 1000).await,
+        (991..=1000).collect::<Vec<_>>()
+    );
+    // A position from the future (another log) is refused as such.
+    assert!(matches!(
+        b.read(Watermark(5000), 10).await,
+        Err(ReadError::Ahead { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_answers_the_same_watermarks_on_any_node_and_refuses_another_batch() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let a = connect(&cluster, 0, "IDEM").await;
+    let b = connect(&cluster, 2, "IDEM").await;
+    let with_key = |k: &str| AppendOptions {
+        idempotency_key: Some(k.to_owned()),
+        ..Default::default()
+    };
+    // A retry is the same batch (a client resends what it sent, timestamps included).
+    let x = batch("x", 3);
+    let first = a.append(x.clone(), with_key("k1")).await.unwrap();
+    assert!(!first.replayed);
+    let again = b.append(x.clone(), with_key("k1")).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.first, first.first);
+    assert!(matches!(
+        b.append(batch("y", 3), with_key("k1")).await,
+        Err(AppendError::IdempotencyConflict { .. })
+    ));
+    // Nothing more was appended.
+    let other = a
+        .append(batch("z", 1), AppendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(other.first.0, first.first.0 + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_subscription_made_on_one_node_is_acknowledged_on_the_other() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let a = connect(&cluster, 0, "SUBS").await;
+    let b = connect(&cluster, 1, "SUBS").await;
+    a.put_subscription("s/1 any id", b"spec".to_vec())
+        .await
+        .unwrap();
+    assert!(b.ack("s/1 any id", Watermark(7)).await.unwrap());
+    assert!(
+        b.ack("s/1 any id", Watermark(3)).await.unwrap(),
+        "an older ack is ignored"
+    );
+    assert!(a.set_inflight("s/1 any id", Watermark(9)).await.unwrap());
+    // Replacing the description keeps the acknowledgement.
+    b.put_subscription("s/1 any id", b"spec 2".to_vec())
+        .await
+        .unwrap();
+    let list = a.subscriptions().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].id, "s/1 any id");
+    assert_eq!(list[0].spec, b"spec 2");
+    assert_eq!(list[0].acked, Watermark(7));
+    assert_eq!(list[0].inflight, Watermark(9));
+    // Acks racing from both nodes: the highest wins.
+    let mut tasks = Vec::new();
+    for i in 1..=40u64 {
+        let log = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            log.ack("s/1 any id", Watermark(100 + i)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(b.subscriptions().await.unwrap()[0].acked, Watermark(140));
+    assert!(a.delete_subscription("s/1 any id").await.unwrap());
+    assert!(!b.delete_subscription("s/1 any id").await.unwrap());
+    assert!(!b.ack("s/1 any id", Watermark(200)).await.unwrap());
+    assert!(a.subscriptions().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_expiry_is_expired_on_both_nodes_with_the_oldest_watermark_held() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let retained = |node| JetStreamOptions {
+        retention: Retention {
+            max_events: Some(50),
+            ..Default::default()
+        },
+        ..options(&cluster, node, "RETAIN")
+    };
+    let a = connect_with(retained(0)).await;
+    let b = connect_with(retained(1)).await;
+    for i in 0..20 {
+        a.append(batch(&format!("r{i}"), 10), AppendOptions::default())
+            .await
+            .unwrap();
+    }
+    assert!(
+        b.wait_for_hub(Watermark(200), Duration::from_secs(10))
+            .await
+    );
+    for log in [&a, &b] {
+        match log.read(Watermark(10), 10).await {
+            Err(ReadError::Expired {
+                after,
+                oldest_available,
+            }) => {
+                assert_eq!(after, Watermark(10));
+                assert_eq!(oldest_available, Watermark(151));
+            }
+            other => panic!("expected expired, got {other:?}"),
+        }
+        let kept = log.read(Watermark(150), 100).await.unwrap();
+        assert_eq!(kept.len(), 50);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_whose_settings_break_the_promises_is_refused_at_start() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let client = async_nats::connect(cluster.url(0)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let made = js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "LOOSE".to_owned(),
+                subjects: vec!["herald.loose.ev.>".to_owned()],
+                num_replicas: 3,
+                allow_atomic_publish: true,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("create: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let err = JetStreamLog::connect(options(&cluster, 1, "LOOSE"), Hub::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::Unsafe { reason, .. } if reason.contains("deny_delete")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_stream_leader_during_idempotent_appends_loses_nothing_acknowledged() {
+    let mut cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    // The log's client may use any server; the leader is killed under it.
+    let mut opts = options(&cluster, 0, "LEADER");
+    opts.servers = cluster.urls();
+    let a = connect_with(opts).await;
+    let client = async_nats::connect(cluster.url(1)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut retries = 0;
+    let mut killed = None;
+    for i in 0..300 {
+        if i == 100 {
+            let mut s = js.get_stream("LEADER").await.unwrap();
+            let leader = s
+                .info()
+                .await
+                .unwrap()
+                .cluster
+                .as_ref()
+                .unwrap()
+                .leader
+                .clone();
+            let leader = leader.expect("the stream has a leader");
+            let idx = cluster.index_of(&leader).unwrap();
+            cluster.kill(idx);
+            killed = Some(idx);
+        }
+        let key = AppendOptions {
+            idempotency_key: Some(format!("b{i}")),
+            ..Default::default()
+        };
+        let b = batch(&format!("k{i}"), 5);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = loop {
+            match a.append(b.clone(), key.clone()).await {
+                Ok(done) => break done,
+                Err(e) if Instant::now() < deadline => {
+                    retries += 1;
+                    eprintln!("append {i}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("append {i}: {e}"),
+            }
+        };
+        for w in done.watermarks() {
+            assert!(acked.insert(w.0), "watermark {} acknowledged twice", w.0);
+        }
+    }
+    let killed = killed.unwrap();
+    cluster.start_node(killed).unwrap();
+    eprintln!("{retries} retries");
+    // Every acknowledged event is in the log, once, in order, and nothing else is.
+    let last = *acked.iter().next_back().unwrap();
+    assert_eq!(acked.len(), 1500);
+    assert_eq!(last, 1500, "no batch was stored twice");
+    let mut next = 0;
+    while next < last {
+        let page = a.read(Watermark(next), 500).await.unwrap();
+        for n in &page {
+            assert_eq!(n.watermark, Some(Watermark(next + 1)));
+            next += 1;
+        }
+    }
+}
