@@ -14,6 +14,7 @@
 //! See `docs/design/cluster.md`.
 
 mod directget;
+mod epoch;
 mod idempotency;
 mod subscriptions;
 mod tail;
@@ -63,6 +64,9 @@ pub struct JetStreamOptions {
     pub node: String,
     /// How long [`JetStreamLog::connect`] waits for a cluster that is not ready yet.
     pub start_timeout: Duration,
+    /// Where this node remembers the stream it follows and the highest watermark it saw, so
+    /// that a recreated stream cannot make watermarks go back (the server's data directory).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for JetStreamOptions {
@@ -79,6 +83,7 @@ impl Default for JetStreamOptions {
             request_timeout: Duration::from_secs(10),
             node: "herald".to_owned(),
             start_timeout: Duration::from_secs(60),
+            state_dir: None,
         }
     }
 }
@@ -124,9 +129,28 @@ pub enum ConnectError {
         /// The setting at fault, and what it must be.
         reason: String,
     },
+    /// The stream was recreated and starts lower than watermarks already handed out.
+    #[error(
+        "stream {stream} was recreated (created {created}) and its last sequence {last} is below watermark {seen}, which this node already handed out: clients would resume at the wrong events. Remove {file} only if every client may start again from nothing"
+    )]
+    Reset {
+        /// The stream.
+        stream: String,
+        /// When the stream now there was created.
+        created: String,
+        /// Its last sequence.
+        last: u64,
+        /// The highest watermark this node saw.
+        seen: u64,
+        /// The file that remembers it.
+        file: String,
+    },
     /// A JetStream request failed.
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// The node's record of its stream could not be read or written.
+    #[error("{0}")]
+    State(String),
 }
 
 /// Whether a compare-and-set lost to another writer. The client reports a lost race as
@@ -214,8 +238,17 @@ impl JetStreamLog {
         };
         // A cluster that is starting too elects its leaders first: wait for it, a bounded time.
         let deadline = tokio::time::Instant::now() + options.start_timeout;
+        let epoch_file = options
+            .state_dir
+            .as_ref()
+            .map(|d| epoch::path(d, &options.stream));
+        let remembered = match &epoch_file {
+            Some(f) => epoch::load(f).map_err(|e| ConnectError::State(e.to_string()))?,
+            None => None,
+        };
+        let floor = remembered.as_ref().map_or(0, |e| e.last);
         let info = loop {
-            match ensure_stream(&js, &options).await {
+            match ensure_stream(&js, &options, floor).await {
                 Ok(info) => break info,
                 Err(ConnectError::JetStream(e)) if tokio::time::Instant::now() < deadline => {
                     tracing::info!("JetStream is not ready ({e}); trying again");
@@ -235,17 +268,39 @@ impl JetStreamLog {
         let idempotency = ensure_bucket(&js, kv("IDEM", options.idempotency_ttl), deadline).await?;
         let subscriptions = ensure_bucket(&js, kv("SUBS", Duration::ZERO), deadline).await?;
         let last = info.state.last_sequence;
+        let created = format!("{:?}", info.created);
+        if let (Some(file), Some(seen)) = (&epoch_file, &remembered) {
+            if seen.created != created && last < seen.last {
+                return Err(ConnectError::Reset {
+                    stream: options.stream.clone(),
+                    created,
+                    last,
+                    seen: seen.last,
+                    file: file.display().to_string(),
+                });
+            }
+        }
         let position = Arc::new(Position {
             hub: watch::Sender::new(last),
             known_last: AtomicU64::new(last),
             first: AtomicU64::new(info.state.first_sequence.max(1)),
         });
         let prefix = options.subject_prefix();
+        let epoch = epoch_file.map(|file| {
+            (
+                file,
+                epoch::Epoch {
+                    created,
+                    last: last.max(floor),
+                },
+            )
+        });
         let tail = tail::start(
             js.clone(),
             options.stream.clone(),
             hub.clone(),
             position.clone(),
+            epoch,
         )
         .await
         .map_err(|e| ConnectError::JetStream(e.to_string()))?;
@@ -432,8 +487,9 @@ fn check_stream(have: &stream::Config, want: &stream::Config) -> Result<(), Stri
 async fn ensure_stream(
     js: &jetstream::Context,
     options: &JetStreamOptions,
+    floor: u64,
 ) -> Result<stream::Info, ConnectError> {
-    let want = stream_config(options);
+    let mut want = stream_config(options);
     let unsafe_ = |reason: String| ConnectError::Unsafe {
         stream: options.stream.clone(),
         reason,
@@ -468,6 +524,15 @@ async fn ensure_stream(
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
+            if floor > 0 {
+                // Watermarks go on after the highest this node handed out.
+                want.first_sequence = Some(floor + 1);
+                tracing::warn!(
+                    stream = %options.stream,
+                    first = floor + 1,
+                    "the stream is missing: creating it to continue after the last watermark seen"
+                );
+            }
             let mut s = js
                 .create_stream(want)
                 .await

@@ -36,6 +36,7 @@ pub(crate) async fn start(
     stream: String,
     hub: Hub,
     position: Arc<Position>,
+    epoch: Option<(std::path::PathBuf, crate::epoch::Epoch)>,
 ) -> Result<TailHandle, String> {
     let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
     let token = CancellationToken::new();
@@ -43,7 +44,7 @@ pub(crate) async fn start(
         token: token.clone(),
         _guard: token.clone().drop_guard(),
     };
-    tokio::spawn(refresh(s.clone(), position.clone(), token.clone()));
+    tokio::spawn(refresh(s.clone(), position.clone(), token.clone(), epoch));
     tokio::spawn(async move {
         loop {
             let from = position.hub_last() + 1;
@@ -125,18 +126,38 @@ async fn follow(
     Err("the consumer's messages ended".to_owned())
 }
 
-/// Keeps the stream's first and last sequence fresh (retention moves the first).
+/// Keeps the stream's first and last sequence fresh (retention moves the first), and records
+/// the highest watermark seen in the node's epoch file, when it has one.
 async fn refresh(
     mut s: jetstream::stream::Stream,
     position: Arc<Position>,
     stop: CancellationToken,
+    mut epoch: Option<(std::path::PathBuf, crate::epoch::Epoch)>,
 ) {
+    let record = |file: &std::path::Path, e: &crate::epoch::Epoch| {
+        if let Err(err) = crate::epoch::store(file, e) {
+            tracing::error!(
+                "cannot record the stream's epoch in {}: {err}",
+                file.display()
+            );
+        }
+    };
+    if let Some((file, e)) = &epoch {
+        record(file, e);
+    }
     loop {
         if let Ok(info) = s.info().await {
             position
                 .first
                 .store(info.state.first_sequence.max(1), Ordering::SeqCst);
             position.saw_last(info.state.last_sequence);
+        }
+        if let Some((file, e)) = &mut epoch {
+            let last = position.known_last.load(Ordering::SeqCst);
+            if last > e.last {
+                e.last = last;
+                record(file, e);
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,

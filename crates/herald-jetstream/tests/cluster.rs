@@ -335,3 +335,70 @@ async fn killing_the_stream_leader_during_idempotent_appends_loses_nothing_ackno
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recreated_stream_never_makes_watermarks_go_back() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let with_state = || JetStreamOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..options(&cluster, 0, "EPOCH")
+    };
+    let a = connect_with(with_state()).await;
+    let done = a
+        .append(batch("e", 10), AppendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(done.first, Watermark(1));
+    // The node records what it saw within a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.shutdown().await.unwrap();
+    drop(a);
+    let client = async_nats::connect(cluster.url(1)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // Someone deletes the stream: Herald creates it again after the last watermark it saw.
+    js.delete_stream("EPOCH").await.unwrap();
+    let a = connect_with(with_state()).await;
+    let done = a
+        .append(batch("f", 1), AppendOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        done.first,
+        Watermark(11),
+        "watermarks continue, never restart at 1"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.shutdown().await.unwrap();
+    drop(a);
+    // Someone recreates it by hand, starting at 1: refused, with the reason.
+    js.delete_stream("EPOCH").await.unwrap();
+    let mut config = async_nats::jetstream::stream::Config {
+        name: "EPOCH".to_owned(),
+        subjects: vec!["herald.epoch.ev.>".to_owned()],
+        num_replicas: 3,
+        deny_delete: true,
+        deny_purge: true,
+        allow_atomic_publish: true,
+        allow_direct: true,
+        ..Default::default()
+    };
+    config.duplicate_window = Duration::from_secs(120);
+    js.create_stream(config).await.unwrap();
+    let err = JetStreamLog::connect(with_state(), Hub::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConnectError::Reset {
+                seen: 11,
+                last: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A node without that memory (a fresh data directory) may use it.
+    connect(&cluster, 1, "EPOCH").await;
+}

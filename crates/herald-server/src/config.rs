@@ -508,6 +508,7 @@ impl Config {
             tls_client: j.tls_cert.clone().zip(j.tls_key.clone()),
             request_timeout: j.request_timeout,
             node,
+            state_dir: Some(self.data_dir.clone()),
             ..Default::default()
         }
     }
