@@ -32,16 +32,17 @@ pub(crate) async fn read(
             leader(inner, next).await?.into_iter().collect()
         };
         let first = got.first().and_then(|n| n.watermark).map(|w| w.0);
-        let gone = match first {
-            Some(seq) => seq > next,
+        // Where the stream now begins, when what was asked for is gone.
+        let gone_from = match first {
+            Some(seq) => (seq > next).then_some(seq),
             // Nothing at or after `next`: removed, or a lagging replica.
-            None => short >= REPLICA_TRIES && oldest(inner).await? > next,
+            None if short >= REPLICA_TRIES => {
+                let oldest = oldest(inner).await?;
+                (oldest > next).then_some(oldest)
+            }
+            None => None,
         };
-        if gone {
-            let oldest = match first {
-                Some(seq) => seq,
-                None => oldest(inner).await?,
-            };
+        if let Some(oldest) = gone_from {
             if out.is_empty() {
                 // Retention removed what was asked for.
                 inner
@@ -76,12 +77,8 @@ pub(crate) async fn read(
 
 /// The stream's first sequence, from its leader.
 async fn oldest(inner: &Inner) -> Result<u64, ReadError> {
-    let mut s = inner
-        .js
-        .get_stream(&inner.options.stream)
-        .await
-        .map_err(log_err)?;
-    Ok(s.info().await.map_err(log_err)?.state.first_sequence)
+    let info = inner.stream.clone().info().await.map_err(log_err)?.clone();
+    Ok(info.state.first_sequence)
 }
 
 /// One batched direct get: up to `n` messages from sequence `from`, decoded.
@@ -153,12 +150,7 @@ pub(crate) async fn batch_raw(inner: &Inner, from: u64, n: usize) -> Result<Vec<
 
 /// One message from the stream leader (`STREAM.MSG.GET`), or none if it is gone.
 async fn leader(inner: &Inner, seq: u64) -> Result<Option<Notification>, ReadError> {
-    let s = inner
-        .js
-        .get_stream(&inner.options.stream)
-        .await
-        .map_err(log_err)?;
-    match s.get_raw_message(seq).await {
+    match inner.stream.get_raw_message(seq).await {
         Ok(m) => herald_log::record::decode(&m.payload, Watermark(m.sequence))
             .map(Some)
             .map_err(|e| ReadError::Log(format!("record {seq}: {e}"))),

@@ -11,7 +11,7 @@
 //! 3. The entry becomes `Done` (first watermark, count).
 //!
 //! A retry that finds `Done` answers its watermarks; one that finds `Pending` waits for the
-//! first attempt, and if that attempt is older than [`PENDING_GRACE`] (it died between 1 and
+//! first attempt, and if that attempt is older than twice the request timeout (it died between 1 and
 //! 3) it looks for the batch in the stream after the sequence `Pending` recorded: found, it
 //! records `Done`; not found, the batch was never committed (atomic batches are whole or
 //! absent) and it takes the entry over and publishes. An attempt still committing while it
@@ -37,19 +37,6 @@ const PENDING_GRACE_TIMEOUTS: u32 = 2;
 
 /// Events scanned at most when looking for an attempt's batch.
 const SCAN_LIMIT: u64 = 1_000_000;
-
-/// One attempt at appending under a key.
-#[derive(Debug)]
-pub(crate) struct Attempt {
-    /// The key's hash (hex), the bucket's key and the header's value.
-    pub(crate) key: String,
-}
-
-impl Attempt {
-    pub(crate) fn marker(&self) -> String {
-        self.key.clone()
-    }
-}
 
 /// A fresh id for one atomic batch (JetStream allows up to 64 characters).
 pub(crate) fn batch_id() -> String {
@@ -112,7 +99,6 @@ pub(crate) async fn append(
     let kv = &inner.idempotency;
     let k = bucket_key(key);
     let count = batch.len() as u32;
-    let attempt = Attempt { key: k.clone() };
     let grace = inner.options.request_timeout * PENDING_GRACE_TIMEOUTS;
     let conflict = || AppendError::IdempotencyConflict {
         key: key.to_owned(),
@@ -139,7 +125,7 @@ pub(crate) async fn append(
                 }
                 Err(e) => return Err(js_err(e).into()),
             };
-            let (first, last) = log.publish_batch(&batch, records, Some(&attempt)).await?;
+            let (first, last) = log.publish_batch(&batch, records, Some(&k)).await?;
             let done = Entry::Done {
                 sha256: digest.sha256,
                 first,
@@ -193,10 +179,7 @@ pub(crate) async fn append(
                     Err(e) if crate::lost_race(&e) => continue,
                     Err(e) => return Err(js_err(e).into()),
                 };
-                match log
-                    .publish_batch(&batch, records.clone(), Some(&attempt))
-                    .await
-                {
+                match log.publish_batch(&batch, records.clone(), Some(&k)).await {
                     Ok((first, last)) => {
                         let done = Entry::Done {
                             sha256: digest.sha256,
@@ -219,12 +202,14 @@ pub(crate) async fn append(
 /// The first sequence of the batch stored under bucket key `k` after sequence `after`.
 async fn find(log: &JetStreamLog, k: &str, after: u64) -> Result<Option<u64>, LogError> {
     let inner = &log.inner;
-    let mut s = inner
-        .js
-        .get_stream(&inner.options.stream)
+    let last = inner
+        .stream
+        .clone()
+        .info()
         .await
-        .map_err(js_err)?;
-    let last = s.info().await.map_err(js_err)?.state.last_sequence;
+        .map_err(js_err)?
+        .state
+        .last_sequence;
     let mut next = after + 1;
     while next <= last && next - after <= SCAN_LIMIT {
         let page = crate::directget::batch_raw(inner, next, 256)

@@ -196,6 +196,8 @@ pub(crate) struct Inner {
     pub(crate) options: JetStreamOptions,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
+    /// The stream, fetched once (its info is asked for through it).
+    pub(crate) stream: jetstream::stream::Stream,
     pub(crate) prefix: String,
     pub(crate) hub: Hub,
     pub(crate) position: Arc<Position>,
@@ -230,12 +232,8 @@ impl JetStreamLog {
         hub: Hub,
     ) -> Result<JetStreamLog, ConnectError> {
         let client = connect_client(&options).await?;
-        let js = jetstream::new(client.clone());
-        let js = {
-            let mut js = js;
-            js.set_timeout(options.request_timeout);
-            js
-        };
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(options.request_timeout);
         // A cluster that is starting too elects its leaders first: wait for it, a bounded time.
         let deadline = tokio::time::Instant::now() + options.start_timeout;
         let epoch_file = options
@@ -295,20 +293,19 @@ impl JetStreamLog {
                 },
             )
         });
-        let tail = tail::start(
-            js.clone(),
-            options.stream.clone(),
-            hub.clone(),
-            position.clone(),
-            epoch,
-        )
-        .await
-        .map_err(|e| ConnectError::JetStream(e.to_string()))?;
+        let stream = js
+            .get_stream(&options.stream)
+            .await
+            .map_err(|e| ConnectError::JetStream(e.to_string()))?;
+        let tail = tail::start(stream.clone(), hub.clone(), position.clone(), epoch)
+            .await
+            .map_err(|e| ConnectError::JetStream(e.to_string()))?;
         Ok(JetStreamLog {
             inner: Arc::new(Inner {
                 options,
                 client,
                 js,
+                stream,
                 prefix,
                 hub,
                 position,
@@ -343,7 +340,7 @@ impl JetStreamLog {
         &self,
         batch: &[Notification],
         records: Vec<Vec<u8>>,
-        idem: Option<&idempotency::Attempt>,
+        idem: Option<&str>,
     ) -> Result<(u64, u64), LogError> {
         let inner = &self.inner;
         let n = records.len();
@@ -353,12 +350,12 @@ impl JetStreamLog {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Batch-Id", batch_id.as_str());
             headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if let Some(a) = idem {
+            if let Some(key) = idem {
                 // JetStream refuses a batch whose ids it has seen within its duplicate window:
                 // a retry racing an attempt that is still committing cannot append twice.
-                headers.insert("Nats-Msg-Id", format!("{}-{i}", a.key).as_str());
+                headers.insert("Nats-Msg-Id", format!("{key}-{i}").as_str());
                 if i == 0 {
-                    headers.insert(IDEMPOTENCY_HEADER, a.marker().as_str());
+                    headers.insert(IDEMPOTENCY_HEADER, key);
                 }
             }
             let subject = subject_for(&inner.prefix, event.key.as_bytes());
@@ -650,22 +647,22 @@ impl EventLog for JetStreamLog {
 
 impl SubscriptionStore for JetStreamLog {
     async fn put_subscription(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
-        self.open()?;
+        self.check_open()?;
         subscriptions::put(&self.inner.subscriptions, id, spec).await
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<bool, LogError> {
-        self.open()?;
+        self.check_open()?;
         subscriptions::delete(&self.inner.subscriptions, id).await
     }
 
     async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
-        self.open()?;
+        self.check_open()?;
         subscriptions::ack(&self.inner.subscriptions, id, watermark).await
     }
 
     async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
-        self.open()?;
+        self.check_open()?;
         subscriptions::set_inflight(&self.inner.subscriptions, id, through).await
     }
 
@@ -675,7 +672,8 @@ impl SubscriptionStore for JetStreamLog {
 }
 
 impl JetStreamLog {
-    fn open(&self) -> Result<(), LogError> {
+    /// [`LogError::Closed`] once [`EventLog::shutdown`] was called.
+    fn check_open(&self) -> Result<(), LogError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             Err(LogError::Closed)
         } else {

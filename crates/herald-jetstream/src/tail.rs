@@ -32,13 +32,11 @@ impl TailHandle {
 
 /// Starts the tail after `position.hub`'s value.
 pub(crate) async fn start(
-    js: jetstream::Context,
-    stream: String,
+    s: jetstream::stream::Stream,
     hub: Hub,
     position: Arc<Position>,
     epoch: Option<(std::path::PathBuf, crate::epoch::Epoch)>,
 ) -> Result<TailHandle, String> {
-    let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
     let token = CancellationToken::new();
     let handle = TailHandle {
         token: token.clone(),

@@ -588,10 +588,25 @@ async fn fetch_page(
     id: &str,
     after: u64,
 ) -> Result<(Vec<Value>, u64, bool), Option<u16>> {
+    let v = get_json(
+        s,
+        http,
+        &format!("/v1/subscriptions/{id}/events?after={after}&limit=500"),
+    )
+    .await?;
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    Ok((
+        events,
+        v["next_after"].as_u64().unwrap_or(after),
+        v["more"].as_bool().unwrap_or(false),
+    ))
+}
+
+/// `GET path` with the producers' key: the JSON body of a 200, `Err(Some(status))` for
+/// another status, `Err(None)` when the request or its body failed.
+async fn get_json(s: &Shared, http: &reqwest::Client, path: &str) -> Result<Value, Option<u16>> {
     let r = http
-        .get(s.url(&format!(
-            "/v1/subscriptions/{id}/events?after={after}&limit=500"
-        )))
+        .get(s.url(path))
         .bearer_auth(API_KEY)
         .send()
         .await
@@ -599,13 +614,7 @@ async fn fetch_page(
     if r.status() != 200 {
         return Err(Some(r.status().as_u16()));
     }
-    let v: Value = r.json().await.map_err(|_| None)?;
-    let events = v["events"].as_array().cloned().unwrap_or_default();
-    Ok((
-        events,
-        v["next_after"].as_u64().unwrap_or(after),
-        v["more"].as_bool().unwrap_or(false),
-    ))
+    r.json().await.map_err(|_| None)
 }
 
 /// Long-polls `wait`; whether events are pending. `Err(Some(status))` for an HTTP error.
@@ -615,16 +624,12 @@ async fn wait_pending(
     id: &str,
     secs: u64,
 ) -> Result<bool, Option<u16>> {
-    let r = http
-        .get(s.url(&format!("/v1/subscriptions/{id}/wait?timeout={secs}")))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .map_err(|_| None)?;
-    if r.status() != 200 {
-        return Err(Some(r.status().as_u16()));
-    }
-    let v: Value = r.json().await.map_err(|_| None)?;
+    let v = get_json(
+        s,
+        http,
+        &format!("/v1/subscriptions/{id}/wait?timeout={secs}"),
+    )
+    .await?;
     Ok(v["pending"].as_bool().unwrap_or(false))
 }
 
