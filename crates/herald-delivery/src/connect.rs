@@ -59,20 +59,6 @@ pub struct Connect {
 }
 
 impl Connect {
-    /// A connect of `transport` with a fresh id (`<transport>-<uuid>`).
-    pub fn fresh(
-        transport: Transport,
-        owner: impl Into<String>,
-        target: impl Into<String>,
-    ) -> Self {
-        Connect {
-            id: format!("{transport}-{}", uuid::Uuid::new_v4().simple()),
-            owner: owner.into(),
-            transport,
-            target: target.into(),
-        }
-    }
-
     /// The hook request of this connect.
     pub fn request(&self) -> HookRequest {
         HookRequest::new(
@@ -160,6 +146,22 @@ impl Lifecycle {
     /// The connections registry.
     pub fn connections(&self) -> &Connections {
         &self.connections
+    }
+
+    /// A connect of `transport` with a fresh id (`<transport>-<uuid>`, and `.<node>` in a
+    /// cluster).
+    pub fn fresh(
+        &self,
+        transport: Transport,
+        owner: impl Into<String>,
+        target: impl Into<String>,
+    ) -> Connect {
+        Connect {
+            id: self.connections.fresh_id(transport.as_str()),
+            owner: owner.into(),
+            transport,
+            target: target.into(),
+        }
     }
 
     /// The hooks.

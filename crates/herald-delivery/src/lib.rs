@@ -26,9 +26,10 @@
 //! );
 //! let filter = Filter { scope: Scope::Subtree("alice".into()), mask: EventMask::ALL };
 //! // The connect sequence: before hooks, the feed, presence (online), after hooks.
+//! let connect = delivery.lifecycle().fresh(Transport::Sse, "alice", "alice/");
 //! let (mut feed, live) = delivery
 //!     .lifecycle()
-//!     .connect(Connect::fresh(Transport::Sse, "alice", "alice/"), Some(Lease::Stream), || {
+//!     .connect(connect, Some(Lease::Stream), || {
 //!         std::future::ready(delivery.feed(filter.clone(), Watermark(0)))
 //!     })
 //!     .await
@@ -80,14 +81,17 @@ pub use feed::{Feed, FeedItem, Select};
 pub use nudge::NudgeTarget;
 pub use outbox::{Outbox, Taken};
 pub use page::{Page, PageRequest};
-pub use presence::{BusyGuard, Conn, ConnectionInfo, Connections, Lease, PresenceOptions};
+pub use presence::{
+    BusyGuard, Conn, ConnectionInfo, Connections, Lease, PresenceOptions, node_of, offline_event,
+    presence_change,
+};
 pub use push::{Attempt, GiveUp, PushState, PushStatus, Pushed, Pusher, RetryPolicy};
 pub use quota::{Quota, QuotaPermit};
 pub use registry::{Registry, Session};
 pub use state::{Advice, AdviseStream, PushGuard, ServerState, state_name};
 
 /// How deliveries are set up.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct DeliveryOptions {
     /// Capacity, in events, of each feed's live queue (overflowing it costs log reads, not
     /// events).
@@ -146,7 +150,7 @@ impl<L: EventLog + Clone> Delivery<L> {
         shutdown: CancellationToken,
     ) -> Delivery<L> {
         let tasks = TaskTracker::new();
-        let connections = Connections::new(log.clone(), options.presence);
+        let connections = Connections::new(log.clone(), options.presence.clone());
         Delivery {
             inner: Arc::new(Inner {
                 lifecycle: Lifecycle::new(hooks, connections, tasks.clone()),

@@ -55,6 +55,42 @@ fn segment(s: &str) -> String {
     s.replace('%', "%25").replace('/', "%2F")
 }
 
+/// The node a connection id names (the part after its last `.`), if it names one.
+pub fn node_of(id: &str) -> Option<&str> {
+    id.rsplit_once('.')
+        .map(|(_, node)| node)
+        .filter(|n| !n.is_empty())
+}
+
+/// A presence event's connection: its key's owner and id segments (as escaped in the key)
+/// and whether it is now online; `None` for any other event.
+pub fn presence_change(n: &Notification) -> Option<(&str, bool)> {
+    let rest = n
+        .key
+        .as_str()?
+        .strip_prefix(PRESENCE_PREFIX)?
+        .strip_prefix('/')?;
+    let (_, id) = rest.rsplit_once('/')?;
+    match &n.event {
+        Event::ConnectionState(c) => Some((id, c.new_state == STATE_ONLINE)),
+        _ => None,
+    }
+}
+
+/// The event that says the connection of presence key `key` went offline.
+pub fn offline_event(key: Key) -> Notification {
+    Notification::new(
+        key,
+        Event::ConnectionState(ConnectionStateChange {
+            phase: StateChangePhase::Done,
+            client_token: 0,
+            changed_mask: STATE_OFFLINE_MASK,
+            old_state: STATE_ONLINE,
+            new_state: STATE_OFFLINE,
+        }),
+    )
+}
+
 /// A connection as the operator's API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionInfo {
@@ -92,7 +128,7 @@ pub enum Lease {
 }
 
 /// How presence is kept.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PresenceOptions {
     /// How long a connection may stay unheard before it goes offline.
     pub lease: Duration,
@@ -100,6 +136,9 @@ pub struct PresenceOptions {
     pub publish: bool,
     /// Most connections with unwritten changes; new connects are refused beyond it.
     pub backlog: usize,
+    /// This node's name, in a cluster: the connections it makes end in `.<node>`, so that
+    /// a survivor can tell them apart once this node dies ([`node_of`]).
+    pub node: Option<String>,
 }
 
 impl Default for PresenceOptions {
@@ -108,6 +147,7 @@ impl Default for PresenceOptions {
             lease: Duration::from_secs(45),
             publish: true,
             backlog: 65_536,
+            node: None,
         }
     }
 }
@@ -321,6 +361,19 @@ impl Connections {
         Connections { inner }
     }
 
+    /// A fresh connection id, `<prefix>-<uuid>`, ending in `.<node>` in a cluster.
+    pub fn fresh_id(&self, prefix: &str) -> String {
+        self.node_named(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// `id` as this node names it: `<id>.<node>` in a cluster, `id` alone otherwise.
+    pub fn node_named(&self, id: String) -> String {
+        match &self.inner.options.node {
+            Some(node) => format!("{id}.{node}"),
+            None => id,
+        }
+    }
+
     /// Whether the presence backlog is full: new connects are refused until it drains.
     pub fn is_backlogged(&self) -> bool {
         self.inner.backlog().pending.len() >= self.inner.options.backlog
@@ -340,7 +393,7 @@ impl Connections {
         target: &str,
         lease: Lease,
     ) -> Conn {
-        let id = id.unwrap_or_else(|| format!("{transport}-{}", uuid::Uuid::new_v4().simple()));
+        let id = id.unwrap_or_else(|| self.fresh_id(transport.as_str()));
         let now = Timestamp::now().0;
         let expired = CancellationToken::new();
         let kicked = Arc::new(AtomicBool::new(false));

@@ -55,6 +55,20 @@ impl<S> Session<S> {
         }
     }
 
+    /// The client used it, elsewhere (another node): it is not idle; its lease here is not
+    /// renewed.
+    pub fn mark_used(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// Gives it a connection made by `attach`, unless it has one already.
+    pub fn attach_with(&self, attach: impl FnOnce() -> Live) {
+        let mut live = self.live();
+        if live.is_none() && !self.is_stopped() {
+            *live = Some(attach());
+        }
+    }
+
     /// How long since it was last touched.
     pub fn idle_for(&self) -> Duration {
         self.last_used

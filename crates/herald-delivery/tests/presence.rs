@@ -27,6 +27,7 @@ fn options(backlog: usize) -> PresenceOptions {
         lease: LEASE,
         publish: true,
         backlog,
+        node: None,
     }
 }
 

@@ -175,7 +175,7 @@ async fn closing_waits_for_tracked_tasks_then_writes_every_connection_offline_th
     let (_, live) = d
         .lifecycle()
         .connect(
-            Connect::fresh(Transport::Sse, "alice", "inbox"),
+            d.lifecycle().fresh(Transport::Sse, "alice", "inbox"),
             Some(Lease::Stream),
             opened,
         )

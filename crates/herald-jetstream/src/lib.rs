@@ -13,6 +13,7 @@
 //!
 //! See `docs/design/cluster.md`.
 
+pub mod cluster;
 mod directget;
 mod epoch;
 mod idempotency;
@@ -34,6 +35,7 @@ use herald_log::{
 };
 use tokio::sync::watch;
 
+pub use cluster::{Cluster, Lease, Liveness, NodeEntry, NodeRecord, SubscriptionChange};
 pub use idempotency::IDEMPOTENCY_HEADER;
 
 /// JetStream's limit on the messages of one atomic batch (the server's default).
@@ -67,6 +69,9 @@ pub struct JetStreamOptions {
     /// Where this node remembers the stream it follows and the highest watermark it saw, so
     /// that a recreated stream cannot make watermarks go back (the server's data directory).
     pub state_dir: Option<std::path::PathBuf>,
+    /// How long a node holds push work without renewing its lease, and how long a silent
+    /// node is given before a survivor speaks for it.
+    pub lease: Duration,
 }
 
 impl Default for JetStreamOptions {
@@ -84,6 +89,7 @@ impl Default for JetStreamOptions {
             node: "herald".to_owned(),
             start_timeout: Duration::from_secs(60),
             state_dir: None,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -203,6 +209,7 @@ pub(crate) struct Inner {
     pub(crate) position: Arc<Position>,
     pub(crate) idempotency: jetstream::kv::Store,
     pub(crate) subscriptions: jetstream::kv::Store,
+    pub(crate) cluster: Cluster,
     pub(crate) closed: AtomicBool,
     pub(crate) tail: tail::TailHandle,
 }
@@ -265,6 +272,15 @@ impl JetStreamLog {
         };
         let idempotency = ensure_bucket(&js, kv("IDEM", options.idempotency_ttl), deadline).await?;
         let subscriptions = ensure_bucket(&js, kv("SUBS", Duration::ZERO), deadline).await?;
+        let leases = ensure_bucket(&js, kv("LEASES", options.lease), deadline).await?;
+        let nodes = ensure_bucket(&js, kv("NODES", Duration::ZERO), deadline).await?;
+        let cluster = Cluster::new(
+            options.node.clone(),
+            options.lease,
+            leases,
+            nodes,
+            subscriptions.clone(),
+        );
         let last = info.state.last_sequence;
         let created = format!("{:?}", info.created);
         if let (Some(file), Some(seen)) = (&epoch_file, &remembered) {
@@ -311,6 +327,7 @@ impl JetStreamLog {
                 position,
                 idempotency,
                 subscriptions,
+                cluster,
                 closed: AtomicBool::new(false),
                 tail,
             }),
@@ -320,6 +337,12 @@ impl JetStreamLog {
     /// The options it runs with.
     pub fn options(&self) -> &JetStreamOptions {
         &self.inner.options
+    }
+
+    /// What the nodes on this stream share besides the log: leases, liveness, and the
+    /// changes to durable subscriptions.
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
     }
 
     /// The last watermark this node's hub has seen.

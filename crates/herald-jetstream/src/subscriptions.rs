@@ -148,14 +148,33 @@ pub(crate) async fn list(store: &kv::Store) -> Result<Vec<SubscriptionRecord>, L
         if entry.operation != kv::Operation::Put {
             continue;
         }
-        let s: Stored = postcard::from_bytes(&entry.value).map_err(js_err)?;
-        out.push(SubscriptionRecord {
-            id: s.id,
-            spec: s.spec,
-            acked: Watermark(s.acked),
-            inflight: Watermark(s.inflight),
-        });
+        out.push(decode(&entry.value)?);
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// A stored value as the record the server reads.
+pub(crate) fn decode(value: &[u8]) -> Result<SubscriptionRecord, LogError> {
+    let s: Stored = postcard::from_bytes(value).map_err(js_err)?;
+    Ok(SubscriptionRecord {
+        id: s.id,
+        spec: s.spec,
+        acked: Watermark(s.acked),
+        inflight: Watermark(s.inflight),
+    })
+}
+
+/// The subscription `id` as stored now.
+pub(crate) async fn record(
+    store: &kv::Store,
+    id: &str,
+) -> Result<Option<SubscriptionRecord>, LogError> {
+    let Some(entry) = store.entry(bucket_key(id)).await.map_err(js_err)? else {
+        return Ok(None);
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok(None);
+    }
+    decode(&entry.value).map(Some)
 }

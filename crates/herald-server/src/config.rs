@@ -112,8 +112,14 @@ pub struct JetStreamConfig {
     /// How long one request to the cluster may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// This node's name (default: the host name and port).
+    /// This node's name: letters, digits, `-` and `_`, at most 64 (default: the host name
+    /// and port, other characters made `-`). Connection ids made here end in `.<node>`.
     pub node: Option<String>,
+    /// How long a node holds push work (webhooks) without renewing its lease, and how long
+    /// a silent node is given before a survivor takes its push work and says its
+    /// connections are offline.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 impl Default for JetStreamConfig {
@@ -128,6 +134,7 @@ impl Default for JetStreamConfig {
             tls_key: None,
             request_timeout: Duration::from_secs(10),
             node: None,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -447,6 +454,21 @@ impl Config {
 
     /// Refuses a lease that streams could not renew in time (they renew on every write).
     pub fn check_timers(&self) -> Result<(), String> {
+        if let Some(node) = &self.jetstream.node {
+            if node.is_empty()
+                || node.len() > 64
+                || !node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "jetstream.node {node:?}: use 1 to 64 letters, digits, '-' or '_' (it ends connection ids)"
+                ));
+            }
+        }
+        if self.jetstream.lease < Duration::from_secs(1) {
+            return Err("jetstream.lease must be at least 1s".to_owned());
+        }
         let lease = self.connections.lease;
         for (name, every) in [
             ("limits.keepalive", self.limits.keepalive),
@@ -484,6 +506,7 @@ impl Config {
                 lease: self.connections.lease,
                 publish: self.connections.presence,
                 backlog: self.connections.presence_backlog.max(1),
+                node: (self.log.backend == LogBackend::Jetstream).then(|| self.node_name()),
             },
         }
     }
@@ -491,12 +514,7 @@ impl Config {
     /// The JetStream log's options (`[jetstream]`, with the retention of `[retention]`).
     pub fn jetstream_options(&self) -> herald_jetstream::JetStreamOptions {
         let j = &self.jetstream;
-        let node = j.node.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "herald".to_owned());
-            format!("{host}:{}", self.listen.port())
-        });
+        let node = self.node_name();
         herald_jetstream::JetStreamOptions {
             servers: j.servers.clone(),
             stream: j.stream.clone(),
@@ -509,8 +527,30 @@ impl Config {
             request_timeout: j.request_timeout,
             node,
             state_dir: Some(self.data_dir.clone()),
+            lease: j.lease,
             ..Default::default()
         }
+    }
+
+    /// This node's name in a cluster: `[jetstream] node`, or the host name and port with
+    /// every character but letters, digits, `-` and `_` made `-`.
+    pub fn node_name(&self) -> String {
+        self.jetstream.node.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "herald".to_owned());
+            format!("{host}-{}", self.listen.port())
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(64)
+                .collect()
+        })
     }
 
     /// The log's options for this configuration.

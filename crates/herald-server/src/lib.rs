@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+mod cluster;
 pub mod config;
 pub mod egress;
 pub mod error;
@@ -52,6 +53,8 @@ struct StateInner {
     egress: egress::EgressPolicy,
     ews: ews::Ews,
     mapi: mapi::Mapi,
+    /// This node in a cluster (the JetStream backend).
+    node: Option<Arc<cluster::Node>>,
     started: Instant,
 }
 
@@ -71,6 +74,7 @@ impl AppState {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let egress = config.egress().map_err(anyhow::Error::msg)?;
         let auth = Arc::new(auth::Auth::new(&config.auth, &config.data_dir)?);
+        let mut shared = None;
         let log: Log = match config.log.backend {
             config::LogBackend::Embedded => SharedLog::new(EmbeddedLog::open(
                 &config.data_dir,
@@ -85,7 +89,9 @@ impl AppState {
                     node = %options.node,
                     "the log is on NATS JetStream"
                 );
-                SharedLog::new(herald_jetstream::JetStreamLog::connect(options, hub).await?)
+                let js = herald_jetstream::JetStreamLog::connect(options, hub).await?;
+                shared = Some(js.cluster().clone());
+                SharedLog::new(js)
             }
         };
         let frames = Arc::new(frames::EventCache::default());
@@ -111,6 +117,9 @@ impl AppState {
             config: config.webhooks.clone(),
             frames: frames.clone(),
         }));
+        if let Some(cluster) = &shared {
+            durables.set_cluster(cluster.clone());
+        }
         let restored = durables.restore().await?;
         if restored > 0 {
             tracing::info!(restored, "durable subscriptions restored");
@@ -122,6 +131,15 @@ impl AppState {
             egress.client(config.webhooks.request_timeout),
         );
         let mapi = mapi::Mapi::new(delivery.clone(), config.mapi.clone(), egress.clone());
+        let node = match shared {
+            Some(cluster) => {
+                let node = Arc::new(cluster::Node::join(cluster, delivery.log().clone()).await?);
+                let (beating, stop) = (node.clone(), delivery.shutdown().clone());
+                delivery.spawn(async move { beating.run(stop).await });
+                Some(node)
+            }
+            None => None,
+        };
         Ok(AppState {
             inner: Arc::new(StateInner {
                 config,
@@ -133,6 +151,7 @@ impl AppState {
                 egress,
                 ews,
                 mapi,
+                node,
                 started: Instant::now(),
             }),
         })
@@ -253,6 +272,10 @@ pub async fn run(listener: tokio::net::TcpListener, state: AppState) -> anyhow::
     state.ews().stop_all();
     state.mapi().stop_all();
     state.delivery().close(timeout).await?;
+    // Its connections went offline above: in a cluster, nobody has to speak for it.
+    if let Some(node) = &state.inner.node {
+        node.leave().await;
+    }
     tracing::info!("herald stopped; the log is flushed");
     Ok(())
 }

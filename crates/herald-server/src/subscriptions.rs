@@ -348,6 +348,8 @@ struct DurablesInner {
     delivery: Delivery<Log>,
     registry: Registry<Durable>,
     webhook_worker: Mutex<Option<WebhookWorker>>,
+    /// In a cluster: what the nodes share (the subscriptions' changes, push leases).
+    cluster: Mutex<Option<herald_jetstream::Cluster>>,
     idle_timeout: Duration,
     max_key: usize,
     udp_repeat: Duration,
@@ -366,6 +368,7 @@ impl Durables {
                 registry: delivery.registry(),
                 delivery,
                 webhook_worker: Mutex::new(None),
+                cluster: Mutex::new(None),
                 idle_timeout,
                 max_key,
                 udp_repeat,
@@ -382,6 +385,21 @@ impl Durables {
             .unwrap_or_else(|e| e.into_inner()) = Some(worker);
     }
 
+    /// Runs them on a cluster (before [`Durables::restore`]): a subscription made on any
+    /// node is served on every node, and a webhook is delivered by the node holding its lease.
+    pub fn set_cluster(&self, cluster: herald_jetstream::Cluster) {
+        *self.inner.cluster.lock().unwrap_or_else(|e| e.into_inner()) = Some(cluster);
+    }
+
+    /// The cluster, when there is one.
+    pub fn cluster(&self) -> Option<herald_jetstream::Cluster> {
+        self.inner
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn log(&self) -> &Log {
         self.inner.delivery.log()
     }
@@ -393,27 +411,121 @@ impl Durables {
 
     /// Brings back every stored subscription. This is an automatic restoration, not a new
     /// subscribe: no subscribe hooks run. Records that no longer parse are logged and skipped.
+    ///
+    /// In a cluster, the changes other nodes make are followed from before the listing on,
+    /// for as long as the server runs.
     pub async fn restore(&self) -> Result<usize, herald_log::LogError> {
+        let changes = match self.cluster() {
+            Some(c) => Some(c.subscription_changes().await?),
+            None => None,
+        };
+        // One node alone serves every subscription: its connection is attached now. In a
+        // cluster, on the node a client uses (or, for a webhook, the one holding its lease).
+        let attach = changes.is_none();
         let mut restored = 0;
         for record in self.log().subscriptions().await? {
-            let spec: SubscriptionSpec = match serde_json::from_slice(&record.spec) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(id = %record.id, error = %e, "stored subscription does not parse; skipped");
-                    continue;
-                }
-            };
-            match spec.filter.to_filter(self.inner.max_key) {
-                Ok(filter) => {
-                    self.start(record.id, spec, filter, record.acked, record.inflight);
-                    restored += 1;
-                }
-                Err(e) => {
-                    tracing::error!(id = %record.id, error = %e, "stored subscription filter is invalid; skipped")
-                }
+            if self.start_record(record, attach).is_some() {
+                restored += 1;
             }
         }
+        if let Some(changes) = changes {
+            let this = self.clone();
+            self.inner.delivery.spawn(async move {
+                let stop = this.inner.delivery.shutdown().clone();
+                tokio::select! {
+                    () = crate::cluster::follow_subscriptions(this, changes) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
         Ok(restored)
+    }
+
+    /// Starts a stored subscription; `None` (logged) if its record no longer parses.
+    fn start_record(
+        &self,
+        record: herald_log::SubscriptionRecord,
+        attach: bool,
+    ) -> Option<DurableRef> {
+        let spec: SubscriptionSpec = match serde_json::from_slice(&record.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(id = %record.id, error = %e, "stored subscription does not parse; skipped");
+                return None;
+            }
+        };
+        match spec.filter.to_filter(self.inner.max_key) {
+            Ok(filter) => Some(self.start(
+                record.id,
+                spec,
+                filter,
+                record.acked,
+                record.inflight,
+                attach,
+            )),
+            Err(e) => {
+                tracing::error!(id = %record.id, error = %e, "stored subscription filter is invalid; skipped");
+                None
+            }
+        }
+    }
+
+    /// Another node changed subscription `record.id` (or made it): this node follows.
+    pub(crate) fn apply_remote(&self, record: herald_log::SubscriptionRecord) {
+        let Some(sub) = self.inner.registry.peek(&record.id) else {
+            self.start_record(record, false);
+            return;
+        };
+        self.refresh(&sub, &record);
+    }
+
+    /// Brings `sub` up to its stored `record`: acknowledgements only move forward; a webhook
+    /// enabled elsewhere resumes here.
+    pub(crate) fn refresh(&self, sub: &DurableRef, record: &herald_log::SubscriptionRecord) {
+        if sub.cursor.advance(record.acked) {
+            // Acknowledged on another node: the subscriber is alive.
+            sub.mark_used();
+        }
+        sub.inflight
+            .store(record.inflight.0, std::sync::atomic::Ordering::Release);
+        let Ok(spec) = serde_json::from_slice::<SubscriptionSpec>(&record.spec) else {
+            return;
+        };
+        let was_held = sub.webhook_state() != WebhookState::Active;
+        *sub.spec_lock() = spec;
+        if was_held && sub.webhook_state() == WebhookState::Active {
+            if let Some(p) = sub.pusher() {
+                p.reset();
+            }
+            sub.enable.notify_one();
+        }
+    }
+
+    /// Another node deleted subscription `id`: it ends here too, without hooks (they ran
+    /// where it was deleted).
+    pub(crate) fn forget_remote(&self, id: &str) {
+        self.inner.registry.take(id);
+    }
+
+    /// Gives `sub` its connection on this node, if it has none yet (in a cluster, the node
+    /// a client uses, or the one that took a webhook's lease).
+    pub(crate) fn attach_here(&self, sub: &DurableRef) {
+        let spec = sub.spec();
+        let transport = spec.transport;
+        sub.attach_with(|| {
+            self.inner.delivery.lifecycle().attach(
+                Connect {
+                    id: sub.id().to_owned(),
+                    owner: owner_name(spec.owner.as_deref()).to_owned(),
+                    transport: transport.kind(),
+                    target: target_of(&sub.filter),
+                },
+                match transport {
+                    Transport::Poll | Transport::Udp => Lease::Session,
+                    Transport::Webhook => Lease::None,
+                },
+            )
+        });
     }
 
     /// Creates subscription `id` starting after `after` (default: now). Durable when it
@@ -450,7 +562,9 @@ impl Durables {
             serde_json::to_vec(&spec).map_err(|e| herald_log::LogError::Storage(e.to_string()))?;
         self.log().put_subscription(&id, bytes).await?;
         self.log().ack(&id, start).await?;
-        Ok(self.start(id, spec, filter, start, Watermark(0)))
+        // Made here, so the client is here; a webhook's connection is its lease holder's.
+        let attach = transport != Transport::Webhook || self.cluster().is_none();
+        Ok(self.start(id, spec, filter, start, Watermark(0), attach))
     }
 
     fn start(
@@ -460,22 +574,10 @@ impl Durables {
         filter: Filter,
         acked: Watermark,
         inflight: Watermark,
+        attach: bool,
     ) -> DurableRef {
         let transport = spec.transport;
         let udp = spec.udp.as_ref().and_then(|u| u.target().ok());
-        let lease = match transport {
-            Transport::Poll | Transport::Udp => Lease::Session,
-            Transport::Webhook => Lease::None,
-        };
-        let live = self.inner.delivery.lifecycle().attach(
-            Connect {
-                id: id.clone(),
-                owner: owner_name(spec.owner.as_deref()).to_owned(),
-                transport: transport.kind(),
-                target: target_of(&filter),
-            },
-            lease,
-        );
         let worker = self
             .inner
             .webhook_worker
@@ -494,7 +596,10 @@ impl Durables {
             pusher,
             enable: Notify::new(),
         };
-        let sub = self.inner.registry.insert(id, durable, Some(live));
+        let sub = self.inner.registry.insert(id, durable, None);
+        if attach {
+            self.attach_here(&sub);
+        }
         match transport {
             Transport::Poll | Transport::Udp => {
                 let watcher = sub.clone();
@@ -519,12 +624,15 @@ impl Durables {
                     });
                 }
             }
-            Transport::Webhook => match worker {
-                Some(worker) => self
+            Transport::Webhook => match (worker, self.cluster()) {
+                (Some(worker), None) => self
                     .inner
                     .registry
                     .spawn(&sub, (worker.run)(self.clone(), sub.clone())),
-                None => {
+                (Some(worker), Some(cluster)) => self.inner.delivery.spawn(
+                    crate::cluster::hold_webhook(cluster, self.clone(), sub.clone(), worker),
+                ),
+                (None, _) => {
                     tracing::error!(id = %sub.id(), "webhook subscription without a webhook worker");
                 }
             },
@@ -584,7 +692,7 @@ impl Durables {
 
     /// Enables a paused or disabled webhook: it resumes from its acknowledged watermark.
     pub async fn enable(&self, id: &str) -> Result<DurableRef, DurableError> {
-        let sub = self.get(id)?;
+        let sub = self.get(id).await?;
         self.set_webhook_state(&sub, WebhookState::Active, None)
             .await;
         if let Some(p) = sub.pusher() {
@@ -596,7 +704,7 @@ impl Durables {
 
     /// Replaces a webhook's signing secret; the old one keeps signing until `grace` passes.
     pub async fn rotate_secret(&self, id: &str, grace: Duration) -> Result<String, DurableError> {
-        let sub = self.get(id)?;
+        let sub = self.get(id).await?;
         let new = new_secret();
         {
             let mut spec = sub.spec_lock();
@@ -624,12 +732,35 @@ impl Durables {
         Ok(new)
     }
 
-    /// The subscription `id`, touched (so it does not expire).
-    pub fn get(&self, id: &str) -> Result<DurableRef, DurableError> {
-        self.inner
-            .registry
-            .get(id)
-            .ok_or_else(|| DurableError::NotFound(id.to_owned()))
+    /// The subscription `id`, touched (so it does not expire). In a cluster, one made on
+    /// another node a moment ago is read from the store, and its connection is attached here.
+    pub async fn get(&self, id: &str) -> Result<DurableRef, DurableError> {
+        let sub = match (self.inner.registry.get(id), self.cluster()) {
+            (Some(sub), _) => sub,
+            (None, None) => return Err(DurableError::NotFound(id.to_owned())),
+            (None, Some(cluster)) => {
+                let record = cluster
+                    .subscription(id)
+                    .await?
+                    .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
+                let sub = self
+                    .start_record(record, false)
+                    .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
+                sub.touch();
+                sub
+            }
+        };
+        if self
+            .inner
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && sub.spec().transport != Transport::Webhook
+        {
+            self.attach_here(&sub);
+        }
+        Ok(sub)
     }
 
     /// Every subscription, by id.
@@ -654,11 +785,13 @@ impl Durables {
         }
         // The stored record first: if that fails, the subscription is still whole and the
         // delete can be retried.
-        self.log().delete_subscription(id).await?;
-        self.inner
-            .registry
-            .take(id)
-            .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
+        if !self.log().delete_subscription(id).await? && self.cluster().is_some() {
+            // Another node deleted it first.
+            self.inner.registry.take(id);
+            return Err(DurableError::NotFound(id.to_owned()));
+        }
+        // In a cluster, the echo of this very delete may have ended it here already.
+        self.inner.registry.take(id);
         Ok(())
     }
 
@@ -708,13 +841,18 @@ impl Durables {
 
     /// Removes poll subscriptions idle longer than the idle timeout; returns how many.
     /// (A webhook subscription is never idle: Herald is the one that calls.)
+    ///
+    /// In a cluster, a node expires only what a client used on it (the others never saw the
+    /// client), and an acknowledgement on any node counts as use everywhere.
     pub async fn expire_idle(&self) -> usize {
+        let clustered = self.cluster().is_some();
         let idle: Vec<DurableRef> = self
             .list()
             .into_iter()
             .filter(|s| {
                 matches!(s.spec().transport, Transport::Poll | Transport::Udp)
                     && s.idle_for() > self.inner.idle_timeout
+                    && (!clustered || s.live().is_some())
             })
             .collect();
         let mut n = 0;

@@ -1,18 +1,38 @@
 //! Two `herald serve` processes on one JetStream log (a real 3-node `nats-server` cluster,
-//! sync always): events published on one node reach subscribers of the other, and a client of
-//! a node that dies resumes on the other from its last watermark with nothing missed.
+//! sync always): events published on one node reach subscribers of the other; a client of a
+//! node that dies resumes on the other from its last watermark with nothing missed; a poll
+//! subscription made on one node is read and acknowledged on the other; a dead node's webhooks
+//! are taken over (same `webhook-id` on redelivery) and its connections go offline.
 
 mod common;
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
-use common::{Server, SseClient, created, publish_ok};
+use common::{Receiver, Server, SseClient, client, client_no_timeout, created, publish_ok};
+use futures_util::StreamExt;
 use herald_testkit::{ClusterOptions, NatsCluster};
+use serde_json::{Value, json};
 
-/// A Herald node on the cluster's server `nats`, on stream `stream`.
+/// A Herald node named `name` on the cluster's server `nats`, on stream `stream`.
 fn node(cluster: &NatsCluster, nats: usize, stream: &str) -> (Server, tempfile::TempDir) {
+    node_with(cluster, nats, stream, &[])
+}
+
+/// A node with more settings (environment).
+fn node_with(
+    cluster: &NatsCluster,
+    nats: usize,
+    stream: &str,
+    env: &[(&str, &str)],
+) -> (Server, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let servers = cluster.url(nats);
+    let mut all = vec![
+        ("HERALD_JETSTREAM__STREAM", stream),
+        ("HERALD_JETSTREAM__REQUEST_TIMEOUT", "5s"),
+    ];
+    all.extend_from_slice(env);
     let server = Server::start_in(
         &tmp.path().join("data"),
         &[
@@ -21,12 +41,33 @@ fn node(cluster: &NatsCluster, nats: usize, stream: &str) -> (Server, tempfile::
             "--jetstream-servers",
             &servers,
         ],
-        &[
-            ("HERALD_JETSTREAM__STREAM", stream),
-            ("HERALD_JETSTREAM__REQUEST_TIMEOUT", "5s"),
-        ],
+        &all,
     );
     (server, tmp)
+}
+
+/// SIGKILLs a node.
+fn kill(server: &mut Server) {
+    if let Some(mut c) = server.child.take() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+/// Retries `check` every 100 ms until it returns `Some`, for at most `within`.
+async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Reads SSE events until watermark `through`; the watermarks, checked contiguous from
@@ -64,10 +105,7 @@ async fn events_published_on_one_node_reach_sse_subscribers_of_the_other_and_sur
     assert_eq!(acked, (1..=200).collect::<Vec<_>>());
     assert_eq!(sse_until(&mut on_b, 0, 120).await.len(), 120);
     // Node B dies mid-stream; its client resumes on A from the last id it saw.
-    if let Some(mut c) = b.child.take() {
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
+    kill(&mut b);
     for i in 50..60 {
         publish_ok(
             &a,
@@ -81,4 +119,228 @@ async fn events_published_on_one_node_reach_sse_subscribers_of_the_other_and_sur
         (121..=210).collect::<Vec<_>>()
     );
     assert!(on_a.quiet_for(Duration::from_millis(300)).await);
+}
+
+async fn get_json(url: String) -> (u16, Value) {
+    let r = client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poll_subscription_made_on_one_node_is_read_acknowledged_and_deleted_on_the_other() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let (a, _ta) = node(&cluster, 0, "POLL");
+    let (b, _tb) = node(&cluster, 1, "POLL");
+    let r = client()
+        .post(a.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "subtree": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut published = Vec::new();
+    for i in 0..10 {
+        published.extend(publish_ok(&a, json!([created(&format!("alice/inbox/m{i}"))])).await);
+    }
+    // Read on B at once (B may not have heard of it yet: it asks the store).
+    let (status, page) = get_json(b.url(&format!("/v1/subscriptions/{id}/events?limit=100"))).await;
+    assert_eq!(status, 200, "{page}");
+    let got: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["watermark"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, published);
+    // Acknowledged on B: A's next page starts after it.
+    let next = page["next_after"].as_u64().unwrap();
+    let (status, _) = get_json(b.url(&format!("/v1/subscriptions/{id}/events?after={next}"))).await;
+    assert_eq!(status, 200);
+    eventually(
+        "the acknowledgement made on B seen on A",
+        Duration::from_secs(10),
+        || async {
+            let (_, page) = get_json(a.url(&format!("/v1/subscriptions/{id}/events"))).await;
+            page["events"].as_array().unwrap().is_empty().then_some(())
+        },
+    )
+    .await;
+    let more = publish_ok(&a, json!([created("alice/inbox/late")])).await;
+    let (_, page) = get_json(a.url(&format!("/v1/subscriptions/{id}/events"))).await;
+    assert_eq!(page["events"][0]["watermark"].as_u64(), Some(more[0]));
+    // Deleted on B: gone on A too.
+    let r = client()
+        .delete(b.url(&format!("/v1/subscriptions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    eventually(
+        "the delete made on B seen on A",
+        Duration::from_secs(10),
+        || async {
+            let (status, _) = get_json(a.url(&format!("/v1/subscriptions/{id}"))).await;
+            (status == 404).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Fast webhook retries and a short lease, so that a takeover shows within seconds.
+const TAKEOVER: [(&str, &str); 5] = [
+    ("HERALD_WEBHOOKS__RETRY_BASE", "100ms"),
+    ("HERALD_WEBHOOKS__RETRY_CAP", "400ms"),
+    ("HERALD_WEBHOOKS__REQUEST_TIMEOUT", "2s"),
+    ("HERALD_WEBHOOKS__STATUS_INTERVAL", "1h"),
+    ("HERALD_JETSTREAM__LEASE", "2s"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_of_a_node_that_dies_is_taken_over_with_nothing_missed_and_the_same_ids() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let receiver = Receiver::start().await;
+    let mut env = TAKEOVER.to_vec();
+    env.push(("HERALD_JETSTREAM__NODE", "a"));
+    let (mut a, _ta) = node_with(&cluster, 0, "HOOK", &env);
+    env.pop();
+    env.push(("HERALD_JETSTREAM__NODE", "b"));
+    let (b, _tb) = node_with(&cluster, 1, "HOOK", &env);
+    let r = client()
+        .post(a.url("/v1/subscriptions"))
+        .json(&json!({"transport": "webhook", "url": receiver.url(), "subtree": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Events keep coming, on both nodes, while A delivers and then dies.
+    let mut keys = Vec::new();
+    for i in 0..60 {
+        let key = format!("alice/inbox/m{i}");
+        publish_ok(if i % 2 == 0 { &a } else { &b }, json!([created(&key)])).await;
+        keys.push(key);
+    }
+    let before = receiver.wait_for_keys(20, Duration::from_secs(20)).await;
+    assert!(before.len() >= 20, "A delivered {} events", before.len());
+    kill(&mut a);
+    for i in 60..100 {
+        let key = format!("alice/inbox/m{i}");
+        publish_ok(&b, json!([created(&key)])).await;
+        keys.push(key);
+    }
+    // B takes the lease once it runs out, and resumes from what A had acknowledged.
+    let got = receiver
+        .wait_for_keys(keys.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        got, keys,
+        "every event once, in order (repeats only under one webhook-id)"
+    );
+    // A repeat is the same delivery: the same events under the same webhook-id.
+    let mut ids_of: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for r in receiver.requests() {
+        let v = r.json();
+        if v["type"] != "events" {
+            continue;
+        }
+        for e in v["events"].as_array().unwrap() {
+            ids_of
+                .entry(e["watermark"].as_u64().unwrap())
+                .or_default()
+                .insert(r.headers["webhook-id"].clone());
+        }
+    }
+    for (w, ids) in &ids_of {
+        assert_eq!(
+            ids.len(),
+            1,
+            "watermark {w} delivered under several ids: {ids:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_connections_of_a_node_that_dies_go_offline_and_its_clients_resume_elsewhere() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let presence = ("HERALD_CONNECTIONS__PRESENCE", "true");
+    let lease = ("HERALD_JETSTREAM__LEASE", "2s");
+    let (mut a, _ta) = node_with(
+        &cluster,
+        0,
+        "LIVE",
+        &[presence, lease, ("HERALD_JETSTREAM__NODE", "a")],
+    );
+    let (b, _tb) = node_with(
+        &cluster,
+        1,
+        "LIVE",
+        &[presence, lease, ("HERALD_JETSTREAM__NODE", "b")],
+    );
+    let resp = client_no_timeout()
+        .get(b.url("/v1/stream?subtree=$herald/presence"))
+        .send()
+        .await
+        .unwrap();
+    let mut watcher = Box::pin(
+        eventsource_stream::EventStream::new(resp.bytes_stream())
+            .filter_map(|e| async move { e.ok() })
+            .filter(|e| std::future::ready(e.event == "connection_state"))
+            .map(|e| serde_json::from_str::<Value>(&e.data).unwrap()),
+    );
+    // A WebSocket client on A: its id names A.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", a.port))
+        .await
+        .unwrap();
+    let online = loop {
+        let e = tokio::time::timeout(common::WAIT, watcher.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if e["key"].as_str().unwrap().contains("/ws-") {
+            break e;
+        }
+    };
+    let key = online["key"].as_str().unwrap().to_owned();
+    assert!(key.ends_with(".a"), "{key}");
+    assert_eq!(online["connection_state"]["new_state"], 2);
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        json!({"op": "subscribe", "id": "s1", "subtree": "alice"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let first = publish_ok(&a, json!([created("alice/inbox/before")])).await[0];
+    // A dies without a word: B says its connection is offline, within about a lease.
+    kill(&mut a);
+    let t0 = Instant::now();
+    let offline = loop {
+        let e = tokio::time::timeout(common::WAIT, watcher.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if e["key"] == key.as_str() {
+            break e;
+        }
+    };
+    assert_eq!(offline["connection_state"]["new_state"], 1, "{offline}");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "offline after {took:?}");
+    drop(ws);
+    // The client resumes on B from its last watermark: nothing missed.
+    let later = publish_ok(&b, json!([created("alice/inbox/after")])).await[0];
+    let mut sse = SseClient::connect(&b, "subtree=alice", Some(first - 1)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = sse.next().await.expect("stream ended");
+        if !e.id.is_empty() {
+            seen.push(e.id.parse::<u64>().unwrap());
+        }
+    }
+    assert_eq!(seen, vec![first, later]);
 }

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use herald_core::Watermark;
-use herald_delivery::{Connect, ConnectError, EndReason, Feed, FeedItem, Lease, Live, Transport};
+use herald_delivery::{ConnectError, EndReason, Feed, FeedItem, Lease, Live, Transport};
 use herald_log::{FollowError, ReadError};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -94,7 +94,7 @@ pub(super) async fn stream(
         None => state.delivery().head().map_err(ApiError::internal)?,
     };
     let owner = principal.owner();
-    let connect = Connect::fresh(
+    let connect = state.delivery().lifecycle().fresh(
         Transport::Sse,
         owner_name(owner.as_deref()),
         target_of(&filter),

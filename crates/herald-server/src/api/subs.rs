@@ -168,8 +168,8 @@ fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
 }
 
 /// The subscription `id`, if the principal may act on it.
-fn owned(state: &AppState, principal: &Principal, id: &str) -> Result<DurableRef, ApiError> {
-    let d = state.durables().get(id)?;
+async fn owned(state: &AppState, principal: &Principal, id: &str) -> Result<DurableRef, ApiError> {
+    let d = state.durables().get(id).await?;
     if !principal.may_manage(d.owner().as_deref()) {
         return Err(crate::auth::forbidden(
             "not_owner",
@@ -353,7 +353,7 @@ pub(super) async fn enable(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    owned(&state, &principal, &id)?;
+    owned(&state, &principal, &id).await?;
     let d = state.durables().enable(&id).await?;
     Ok(Json(view(&state, &d)))
 }
@@ -374,7 +374,7 @@ pub(super) async fn rotate_secret(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let d = owned(&state, &principal, &id)?;
+    let d = owned(&state, &principal, &id).await?;
     let secret = state
         .durables()
         .rotate_secret(&id, state.config().webhooks.secret_grace)
@@ -418,7 +418,7 @@ pub(super) async fn get_one(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let d = owned(&state, &principal, &id)?;
+    let d = owned(&state, &principal, &id).await?;
     Ok(Json(view(&state, &d)))
 }
 
@@ -436,7 +436,7 @@ pub(super) async fn delete(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let sub = owned(&state, &principal, &id)?;
+    let sub = owned(&state, &principal, &id).await?;
     let hook = hook_request(&sub).cancel("unsubscribe", false);
     state
         .delivery()
@@ -483,7 +483,7 @@ pub(super) async fn wait(
             .map_err(|_| ApiError::field("timeout", "seconds, or a duration such as 30s or 2m"))?,
     }
     .min(max);
-    let d = owned(&state, &principal, &id)?;
+    let d = owned(&state, &principal, &id).await?;
     if let Some(oldest) = d.cursor().expired() {
         return Err(ApiError::position(&herald_log::ReadError::Expired {
             after: d.acked(),
@@ -521,7 +521,7 @@ pub(super) async fn events(
     Path(id): Path<String>,
     JsonQuery(q): JsonQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
-    let d = owned(&state, &principal, &id)?;
+    let d = owned(&state, &principal, &id).await?;
     if q.limit == Some(0) {
         return Err(ApiError::field("limit", "at least 1"));
     }

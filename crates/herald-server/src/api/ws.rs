@@ -133,7 +133,10 @@ pub(super) async fn websocket(
         Err(e) => return e.into_response(),
     };
     let owner = owner_name(principal.owner().as_deref()).to_owned();
-    let connect = Connect::fresh(Transport::WebSocket, owner, "");
+    let connect = state
+        .delivery()
+        .lifecycle()
+        .fresh(Transport::WebSocket, owner, "");
     let opened = state
         .delivery()
         .lifecycle()
@@ -486,7 +489,7 @@ async fn subscribe(
     }
     let (filter, start, durable): (Filter, Option<Watermark>, Option<DurableRef>) =
         match &subscription {
-            Some(sid) => match state.durables().get(sid) {
+            Some(sid) => match state.durables().get(sid).await {
                 Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
                     return Err(error(
                         Some(id),

@@ -463,7 +463,10 @@ async fn subscribe(
         }
         SubscriptionKind::Streaming => (Kind::Streaming, None),
     };
-    let id = format!("HS{}", uuid::Uuid::new_v4().simple());
+    let id = ews
+        .delivery()
+        .connections()
+        .node_named(format!("HS{}", uuid::Uuid::new_v4().simple()));
     let connect = Connect {
         id: id.clone(),
         owner: owner_name(user.as_deref()).to_owned(),
@@ -681,7 +684,10 @@ async fn streaming(
     } else {
         String::new()
     };
-    let connect = Connect::fresh(Transport::Ews, owner, target);
+    let connect = ews
+        .delivery()
+        .lifecycle()
+        .fresh(Transport::Ews, owner, target);
     let opened = ews
         .delivery()
         .lifecycle()

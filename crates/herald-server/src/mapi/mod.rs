@@ -437,7 +437,11 @@ async fn connect(
         tracing::info!(%owner, "a MAPI Connect past mapi.max_sessions_per_user was refused");
         return refuse(ec::SERVER_MEMORY);
     };
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = mapi
+        .inner
+        .delivery
+        .connections()
+        .node_named(uuid::Uuid::new_v4().simple().to_string());
     let connect = Connect {
         id: conn_id(&id),
         owner,
