@@ -402,3 +402,232 @@ async fn a_recreated_stream_never_makes_watermarks_go_back() {
     // A node without that memory (a fresh data directory) may use it.
     connect(&cluster, 1, "EPOCH").await;
 }
+
+/// Appends `b` with idempotency key `key`, retrying failures (each attempt bounded by the
+/// request timeout: a failure is an error, never a hang) for up to `within`.
+async fn append_retrying(
+    log: &JetStreamLog,
+    b: Vec<Notification>,
+    key: &str,
+    within: Duration,
+) -> (herald_log::Appended, usize) {
+    let options = AppendOptions {
+        idempotency_key: Some(key.to_owned()),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + within;
+    let mut retries = 0;
+    loop {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            log.append(b.clone(), options.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("append {key} hung for 30 s"));
+        match r {
+            Ok(done) => return (done, retries),
+            Err(e) if Instant::now() < deadline => {
+                retries += 1;
+                eprintln!("append {key}: {e} after {:?}; retrying", t0.elapsed());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("append {key}: {e}"),
+        }
+    }
+}
+
+/// Reads `log` from the start; asserts it holds exactly `1..=acked.last`, and that
+/// `acked` (every acknowledged watermark) is all of them.
+async fn assert_exactly(log: &JetStreamLog, acked: &BTreeSet<u64>) {
+    let last = *acked.iter().next_back().unwrap();
+    assert_eq!(acked.len() as u64, last, "a gap or a batch stored twice");
+    let mut next = 0;
+    while next < last {
+        let page = log.read(Watermark(next), 500).await.unwrap();
+        assert!(!page.is_empty(), "nothing readable after {next} of {last}");
+        for n in &page {
+            assert_eq!(n.watermark, Some(Watermark(next + 1)));
+            next += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_three_servers_killed_and_restarted_lose_nothing_acknowledged() {
+    let mut cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let mut opts = options(&cluster, 0, "ALLDOWN");
+    opts.servers = cluster.urls();
+    let a = connect_with(opts).await;
+    let mut acked = BTreeSet::new();
+    for i in 0..40 {
+        let (done, _) = append_retrying(
+            &a,
+            batch(&format!("a{i}"), 5),
+            &format!("a{i}"),
+            Duration::from_secs(30),
+        )
+        .await;
+        acked.extend(done.watermarks().map(|w| w.0));
+    }
+    // Every server dies at once, mid-stream, without a word; then all come back.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.start_node(i).unwrap();
+    }
+    for i in 40..80 {
+        let (done, _) = append_retrying(
+            &a,
+            batch(&format!("a{i}"), 5),
+            &format!("a{i}"),
+            Duration::from_secs(90),
+        )
+        .await;
+        for w in done.watermarks() {
+            assert!(acked.insert(w.0), "watermark {} acknowledged twice", w.0);
+        }
+    }
+    assert_eq!(acked.len(), 400);
+    assert_exactly(&a, &acked).await;
+    // A node that connects now reads and follows all of it.
+    let b = connect(&cluster, 1, "ALLDOWN").await;
+    assert_eq!(follow_until(&b, 0, 400).await.len(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_leader_step_downs_under_load_leave_no_gap_no_duplicate_and_no_hang() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let mut opts = options(&cluster, 0, "STEPDOWN");
+    opts.servers = cluster.urls();
+    let a = connect_with(opts).await;
+    let b = connect(&cluster, 1, "STEPDOWN").await;
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut acked = BTreeSet::new();
+            let mut retries = 0;
+            for i in 0..200 {
+                let (done, r) = append_retrying(
+                    &a,
+                    batch(&format!("s{i}"), 3),
+                    &format!("s{i}"),
+                    Duration::from_secs(60),
+                )
+                .await;
+                retries += r;
+                for w in done.watermarks() {
+                    assert!(acked.insert(w.0), "watermark {} acknowledged twice", w.0);
+                }
+            }
+            (acked, retries)
+        })
+    };
+    // The stream's leader steps down five times while the writer appends.
+    let client = async_nats::connect(cluster.url(2)).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = client
+            .request("$JS.API.STREAM.LEADER.STEPDOWN.STEPDOWN", "".into())
+            .await
+            .unwrap();
+        eprintln!("step-down: {}", String::from_utf8_lossy(&r.payload));
+    }
+    let (acked, retries) = writer.await.unwrap();
+    eprintln!("{retries} retries across 5 step-downs");
+    assert_eq!(acked.len(), 600);
+    assert_exactly(&a, &acked).await;
+    // The other node's hub saw every event once, in order.
+    assert_eq!(follow_until(&b, 0, 600).await.len(), 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_server_refuses_appends_and_its_node_catches_up_after_healing() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    // Node a talks only to server 0, node b only to server 1.
+    let a = connect(&cluster, 0, "PARTITION").await;
+    let b = connect(&cluster, 1, "PARTITION").await;
+    let mut acked = BTreeSet::new();
+    for i in 0..10 {
+        let (done, _) = append_retrying(
+            &b,
+            batch(&format!("p{i}"), 2),
+            &format!("p{i}"),
+            Duration::from_secs(30),
+        )
+        .await;
+        acked.extend(done.watermarks().map(|w| w.0));
+    }
+    assert_eq!(follow_until(&a, 0, 20).await.len(), 20);
+    let mut following = Follower::start(&a, all(), Watermark(20), Default::default()).unwrap();
+    cluster.isolate(0);
+    // The minority side refuses: an error within the request timeout, never an ack.
+    let t0 = Instant::now();
+    let mut refused = 0;
+    while refused < 3 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            a.append(batch("minority", 1), AppendOptions::default()),
+        )
+        .await
+        .expect("an append on the minority side hung");
+        match r {
+            Err(e) => {
+                eprintln!("minority append refused: {e}");
+                refused += 1;
+            }
+            Ok(done) => {
+                // Only possible before the isolated server learns it lost its quorum: at
+                // most a moment after the cut, and the event is then on the majority too.
+                assert!(
+                    t0.elapsed() < Duration::from_secs(2),
+                    "the minority acknowledged {done:?}"
+                );
+                acked.extend(done.watermarks().map(|w| w.0));
+            }
+        }
+    }
+    // The majority goes on; the isolated node delivers nothing meanwhile.
+    for i in 10..20 {
+        let (done, _) = append_retrying(
+            &b,
+            batch(&format!("p{i}"), 2),
+            &format!("p{i}"),
+            Duration::from_secs(60),
+        )
+        .await;
+        acked.extend(done.watermarks().map(|w| w.0));
+    }
+    let last = *acked.iter().next_back().unwrap();
+    let during = tokio::time::timeout(Duration::from_secs(2), following.next()).await;
+    if let Ok(Ok(batch)) = &during {
+        let top = batch.iter().filter_map(|n| n.watermark).max().unwrap();
+        assert!(
+            top.0 < last,
+            "the isolated node delivered what only the majority has"
+        );
+    }
+    cluster.heal();
+    // After healing it catches up: everything, once, in order.
+    let mut seen = 20;
+    if let Ok(Ok(batch)) = during {
+        for n in batch.iter() {
+            let w = n.watermark.unwrap().0;
+            assert_eq!(w, seen + 1);
+            seen = w;
+        }
+    }
+    while seen < last {
+        let batch = tokio::time::timeout(Duration::from_secs(60), following.next())
+            .await
+            .unwrap_or_else(|_| panic!("no catch-up after healing (at {seen} of {last})"))
+            .unwrap();
+        for n in batch.iter() {
+            let w = n.watermark.unwrap().0;
+            assert_eq!(w, seen + 1, "a gap or a duplicate after healing");
+            seen = w;
+        }
+    }
+    assert_exactly(&b, &acked).await;
+}
