@@ -330,6 +330,7 @@ async fn the_connections_of_a_node_that_dies_go_offline_and_its_clients_resume_e
     };
     assert_eq!(offline["connection_state"]["new_state"], 1, "{offline}");
     let took = t0.elapsed();
+    eprintln!("offline said {took:?} after the kill");
     assert!(took < Duration::from_secs(10), "offline after {took:?}");
     drop(ws);
     // The client resumes on B from its last watermark: nothing missed.
