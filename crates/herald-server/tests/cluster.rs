@@ -9,7 +9,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{Receiver, Server, SseClient, client, client_no_timeout, created, publish_ok};
+use common::{
+    EXCHANGE_USERS, PRODUCER_KEY, Receiver, Server, SseClient, client, client_no_timeout, created,
+    publish_ok, python,
+};
 use futures_util::StreamExt;
 use herald_testkit::{ClusterOptions, NatsCluster};
 use serde_json::{Value, json};
@@ -36,6 +39,38 @@ fn node_with(
     let server = Server::start_in(
         &tmp.path().join("data"),
         &[
+            "--log-backend",
+            "jetstream",
+            "--jetstream-servers",
+            &servers,
+        ],
+        &all,
+    );
+    (server, tmp)
+}
+
+/// A node with a configuration file (`toml`) as well.
+fn node_config(
+    cluster: &NatsCluster,
+    nats: usize,
+    stream: &str,
+    toml: &str,
+    env: &[(&str, &str)],
+) -> (Server, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herald.toml");
+    std::fs::write(&config, toml).unwrap();
+    let servers = cluster.url(nats);
+    let mut all = vec![
+        ("HERALD_JETSTREAM__STREAM", stream),
+        ("HERALD_JETSTREAM__REQUEST_TIMEOUT", "5s"),
+    ];
+    all.extend_from_slice(env);
+    let server = Server::start_in(
+        &tmp.path().join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
             "--log-backend",
             "jetstream",
             "--jetstream-servers",
@@ -344,4 +379,110 @@ async fn the_connections_of_a_node_that_dies_go_offline_and_its_clients_resume_e
         }
     }
     assert_eq!(seen, vec![first, later]);
+}
+
+/// exchangelib, the real EWS client, subscribed on node B while events are published on node
+/// A: streaming and push notifications arrive as on one node, and a pull client that moves
+/// to A with its last watermark gets exactly what it had not seen.
+#[test]
+fn exchangelib_on_one_node_sees_what_is_published_on_the_other_and_resumes_there() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let minute = "1.5";
+    let toml = format!(
+        "{EXCHANGE_USERS}[ews]\nminute = \"{minute}s\"\nheartbeat = \"700ms\"\npush_retry_base = \"250ms\"\n"
+    );
+    let (a, _ta) = node_config(
+        &cluster,
+        0,
+        "EWS",
+        &toml,
+        &[("HERALD_JETSTREAM__NODE", "a")],
+    );
+    let (b, _tb) = node_config(
+        &cluster,
+        1,
+        "EWS",
+        &toml,
+        &[("HERALD_JETSTREAM__NODE", "b")],
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/ews_conformance.py");
+    let sections = ["streaming", "push", "resume"];
+    // Bounded: a hang is a failure with what the client printed so far.
+    let out = std::process::Command::new("timeout")
+        .arg("180")
+        .arg(python())
+        .arg(script)
+        .arg(b.base())
+        .arg(PRODUCER_KEY)
+        .arg(minute)
+        .args(sections)
+        .env("HERALD_PUBLISH_BASE", a.base())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "exchangelib across nodes failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in sections {
+        assert!(
+            stdout.contains(&format!("ews {s}: ok")),
+            "section {s} did not run"
+        );
+    }
+}
+
+/// A WebSocket client on node B gets, in order and once, what is published on node A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_websocket_client_on_one_node_gets_what_is_published_on_the_other() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let (a, _ta) = node(&cluster, 0, "WS");
+    let (b, _tb) = node(&cluster, 1, "WS");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", b.port))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"op": "subscribe", "id": "s1", "subtree": "alice"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    // Wait for the subscription to be confirmed before publishing.
+    loop {
+        let m = tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "subscribed" {
+                break;
+            }
+        }
+    }
+    let mut published = Vec::new();
+    for i in 0..30 {
+        published.extend(publish_ok(&a, json!([created(&format!("alice/inbox/w{i}"))])).await);
+    }
+    let mut got = Vec::new();
+    while got.len() < published.len() {
+        let m = tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = m else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] == "event" {
+            got.push(v["event"]["watermark"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(got, published);
 }

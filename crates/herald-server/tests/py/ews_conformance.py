@@ -11,6 +11,7 @@ failed check, printing which.
 
 import base64
 import http.server
+import os
 import queue
 import sys
 import threading
@@ -55,6 +56,8 @@ from exchangelib.transport import NOAUTH
 
 BASE, PRODUCER_KEY, MINUTE = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ENDPOINT = BASE + "/EWS/Exchange.asmx"
+# In a cluster: where events are published (another node than the one subscribed on).
+PUBLISH_BASE = os.environ.get("HERALD_PUBLISH_BASE", BASE)
 ALICE, BOB = "alice@example.test", "bob@example.test"
 PASSWORDS = {ALICE: "alice-pw", BOB: "bob-pw"}
 
@@ -78,7 +81,7 @@ def ews_id(key):
 
 def publish(*events):
     r = requests.post(
-        BASE + "/v1/events",
+        PUBLISH_BASE + "/v1/events",
         json={"events": list(events)},
         headers={} if PRODUCER_KEY == "-" else {"Authorization": "Bearer " + PRODUCER_KEY},
         timeout=15,
@@ -430,7 +433,40 @@ def noauth():
     inbox.unsubscribe(sid)
 
 
-SECTIONS = {"folders": folders, "pull": pull, "streaming": streaming, "push": push, "noauth": noauth}
+def resume():
+    """A pull subscription on this node; the client then moves to the node events are published
+    on (HERALD_PUBLISH_BASE), subscribes there with the last watermark it holds, and gets
+    exactly what it had not seen."""
+    check(PUBLISH_BASE != BASE, "resume needs HERALD_PUBLISH_BASE, another node")
+    acct = account()
+    inbox = acct.inbox
+    sid, wm = inbox.subscribe_to_pull(timeout=5)
+    first = [f"{ALICE}/inbox/r-{i}" for i in range(3)]
+    publish(*[created(k, f"{ALICE}/inbox") for k in first])
+    seen = []
+    deadline = time.monotonic() + 15
+    while len(seen) < 3 and time.monotonic() < deadline:
+        n = drain(inbox, sid, wm)
+        wm = n[-1].events[-1].watermark
+        seen += [e.item_id.id for e in events_of(n) if not isinstance(e, StatusEvent)]
+        time.sleep(0.1)
+    check(seen == [ews_id(k) for k in first], f"pulled on this node: {seen}")
+    later = [f"{ALICE}/inbox/r-{i}" for i in range(3, 6)]
+    publish(*[created(k, f"{ALICE}/inbox") for k in later])
+    # The other node, from the watermark the client holds.
+    global ENDPOINT
+    ENDPOINT = PUBLISH_BASE + "/EWS/Exchange.asmx"
+    other = account().inbox
+    sid2, wm2 = other.subscribe_to_pull(timeout=5, watermark=wm)
+    check(wm2 == wm, f"resumed at the watermark given: {wm2} for {wm}")
+    got = events_of(drain(other, sid2, wm2))
+    check([e.item_id.id for e in got if not isinstance(e, StatusEvent)] == [ews_id(k) for k in later],
+          f"resumed on the other node with nothing missed or repeated: {got}")
+    other.unsubscribe(sid2)
+    ENDPOINT = BASE + "/EWS/Exchange.asmx"
+
+
+SECTIONS = {"resume": resume, "folders": folders, "pull": pull, "streaming": streaming, "push": push, "noauth": noauth}
 
 if __name__ == "__main__":
     wanted = sys.argv[4:] or ["folders", "pull", "streaming", "push"]
