@@ -125,6 +125,7 @@ async fn throughput(servers: Vec<String>, replicas: usize, tag: &str, embedded: 
     // The raw side gets a stream made the same way (Herald makes it), and publishes to it.
     let raw_log = js_log(servers.clone(), &format!("R{tag}"), replicas, "bench-r").await;
     let raw_subject = format!("herald.r{}.ev.x", tag.to_ascii_lowercase());
+    let raw_stream = format!("R{tag}");
     drop(raw_log);
     let client = async_nats::connect(servers[0].as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
@@ -132,15 +133,19 @@ async fn throughput(servers: Vec<String>, replicas: usize, tag: &str, embedded: 
     let emb = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
     if embedded {
         println!(
-            "| producers × batch | Herald on JetStream | raw JetStream | Herald ÷ raw | embedded log (fsync per commit) | embedded ÷ raw JetStream |"
+            "| producers × batch | Herald on JetStream | raw JetStream | Herald ÷ raw | raw + one consumer | Herald ÷ that | embedded log (fsync per commit) | embedded ÷ raw JetStream |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!(
+            "| producers × batch | Herald on JetStream | raw JetStream | Herald ÷ raw | raw + one consumer | Herald ÷ that |"
         );
         println!("|---|---:|---:|---:|---:|---:|");
-    } else {
-        println!("| producers × batch | Herald on JetStream | raw JetStream | Herald ÷ raw |");
-        println!("|---|---:|---:|---:|");
     }
     for (producers, batch) in [(1, 1), (1, 100), (16, 1), (16, 10), (64, 1), (64, 64)] {
-        let h = {
+        // Herald and raw alternate, twice each (H R R H), so that neither always runs first
+        // or on a warmer cluster; each figure is the mean of its two runs.
+        let herald_run = || {
             let log = herald.clone();
             rate(producers, batch, move |_, b| {
                 let log = log.clone();
@@ -148,15 +153,52 @@ async fn throughput(servers: Vec<String>, replicas: usize, tag: &str, embedded: 
                     log.append(b, AppendOptions::default()).await.unwrap();
                 }
             })
-            .await
         };
-        let r = {
+        let raw_run = || {
             let (client, js, subject) = (client.clone(), js.clone(), raw_subject.clone());
             rate(producers, batch, move |_, b| {
                 let (client, js, subject) = (client.clone(), js.clone(), subject.clone());
                 async move { raw_batch(&client, &js, &subject, b).await }
             })
-            .await
+        };
+        let h1 = herald_run().await;
+        let r1 = raw_run().await;
+        let r2 = raw_run().await;
+        let h2 = herald_run().await;
+        let (h, r) = ((h1 + h2) / 2.0, (r1 + r2) / 2.0);
+        // Raw again, with one ordered consumer reading the stream as it grows: what any
+        // notifier on JetStream does, and what Herald's node does to feed its hub.
+        let consumed = {
+            let js = js.clone();
+            let stream_name = raw_stream.clone();
+            let reader = tokio::spawn(async move {
+                let stream = js.get_stream(&stream_name).await.unwrap();
+                let last = stream.cached_info().state.last_sequence;
+                let consumer = stream
+                    .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                        deliver_policy:
+                            async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                                start_sequence: last + 1,
+                            },
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let mut messages = consumer.messages().await.unwrap();
+                while let Some(m) = messages.next().await {
+                    let m = m.unwrap();
+                    let seq = m.info().unwrap().stream_sequence;
+                    std::hint::black_box(herald_log::record::decode(
+                        &m.payload,
+                        herald_core::Watermark(seq),
+                    ))
+                    .ok();
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let c = raw_run().await;
+            reader.abort();
+            c
         };
         if embedded {
             let e = {
@@ -170,14 +212,16 @@ async fn throughput(servers: Vec<String>, replicas: usize, tag: &str, embedded: 
                 .await
             };
             println!(
-                "| {producers} × {batch} | {h:.0} | {r:.0} | {} | {e:.0} | {} |",
+                "| {producers} × {batch} | {h:.0} | {r:.0} | {} | {consumed:.0} | {} | {e:.0} | {} |",
                 ratio(h, r),
+                ratio(h, consumed),
                 ratio(e, r)
             );
         } else {
             println!(
-                "| {producers} × {batch} | {h:.0} | {r:.0} | {} |",
-                ratio(h, r)
+                "| {producers} × {batch} | {h:.0} | {r:.0} | {} | {consumed:.0} | {} |",
+                ratio(h, r),
+                ratio(h, consumed)
             );
         }
     }
@@ -276,6 +320,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `HERALD_BENCH_PART=throughput|latency|single` runs one part (default: all).
+    let part = std::env::var("HERALD_BENCH_PART").unwrap_or_default();
+    let run = |name: &str| part.is_empty() || part == name;
     rt.block_on(async {
         let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
         println!(
@@ -283,10 +330,17 @@ fn main() {
             cluster.version(),
             budget()
         );
-        throughput(cluster.urls(), 3, "C", false).await;
+        if run("throughput") {
+            throughput(cluster.urls(), 3, "C", false).await;
+        }
         println!();
-        latency(&cluster).await;
+        if run("latency") {
+            latency(&cluster).await;
+        }
         drop(cluster);
+        if !run("single") {
+            return;
+        }
         let single = NatsServer::start(&NatsConfig {
             jetstream: true,
             jetstream_extra: vec!["sync_interval: always".to_owned()],

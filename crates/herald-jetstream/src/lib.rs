@@ -177,6 +177,9 @@ pub(crate) fn js_err(e: impl std::fmt::Display) -> LogError {
     LogError::Storage(format!("JetStream: {e}"))
 }
 
+/// Events with their sequences, in order; `None` for a record that does not decode.
+pub(crate) type Sequenced = Vec<(u64, Option<Notification>)>;
+
 /// What the node's tail has published to its hub, and what it knows of the stream.
 #[derive(Debug)]
 pub(crate) struct Position {
@@ -186,11 +189,107 @@ pub(crate) struct Position {
     pub(crate) known_last: AtomicU64,
     /// The oldest sequence the stream still holds, as last seen.
     pub(crate) first: AtomicU64,
+    /// Held while events are handed to the hub and `hub` moves (by the tail, and by appends
+    /// handing over their own batches); holds, by first sequence, the batches of appends
+    /// acknowledged before the batches that precede them reached the hub. Each entry lives
+    /// while its append waits (at most the request timeout), so it holds at most the batches
+    /// in flight.
+    pub(crate) feed: std::sync::Mutex<std::collections::BTreeMap<u64, Sequenced>>,
 }
 
 impl Position {
     pub(crate) fn hub_last(&self) -> u64 {
         *self.hub.borrow()
+    }
+
+    /// Hands `events` (sequences in order, some perhaps already handed over; `None` for a
+    /// record that does not decode, passed over) to `hub`, keeping only those after what it
+    /// has, then every waiting append's batch that now follows on; moves the hub's position.
+    /// A gap in `events` means retention removed events before this node read them.
+    pub(crate) fn feed(&self, hub: &Hub, events: Sequenced) {
+        let mut waiting = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.hub_last();
+        let mut batch = Vec::with_capacity(events.len());
+        let mut take = |events: Sequenced, last: &mut u64, gap_ok: bool| {
+            for (seq, n) in events {
+                if seq <= *last {
+                    continue;
+                }
+                if seq != *last + 1 && gap_ok {
+                    tracing::warn!(
+                        expected = *last + 1,
+                        got = seq,
+                        "the node's tail skipped events removed by retention"
+                    );
+                }
+                batch.extend(n);
+                *last = seq;
+            }
+        };
+        take(events, &mut last, true);
+        // Appends acknowledged out of order wait here for the batches before theirs.
+        while let Some(entry) = waiting.first_entry() {
+            if *entry.key() > last + 1 {
+                break;
+            }
+            let own = entry.remove();
+            take(own, &mut last, false);
+        }
+        drop(waiting);
+        if !batch.is_empty() {
+            // A hub shut down has nobody left to tell.
+            let _ = hub.notify(herald_core::Batch::from(batch));
+        }
+        self.saw_last(last);
+        // After the hub has it: a read up to here then leaves nothing for the live side.
+        self.hub.send_if_modified(|p| {
+            let moved = *p < last;
+            *p = (*p).max(last);
+            moved
+        });
+    }
+
+    /// An append's own batch `first..` (its records): handed to `hub` now if it follows what
+    /// the hub has, or kept until the batches before it arrive (by the tail, or by the appends
+    /// they belong to), so that the append need not wait for the tail to bring it back.
+    pub(crate) fn feed_own(&self, hub: &Hub, first: u64, records: &[Vec<u8>]) {
+        let last = first + records.len() as u64 - 1;
+        if self.hub_last() >= last {
+            return;
+        }
+        let mut events = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            let seq = first + i as u64;
+            match herald_log::record::decode(r, Watermark(seq)) {
+                Ok(n) => events.push((seq, Some(n))),
+                // Cannot happen for what prepare encoded; the tail then brings it.
+                Err(_) => return,
+            }
+        }
+        if self.hub_last() + 1 >= first {
+            self.feed(hub, events);
+        } else {
+            self.feed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(first, events);
+            // The hub may have caught up meanwhile: hand over whatever now follows on.
+            self.feed(hub, Vec::new());
+        }
+    }
+
+    /// Drops what an append left waiting (it has returned, whether or not the hub has it).
+    pub(crate) fn forget_own(&self, first: u64) {
+        let mut waiting = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.remove(&first);
+        // Whatever the hub has passed is not needed either.
+        let at = self.hub_last();
+        while waiting
+            .first_key_value()
+            .is_some_and(|(k, v)| *k <= at && v.last().is_none_or(|(seq, _)| *seq <= at))
+        {
+            waiting.pop_first();
+        }
     }
 
     pub(crate) fn saw_last(&self, seq: u64) {
@@ -298,6 +397,7 @@ impl JetStreamLog {
             hub: watch::Sender::new(last),
             known_last: AtomicU64::new(last),
             first: AtomicU64::new(info.state.first_sequence.max(1)),
+            feed: std::sync::Mutex::default(),
         });
         let prefix = options.subject_prefix();
         let epoch = epoch_file.map(|file| {
@@ -612,16 +712,23 @@ impl EventLog for JetStreamLog {
                 idempotency::append(self, key, digest, prepared.batch, prepared.records).await?
             }
             _ => {
+                let records = prepared.records;
                 let (first, last) = self
-                    .publish_batch(&prepared.batch, prepared.records, None)
+                    .publish_batch(&prepared.batch, records.clone(), None)
                     .await?;
+                // The batch goes to the hub from here, not after the tail brings it back.
+                self.inner
+                    .position
+                    .feed_own(&self.inner.hub, first, &records);
                 (first, last, false)
             }
         };
         // Acknowledged once durable in the cluster, and answered once this node's hub has it:
         // whoever appended here and then reads or follows here sees it.
         let timeout = self.inner.options.request_timeout;
-        if !self.wait_for_hub(Watermark(last), timeout).await {
+        let seen = self.wait_for_hub(Watermark(last), timeout).await;
+        self.inner.position.forget_own(first);
+        if !seen {
             tracing::warn!(
                 last,
                 "appended, but this node's hub has not seen it within {timeout:?}"

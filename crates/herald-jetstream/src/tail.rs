@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
-use herald_core::{Batch, Hub, Watermark};
+use herald_core::{Hub, Watermark};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::Position;
@@ -85,41 +85,27 @@ async fn follow(
         .map_err(|e| e.to_string())?
         .ready_chunks(HUB_BATCH);
     while let Some(chunk) = messages.next().await {
-        let mut batch = Vec::with_capacity(chunk.len());
-        let mut last = position.hub_last();
+        let mut events = Vec::with_capacity(chunk.len());
+        let last = position.hub_last();
         for m in chunk {
             let m = m.map_err(|e| e.to_string())?;
             let info = m.info().map_err(|e| e.to_string())?;
             let seq = info.stream_sequence;
             if seq <= last {
+                // An append handed it over already.
                 continue;
             }
-            if seq != last + 1 {
-                // Retention removed events before this node read them: they are gone for
-                // every reader; readers after them get `expired`.
-                tracing::warn!(
-                    expected = last + 1,
-                    got = seq,
-                    "the node's tail skipped events removed by retention"
-                );
-            }
             match herald_log::record::decode(&m.payload, Watermark(seq)) {
-                Ok(n) => batch.push(n),
-                Err(e) => tracing::error!(seq, "a record in the stream does not decode: {e}"),
+                Ok(n) => events.push((seq, Some(n))),
+                Err(e) => {
+                    tracing::error!(seq, "a record in the stream does not decode: {e}");
+                    events.push((seq, None));
+                }
             }
-            last = seq;
         }
-        if !batch.is_empty() {
-            // A hub shut down has nobody left to tell.
-            let _ = hub.notify(Batch::from(batch));
-        }
-        position.saw_last(last);
-        // After the hub has it: a read up to here then leaves nothing for the live side.
-        position.hub.send_if_modified(|p| {
-            let moved = *p < last;
-            *p = (*p).max(last);
-            moved
-        });
+        // Retention may have removed events before this node read them: they are gone for
+        // every reader, and readers after them get `expired` (`feed` says so).
+        position.feed(hub, events);
     }
     Err("the consumer's messages ended".to_owned())
 }

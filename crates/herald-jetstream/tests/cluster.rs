@@ -631,3 +631,54 @@ async fn an_isolated_server_refuses_appends_and_its_node_catches_up_after_healin
     }
     assert_exactly(&b, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_on_two_nodes_reach_each_hub_once_in_order_and_read_back_at_once() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let a = connect(&cluster, 0, "CONCURRENT").await;
+    let b = connect(&cluster, 1, "CONCURRENT").await;
+    let follow_a = {
+        let a = a.clone();
+        tokio::spawn(async move { follow_until(&a, 0, 2400).await })
+    };
+    let follow_b = {
+        let b = b.clone();
+        tokio::spawn(async move { follow_until(&b, 0, 2400).await })
+    };
+    // 24 producers, half on each node, 20 batches of 5 each: acknowledgements come back out
+    // of order, and each node's hub gets its own batches from the append and the other
+    // node's from its tail.
+    let producers: Vec<_> = (0..24)
+        .map(|p| {
+            let log = if p % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..20 {
+                    let done = log
+                        .append(batch(&format!("c{p}-{i}"), 5), AppendOptions::default())
+                        .await
+                        .unwrap();
+                    // Read-your-writes on the node appended to, at once.
+                    let back = log.read(Watermark(done.first.0 - 1), 5).await.unwrap();
+                    let keys: Vec<String> = back.iter().map(|n| n.key.to_string()).collect();
+                    let want: Vec<String> = (0..5)
+                        .map(|j| format!("alice/inbox/c{p}-{i}-{j}"))
+                        .collect();
+                    assert_eq!(keys, want, "read back on its node at once");
+                    mine.extend(done.watermarks().map(|w| w.0));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut acked = BTreeSet::new();
+    for p in producers {
+        for w in p.await.unwrap() {
+            assert!(acked.insert(w), "watermark {w} acknowledged twice");
+        }
+    }
+    assert_eq!(acked.len(), 2400);
+    assert_eq!(follow_a.await.unwrap().len(), 2400);
+    assert_eq!(follow_b.await.unwrap().len(), 2400);
+    assert_exactly(&a, &acked).await;
+}
