@@ -156,12 +156,6 @@ impl Cluster {
         }
     }
 
-    /// Who holds the lease `name`, if anybody.
-    pub async fn lease_holder(&self, name: &str) -> Result<Option<String>, LogError> {
-        let v = self.leases.get(key(name)).await.map_err(js_err)?;
-        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
-    }
-
     /// Renews `lease`; `false` if it was lost (it ran out, and somebody may have taken it).
     pub async fn renew(&self, lease: &mut Lease) -> Result<bool, LogError> {
         let sent = Instant::now();

@@ -750,14 +750,7 @@ impl Durables {
                 sub
             }
         };
-        if self
-            .inner
-            .cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-            && sub.spec().transport != Transport::Webhook
-        {
+        if self.cluster().is_some() && sub.spec().transport != Transport::Webhook {
             self.attach_here(&sub);
         }
         Ok(sub)

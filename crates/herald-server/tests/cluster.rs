@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 
 use common::{
     EXCHANGE_USERS, PRODUCER_KEY, Receiver, Server, SseClient, client, client_no_timeout, created,
-    publish_ok, python,
+    publish_ok,
 };
 use futures_util::StreamExt;
 use herald_testkit::{ClusterOptions, NatsCluster};
 use serde_json::{Value, json};
 
-/// A Herald node named `name` on the cluster's server `nats`, on stream `stream`.
+/// A Herald node on the cluster's server `nats`, on stream `stream`.
 fn node(cluster: &NatsCluster, nats: usize, stream: &str) -> (Server, tempfile::TempDir) {
-    node_with(cluster, nats, stream, &[])
+    node_config(cluster, nats, stream, "", &[])
 }
 
 /// A node with more settings (environment).
@@ -29,27 +29,10 @@ fn node_with(
     stream: &str,
     env: &[(&str, &str)],
 ) -> (Server, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let servers = cluster.url(nats);
-    let mut all = vec![
-        ("HERALD_JETSTREAM__STREAM", stream),
-        ("HERALD_JETSTREAM__REQUEST_TIMEOUT", "5s"),
-    ];
-    all.extend_from_slice(env);
-    let server = Server::start_in(
-        &tmp.path().join("data"),
-        &[
-            "--log-backend",
-            "jetstream",
-            "--jetstream-servers",
-            &servers,
-        ],
-        &all,
-    );
-    (server, tmp)
+    node_config(cluster, nats, stream, "", env)
 }
 
-/// A node with a configuration file (`toml`) as well.
+/// A node with a configuration file (`toml`, possibly empty) and environment.
 fn node_config(
     cluster: &NatsCluster,
     nats: usize,
@@ -405,34 +388,13 @@ fn exchangelib_on_one_node_sees_what_is_published_on_the_other_and_resumes_there
         &toml,
         &[("HERALD_JETSTREAM__NODE", "b")],
     );
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/ews_conformance.py");
-    let sections = ["streaming", "push", "resume"];
-    // Bounded: a hang is a failure with what the client printed so far.
-    let out = std::process::Command::new("timeout")
-        .arg("180")
-        .arg(python())
-        .arg(script)
-        .arg(b.base())
-        .arg(PRODUCER_KEY)
-        .arg(minute)
-        .args(sections)
-        .env("HERALD_PUBLISH_BASE", a.base())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "exchangelib across nodes failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::exchangelib(
+        &b.base(),
+        PRODUCER_KEY,
+        minute,
+        &["streaming", "push", "resume"],
+        &[("HERALD_PUBLISH_BASE", &a.base())],
     );
-    for s in sections {
-        assert!(
-            stdout.contains(&format!("ews {s}: ok")),
-            "section {s} did not run"
-        );
-    }
 }
 
 /// A WebSocket client on node B gets, in order and once, what is published on node A.

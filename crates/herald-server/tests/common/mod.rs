@@ -530,3 +530,42 @@ const ENVELOPE_HEAD: &str = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/so
 pub fn envelope(body: &str) -> String {
     format!("{ENVELOPE_HEAD}{body}</s:Body></s:Envelope>")
 }
+
+/// Runs sections of the exchangelib suite (`tests/py/ews_conformance.py`) against `base`,
+/// with `env` set, bounded to 180 s (a hang fails with what the client printed); asserts that
+/// it passed and that every section ran.
+#[allow(dead_code)]
+pub fn exchangelib(
+    base: &str,
+    producer_key: &str,
+    minute: &str,
+    sections: &[&str],
+    env: &[(&str, &str)],
+) {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/ews_conformance.py");
+    let out = Command::new("timeout")
+        .arg("180")
+        .arg(python())
+        .arg(script)
+        .arg(base)
+        .arg(producer_key)
+        .arg(minute)
+        .args(sections)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "exchangelib conformance failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for s in sections {
+        assert!(
+            stdout.contains(&format!("ews {s}: ok")),
+            "section {s} did not run"
+        );
+    }
+}
