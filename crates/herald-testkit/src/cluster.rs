@@ -53,7 +53,21 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `options.nodes` servers in one cluster and waits until JetStream has a leader
     /// for its meta group (a stream can be created).
+    /// Another process may take a port between its choice and the server's bind: such a
+    /// start is tried again on fresh ports (three times in all).
     pub fn start(options: &ClusterOptions) -> io::Result<NatsCluster> {
+        let mut tries = 0;
+        loop {
+            match NatsCluster::start_once(options) {
+                Err(e) if tries < 2 && e.to_string().contains("address already in use") => {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(options: &ClusterOptions) -> io::Result<NatsCluster> {
         let n = options.nodes.max(1);
         let bin = nats_server_binary()?;
         let version = nats_server_version(&bin);

@@ -25,11 +25,31 @@ pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A free TCP port on 127.0.0.1 (free when this returns; take it soon).
+/// A free TCP port on 127.0.0.1 (free when this returns; take it soon). Never the same port
+/// twice in one process: the kernel may hand a just-closed port out again, and a test that
+/// asks for several ports before binding any of them would otherwise get one twice.
 pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    Ok(bind_fresh()?.local_addr()?.port())
+}
+
+/// A listener on 127.0.0.1 whose port this process has never handed out before (see
+/// [`free_port`]); kept bound, so nothing else can take it.
+pub(crate) fn bind_fresh() -> io::Result<TcpListener> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Listeners refused for a reused port stay bound until one is accepted, so each try
+    // gets another port.
+    let mut refused = Vec::new();
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        if given.contains(&port) {
+            refused.push(listener);
+            continue;
+        }
+        given.push(port);
+        return Ok(listener);
+    }
 }
 
 /// Where `nats-server` is, or an error that says how to install it: `$HERALD_NATS_SERVER`,

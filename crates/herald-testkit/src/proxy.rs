@@ -4,7 +4,7 @@
 //! `nats-server`, to make partitions without privileges or network namespaces.
 
 use std::io;
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +26,7 @@ struct Shared {
 impl Proxy {
     /// Listens on a free loopback port and forwards every connection to `target`.
     pub fn start(target: SocketAddr) -> io::Result<Proxy> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let listener = crate::bind_fresh()?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             target,
