@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures_util::{Stream, StreamExt, TryStreamExt};
-use herald_log::{LogError, SubscriptionRecord};
+use futures_util::TryStreamExt;
+use herald_log::LogError;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::{js_err, subscriptions};
+use crate::subscriptions::Records;
+use crate::{bucket_key, bucket_name, js_err};
 
 /// A cluster's shared state, as one node sees it; cheap to clone.
 #[derive(Clone, Debug)]
@@ -29,16 +30,8 @@ pub struct Cluster {
     lease: Duration,
     leases: kv::Store,
     nodes: kv::Store,
-    subscriptions: kv::Store,
-}
-
-/// A change to the durable subscriptions, made by any node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SubscriptionChange {
-    /// Created or changed (acknowledged further, paused, given a new secret…).
-    Put(SubscriptionRecord),
-    /// Deleted.
-    Deleted(String),
+    subscriptions: Records,
+    ews_push: Records,
 }
 
 /// A lease this node holds.
@@ -74,27 +67,14 @@ pub struct NodeEntry {
     pub revision: u64,
 }
 
-/// Bucket keys allow `[-/_=.a-zA-Z0-9]`; lease and node names are encoded to fit.
-fn key(s: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes())
-}
-
-fn unkey(k: &str) -> Option<String> {
-    use base64::Engine as _;
-    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(k)
-        .ok()?;
-    String::from_utf8(b).ok()
-}
-
 impl Cluster {
     pub(crate) fn new(
         node: String,
         lease: Duration,
         leases: kv::Store,
         nodes: kv::Store,
-        subscriptions: kv::Store,
+        subscriptions: Records,
+        ews_push: Records,
     ) -> Cluster {
         Cluster {
             node,
@@ -102,6 +82,7 @@ impl Cluster {
             leases,
             nodes,
             subscriptions,
+            ews_push,
         }
     }
 
@@ -115,35 +96,20 @@ impl Cluster {
         self.lease
     }
 
-    /// The stored subscription `id`, as every node sees it now.
-    pub async fn subscription(&self, id: &str) -> Result<Option<SubscriptionRecord>, LogError> {
-        subscriptions::record(&self.subscriptions, id).await
+    /// The durable subscriptions (the log's registry), as every node sees them.
+    pub fn subscriptions(&self) -> &Records {
+        &self.subscriptions
     }
 
-    /// Every change to the durable subscriptions from now on, by any node, in the order
-    /// they were made. Start it before listing the subscriptions, so that none is missed.
-    pub async fn subscription_changes(
-        &self,
-    ) -> Result<impl Stream<Item = Result<SubscriptionChange, LogError>> + use<>, LogError> {
-        let watch = self.subscriptions.watch_all().await.map_err(js_err)?;
-        Ok(watch.map(|entry| {
-            let entry = entry.map_err(js_err)?;
-            match entry.operation {
-                kv::Operation::Put => {
-                    subscriptions::decode(&entry.value).map(SubscriptionChange::Put)
-                }
-                kv::Operation::Delete | kv::Operation::Purge => {
-                    let id = unkey(&entry.key)
-                        .ok_or_else(|| js_err(format!("subscription key {:?}", entry.key)))?;
-                    Ok(SubscriptionChange::Deleted(id))
-                }
-            }
-        }))
+    /// The EWS push subscriptions: EWS keeps its subscriptions in memory on one server, but
+    /// in a cluster a push subscription must outlive its node, so another can take it over.
+    pub fn ews_push(&self) -> &Records {
+        &self.ews_push
     }
 
     /// Takes the lease `name` if nobody holds it; `None` if somebody does.
     pub async fn try_lease(&self, name: &str) -> Result<Option<Lease>, LogError> {
-        let k = key(name);
+        let k = bucket_key(name);
         let sent = Instant::now();
         match self.leases.create(&k, self.node.clone().into()).await {
             Ok(revision) => Ok(Some(Lease {
@@ -201,7 +167,7 @@ impl Cluster {
     pub async fn heartbeat(&self, record: &NodeRecord) -> Result<(), LogError> {
         let value = serde_json::to_vec(record).map_err(js_err)?;
         self.nodes
-            .put(key(&record.name), value.into())
+            .put(bucket_key(&record.name), value.into())
             .await
             .map_err(js_err)?;
         Ok(())
@@ -209,7 +175,7 @@ impl Cluster {
 
     /// This node's entry, as it was left by its previous run (if it did not end cleanly).
     pub async fn node_entry(&self, name: &str) -> Result<Option<NodeEntry>, LogError> {
-        let Some(e) = self.nodes.entry(key(name)).await.map_err(js_err)? else {
+        let Some(e) = self.nodes.entry(bucket_key(name)).await.map_err(js_err)? else {
             return Ok(None);
         };
         if e.operation != kv::Operation::Put {
@@ -234,7 +200,9 @@ impl Cluster {
             .map_err(js_err)?;
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            let Some(name) = unkey(&k) else { continue };
+            let Some(name) = bucket_name(&k) else {
+                continue;
+            };
             if let Some(e) = self.node_entry(&name).await? {
                 out.push(e);
             }
@@ -250,7 +218,7 @@ impl Cluster {
         let value = serde_json::to_vec(&record).map_err(js_err)?;
         match self
             .nodes
-            .update(key(&record.name), value.into(), entry.revision)
+            .update(bucket_key(&record.name), value.into(), entry.revision)
             .await
         {
             Ok(revision) => Ok(Some(NodeEntry { record, revision })),
@@ -263,7 +231,7 @@ impl Cluster {
     /// changed since.
     pub async fn forget(&self, entry: &NodeEntry) -> Result<(), LogError> {
         self.nodes
-            .delete_expect_revision(key(&entry.record.name), Some(entry.revision))
+            .delete_expect_revision(bucket_key(&entry.record.name), Some(entry.revision))
             .await
             .map_err(js_err)
     }

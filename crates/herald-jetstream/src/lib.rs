@@ -35,8 +35,9 @@ use herald_log::{
 };
 use tokio::sync::watch;
 
-pub use cluster::{Cluster, Lease, Liveness, NodeEntry, NodeRecord, SubscriptionChange};
+pub use cluster::{Cluster, Lease, Liveness, NodeEntry, NodeRecord};
 pub use idempotency::IDEMPOTENCY_HEADER;
+pub use subscriptions::{Records, SubscriptionChange};
 
 /// JetStream's limit on the messages of one atomic batch (the server's default).
 pub const MAX_BATCH: usize = 1000;
@@ -173,6 +174,22 @@ pub(crate) fn already_exists(e: &jetstream::kv::CreateError) -> bool {
         || format!("{e:?}").contains("wrong last sequence")
 }
 
+/// A name (subscription id, lease, node) as a bucket key: keys allow `[-/_=.a-zA-Z0-9]`, so
+/// names are encoded (URL-safe base64) to fit whatever they hold.
+pub(crate) fn bucket_key(name: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name.as_bytes())
+}
+
+/// The name a [`bucket_key`] encodes.
+pub(crate) fn bucket_name(key: &str) -> Option<String> {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key)
+        .ok()?;
+    String::from_utf8(b).ok()
+}
+
 pub(crate) fn js_err(e: impl std::fmt::Display) -> LogError {
     LogError::Storage(format!("JetStream: {e}"))
 }
@@ -307,7 +324,7 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     pub(crate) position: Arc<Position>,
     pub(crate) idempotency: jetstream::kv::Store,
-    pub(crate) subscriptions: jetstream::kv::Store,
+    pub(crate) subscriptions: Records,
     pub(crate) cluster: Cluster,
     pub(crate) closed: AtomicBool,
     pub(crate) tail: tail::TailHandle,
@@ -370,7 +387,9 @@ impl JetStreamLog {
             ..Default::default()
         };
         let idempotency = ensure_bucket(&js, kv("IDEM", options.idempotency_ttl), deadline).await?;
-        let subscriptions = ensure_bucket(&js, kv("SUBS", Duration::ZERO), deadline).await?;
+        let subscriptions =
+            Records::new(ensure_bucket(&js, kv("SUBS", Duration::ZERO), deadline).await?);
+        let ews_push = Records::new(ensure_bucket(&js, kv("EWS", Duration::ZERO), deadline).await?);
         let leases = ensure_bucket(&js, kv("LEASES", options.lease), deadline).await?;
         let nodes = ensure_bucket(&js, kv("NODES", Duration::ZERO), deadline).await?;
         let cluster = Cluster::new(
@@ -379,6 +398,7 @@ impl JetStreamLog {
             leases,
             nodes,
             subscriptions.clone(),
+            ews_push,
         );
         let last = info.state.last_sequence;
         let created = format!("{:?}", info.created);
@@ -778,26 +798,26 @@ impl EventLog for JetStreamLog {
 impl SubscriptionStore for JetStreamLog {
     async fn put_subscription(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
         self.check_open()?;
-        subscriptions::put(&self.inner.subscriptions, id, spec).await
+        self.inner.subscriptions.put(id, spec).await
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<bool, LogError> {
         self.check_open()?;
-        subscriptions::delete(&self.inner.subscriptions, id).await
+        self.inner.subscriptions.delete(id).await
     }
 
     async fn ack(&self, id: &str, watermark: Watermark) -> Result<bool, LogError> {
         self.check_open()?;
-        subscriptions::ack(&self.inner.subscriptions, id, watermark).await
+        self.inner.subscriptions.ack(id, watermark).await
     }
 
     async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
         self.check_open()?;
-        subscriptions::set_inflight(&self.inner.subscriptions, id, through).await
+        self.inner.subscriptions.set_inflight(id, through).await
     }
 
     async fn subscriptions(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
-        subscriptions::list(&self.inner.subscriptions).await
+        self.inner.subscriptions.list().await
     }
 }
 

@@ -1,16 +1,17 @@
-//! Durable subscriptions in the `<stream>_SUBS` bucket, so that a poll subscription made on
-//! one node is read and acknowledged on another. Every change is a compare-and-set on the
-//! entry's revision, retried when another node changed it first: an acknowledgement never
-//! goes back, and a concurrent change is never lost.
+//! Subscription records in key-value buckets: the durable subscriptions in `<stream>_SUBS`
+//! (so that a poll subscription made on one node is read and acknowledged on another), and,
+//! in a cluster, the EWS push subscriptions in `<stream>_EWS` (so that another node takes
+//! one over). Every change is a compare-and-set on the entry's revision, retried when
+//! another node changed it first: an acknowledgement never goes back, and a concurrent
+//! change is never lost.
 
 use async_nats::jetstream::kv;
-use base64::Engine as _;
-use futures_util::TryStreamExt;
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use herald_core::Watermark;
 use herald_log::{LogError, SubscriptionRecord};
 use serde::{Deserialize, Serialize};
 
-use crate::js_err;
+use crate::{bucket_key, bucket_name, js_err};
 
 /// Attempts of one compare-and-set before giving up (each loses only to another change).
 const CAS_TRIES: usize = 100;
@@ -21,11 +22,6 @@ struct Stored {
     spec: Vec<u8>,
     acked: u64,
     inflight: u64,
-}
-
-/// Bucket keys allow `[-/_=.a-zA-Z0-9]`; ids are encoded so that any id fits.
-fn bucket_key(id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
 async fn get(store: &kv::Store, id: &str) -> Result<Option<(Stored, u64)>, LogError> {
@@ -89,7 +85,7 @@ async fn modify(
     )))
 }
 
-pub(crate) async fn put(store: &kv::Store, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
+async fn put(store: &kv::Store, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
     modify(store, id, |cur| {
         let (acked, inflight) = cur.map_or((0, 0), |s| (s.acked, s.inflight));
         Some(Stored {
@@ -103,7 +99,7 @@ pub(crate) async fn put(store: &kv::Store, id: &str, spec: Vec<u8>) -> Result<()
     .map(|_| ())
 }
 
-pub(crate) async fn delete(store: &kv::Store, id: &str) -> Result<bool, LogError> {
+async fn delete(store: &kv::Store, id: &str) -> Result<bool, LogError> {
     let existed = get(store, id).await?.is_some();
     if existed {
         store.purge(bucket_key(id)).await.map_err(js_err)?;
@@ -111,7 +107,7 @@ pub(crate) async fn delete(store: &kv::Store, id: &str) -> Result<bool, LogError
     Ok(existed)
 }
 
-pub(crate) async fn ack(store: &kv::Store, id: &str, w: Watermark) -> Result<bool, LogError> {
+async fn ack(store: &kv::Store, id: &str, w: Watermark) -> Result<bool, LogError> {
     modify(store, id, |cur| {
         let mut s = cur?;
         if w.0 > s.acked {
@@ -122,11 +118,7 @@ pub(crate) async fn ack(store: &kv::Store, id: &str, w: Watermark) -> Result<boo
     .await
 }
 
-pub(crate) async fn set_inflight(
-    store: &kv::Store,
-    id: &str,
-    through: Watermark,
-) -> Result<bool, LogError> {
+async fn set_inflight(store: &kv::Store, id: &str, through: Watermark) -> Result<bool, LogError> {
     modify(store, id, |cur| {
         let mut s = cur?;
         s.inflight = through.0;
@@ -135,7 +127,7 @@ pub(crate) async fn set_inflight(
     .await
 }
 
-pub(crate) async fn list(store: &kv::Store) -> Result<Vec<SubscriptionRecord>, LogError> {
+async fn list(store: &kv::Store) -> Result<Vec<SubscriptionRecord>, LogError> {
     let keys: Vec<String> = match store.keys().await {
         Ok(k) => k.try_collect().await.map_err(js_err)?,
         Err(e) => return Err(js_err(e)),
@@ -155,7 +147,7 @@ pub(crate) async fn list(store: &kv::Store) -> Result<Vec<SubscriptionRecord>, L
 }
 
 /// A stored value as the record the server reads.
-pub(crate) fn decode(value: &[u8]) -> Result<SubscriptionRecord, LogError> {
+fn decode(value: &[u8]) -> Result<SubscriptionRecord, LogError> {
     let s: Stored = postcard::from_bytes(value).map_err(js_err)?;
     Ok(SubscriptionRecord {
         id: s.id,
@@ -166,10 +158,7 @@ pub(crate) fn decode(value: &[u8]) -> Result<SubscriptionRecord, LogError> {
 }
 
 /// The subscription `id` as stored now.
-pub(crate) async fn record(
-    store: &kv::Store,
-    id: &str,
-) -> Result<Option<SubscriptionRecord>, LogError> {
+async fn record(store: &kv::Store, id: &str) -> Result<Option<SubscriptionRecord>, LogError> {
     let Some(entry) = store.entry(bucket_key(id)).await.map_err(js_err)? else {
         return Ok(None);
     };
@@ -177,4 +166,76 @@ pub(crate) async fn record(
         return Ok(None);
     }
     decode(&entry.value).map(Some)
+}
+
+/// A change to a bucket of subscription records, made by any node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscriptionChange {
+    /// Created or changed (acknowledged further, paused, given a new secret…).
+    Put(SubscriptionRecord),
+    /// Deleted.
+    Deleted(String),
+}
+
+/// A bucket of subscription records (description, acknowledged and in-flight watermarks),
+/// shared by every node on the stream; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Records {
+    store: kv::Store,
+}
+
+impl Records {
+    pub(crate) fn new(store: kv::Store) -> Records {
+        Records { store }
+    }
+
+    /// Stores subscription `id`'s description (its watermarks stay as they are).
+    pub async fn put(&self, id: &str, spec: Vec<u8>) -> Result<(), LogError> {
+        put(&self.store, id, spec).await
+    }
+
+    /// Deletes subscription `id`; whether it existed.
+    pub async fn delete(&self, id: &str) -> Result<bool, LogError> {
+        delete(&self.store, id).await
+    }
+
+    /// Records that `id`'s subscriber has everything up to `w` (never going back); whether
+    /// it exists.
+    pub async fn ack(&self, id: &str, w: Watermark) -> Result<bool, LogError> {
+        ack(&self.store, id, w).await
+    }
+
+    /// Records that a push of `id` up to `through` is being attempted; whether it exists.
+    pub async fn set_inflight(&self, id: &str, through: Watermark) -> Result<bool, LogError> {
+        set_inflight(&self.store, id, through).await
+    }
+
+    /// Subscription `id` as stored now.
+    pub async fn get(&self, id: &str) -> Result<Option<SubscriptionRecord>, LogError> {
+        record(&self.store, id).await
+    }
+
+    /// Every stored subscription, by id.
+    pub async fn list(&self) -> Result<Vec<SubscriptionRecord>, LogError> {
+        list(&self.store).await
+    }
+
+    /// Every change from now on, by any node, in the order they were made. Start it before
+    /// [`Records::list`], so that none is missed.
+    pub async fn changes(
+        &self,
+    ) -> Result<impl Stream<Item = Result<SubscriptionChange, LogError>> + use<>, LogError> {
+        let watch = self.store.watch_all().await.map_err(js_err)?;
+        Ok(watch.map(|entry| {
+            let entry = entry.map_err(js_err)?;
+            match entry.operation {
+                kv::Operation::Put => decode(&entry.value).map(SubscriptionChange::Put),
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    let id = bucket_name(&entry.key)
+                        .ok_or_else(|| js_err(format!("subscription key {:?}", entry.key)))?;
+                    Ok(SubscriptionChange::Deleted(id))
+                }
+            }
+        }))
+    }
 }

@@ -271,30 +271,36 @@ async fn a_stream_whose_settings_break_the_promises_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_stream_leader_during_idempotent_appends_loses_nothing_acknowledged() {
+    leader_kills("LEADER", 300, 1).await;
+}
+
+/// The long variant: 3,000 batches, the stream leader SIGKILLed ten times (the server killed
+/// before comes back first, so a majority always can be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run with --ignored"]
+async fn killing_the_stream_leader_ten_times_during_idempotent_appends_loses_nothing_acknowledged()
+{
+    leader_kills("LEADERS", 3000, 10).await;
+}
+
+/// Appends `batches` batches of 5 with idempotency keys, SIGKILLing the stream's leader
+/// `kills` times along the way; then every acknowledged event is in the log once, in order.
+async fn leader_kills(stream: &str, batches: usize, kills: usize) {
     let mut cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
     // The log's client may use any server; the leader is killed under it.
-    let mut opts = options(&cluster, 0, "LEADER");
+    let mut opts = options(&cluster, 0, stream);
     opts.servers = cluster.urls();
     let a = connect_with(opts).await;
-    let client = async_nats::connect(cluster.url(1)).await.unwrap();
-    let js = async_nats::jetstream::new(client);
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     let mut retries = 0;
-    let mut killed = None;
-    for i in 0..300 {
-        if i == 100 {
-            let mut s = js.get_stream("LEADER").await.unwrap();
-            let leader = s
-                .info()
-                .await
-                .unwrap()
-                .cluster
-                .as_ref()
-                .unwrap()
-                .leader
-                .clone();
-            let leader = leader.expect("the stream has a leader");
-            let idx = cluster.index_of(&leader).unwrap();
+    let mut killed: Option<usize> = None;
+    let every = batches / (kills + 1);
+    for i in 0..batches {
+        if i > 0 && i % every == 0 && i / every <= kills {
+            if let Some(k) = killed.take() {
+                cluster.start_node(k).unwrap();
+            }
+            let idx = leader_of(&cluster, stream).await;
             cluster.kill(idx);
             killed = Some(idx);
         }
@@ -319,13 +325,15 @@ async fn killing_the_stream_leader_during_idempotent_appends_loses_nothing_ackno
             assert!(acked.insert(w.0), "watermark {} acknowledged twice", w.0);
         }
     }
-    let killed = killed.unwrap();
-    cluster.start_node(killed).unwrap();
-    eprintln!("{retries} retries");
+    if let Some(k) = killed {
+        cluster.start_node(k).unwrap();
+    }
+    eprintln!("{retries} retries across {kills} leader kills");
     // Every acknowledged event is in the log, once, in order, and nothing else is.
+    let total = batches as u64 * 5;
     let last = *acked.iter().next_back().unwrap();
-    assert_eq!(acked.len(), 1500);
-    assert_eq!(last, 1500, "no batch was stored twice");
+    assert_eq!(acked.len() as u64, total);
+    assert_eq!(last, total, "no batch was stored twice");
     let mut next = 0;
     while next < last {
         let page = a.read(Watermark(next), 500).await.unwrap();
@@ -333,6 +341,35 @@ async fn killing_the_stream_leader_during_idempotent_appends_loses_nothing_ackno
             assert_eq!(n.watermark, Some(Watermark(next + 1)));
             next += 1;
         }
+    }
+}
+
+/// The index of the server leading `stream` now (asked of any server that answers).
+async fn leader_of(cluster: &NatsCluster, stream: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for i in (0..cluster.len()).filter(|&i| cluster.is_running(i)) {
+            let Ok(client) = async_nats::connect(cluster.url(i)).await else {
+                continue;
+            };
+            let js = async_nats::jetstream::new(client);
+            let Ok(mut s) = js.get_stream(stream).await else {
+                continue;
+            };
+            let leader = s
+                .info()
+                .await
+                .ok()
+                .and_then(|info| info.cluster.as_ref().and_then(|c| c.leader.clone()));
+            if let Some(idx) = leader.and_then(|l| cluster.index_of(&l)) {
+                return idx;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream {stream} has no leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -498,17 +535,30 @@ async fn all_three_servers_killed_and_restarted_lose_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repeated_leader_step_downs_under_load_leave_no_gap_no_duplicate_and_no_hang() {
+    step_downs("STEPDOWN", 200, 5).await;
+}
+
+/// The long variant: 3,000 batches and 60 step-downs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run with --ignored"]
+async fn sixty_leader_step_downs_under_load_leave_no_gap_no_duplicate_and_no_hang() {
+    step_downs("STEPDOWNS", 3000, 60).await;
+}
+
+/// Appends `batches` batches of 3 on node A while the stream's leader steps down `times`
+/// times; every acknowledged event is in the log once, and node B's hub saw each once.
+async fn step_downs(stream: &'static str, batches: usize, times: usize) {
     let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
-    let mut opts = options(&cluster, 0, "STEPDOWN");
+    let mut opts = options(&cluster, 0, stream);
     opts.servers = cluster.urls();
     let a = connect_with(opts).await;
-    let b = connect(&cluster, 1, "STEPDOWN").await;
+    let b = connect(&cluster, 1, stream).await;
     let writer = {
         let a = a.clone();
         tokio::spawn(async move {
             let mut acked = BTreeSet::new();
             let mut retries = 0;
-            for i in 0..200 {
+            for i in 0..batches {
                 let (done, r) = append_retrying(
                     &a,
                     batch(&format!("s{i}"), 3),
@@ -524,22 +574,26 @@ async fn repeated_leader_step_downs_under_load_leave_no_gap_no_duplicate_and_no_
             (acked, retries)
         })
     };
-    // The stream's leader steps down five times while the writer appends.
+    // The stream's leader steps down while the writer appends.
     let client = async_nats::connect(cluster.url(2)).await.unwrap();
-    for _ in 0..5 {
+    for _ in 0..times {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let r = client
-            .request("$JS.API.STREAM.LEADER.STEPDOWN.STEPDOWN", "".into())
+            .request(
+                format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                "".into(),
+            )
             .await
             .unwrap();
         eprintln!("step-down: {}", String::from_utf8_lossy(&r.payload));
     }
     let (acked, retries) = writer.await.unwrap();
-    eprintln!("{retries} retries across 5 step-downs");
-    assert_eq!(acked.len(), 600);
+    eprintln!("{retries} retries across {times} step-downs");
+    let total = batches as u64 * 3;
+    assert_eq!(acked.len() as u64, total);
     assert_exactly(&a, &acked).await;
     // The other node's hub saw every event once, in order.
-    assert_eq!(follow_until(&b, 0, 600).await.len(), 600);
+    assert_eq!(follow_until(&b, 0, total).await.len() as u64, total);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,17 +4,19 @@
 //! is [`herald_jetstream::Cluster`]; this module is what the server does with it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use herald_core::{Key, Notification, Watermark};
 use herald_delivery::{node_of, offline_event, presence_change};
-use herald_jetstream::{Cluster, Liveness, NodeEntry, NodeRecord, SubscriptionChange};
+use herald_jetstream::{Cluster, Lease, Liveness, NodeEntry, NodeRecord, SubscriptionChange};
 use herald_log::{AppendOptions, EventLog, LogError, ReadError};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::Log;
-use crate::subscriptions::{DurableRef, Durables, WebhookWorker};
+use crate::subscriptions::{DurableRef, Durables, WebhookWorker, WorkerFuture};
 
 /// Applies the changes other nodes make to durable subscriptions, until the stream ends.
 pub(crate) async fn follow_subscriptions(
@@ -44,54 +46,56 @@ enum Turn {
     Lost,
 }
 
-/// Delivers webhook `sub` whenever this node holds its lease, until the subscription stops:
-/// waits for the lease, catches up with what the previous holder stored (acknowledged, in
-/// flight, state), runs the worker, renews the lease a third of the way through, and drops
-/// the worker before the lease could run out. Released when the subscription stops here.
-pub(crate) async fn hold_webhook(
+/// Runs push work `name` whenever this node holds its lease, until `stop`: waits for the
+/// lease, lets `take_over` catch up with what the previous holder stored (it returns the
+/// work, or `None` when the subscription is gone), runs the work, renews the lease a third
+/// of the way through, and drops the work before the lease could run out. Released when the
+/// work ends or `stop` fires. One holder for every kind of push (webhooks, EWS push).
+/// `first` is a lease already taken (by the node that made the subscription).
+pub(crate) async fn hold<F, T>(
     cluster: Cluster,
-    durables: Durables,
-    sub: DurableRef,
-    worker: WebhookWorker,
-) {
-    let name = format!("webhook.{}", sub.id());
+    name: String,
+    stop: CancellationToken,
+    mut first: Option<Lease>,
+    mut take_over: F,
+) where
+    F: FnMut() -> T,
+    T: Future<Output = Option<WorkerFuture>>,
+{
     let every = cluster.lease_time() / 3;
     loop {
-        let mut lease = loop {
-            match cluster.try_lease(&name).await {
-                Ok(Some(lease)) => break lease,
-                Ok(None) => {}
-                Err(e) => tracing::warn!(id = %sub.id(), error = %e, "webhook lease not taken"),
-            }
-            tokio::select! {
-                () = sub.stopped() => return,
-                () = tokio::time::sleep(every) => {}
-            }
+        let mut lease = match first.take() {
+            Some(lease) => lease,
+            None => loop {
+                match cluster.try_lease(&name).await {
+                    Ok(Some(lease)) => break lease,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%name, error = %e, "lease not taken"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            },
         };
-        tracing::info!(id = %sub.id(), node = %cluster.node(), "delivering this webhook here (lease taken)");
-        match cluster.subscription(sub.id()).await {
-            Ok(Some(record)) => durables.refresh(&sub, &record),
-            Ok(None) => {
-                cluster.release(lease).await;
-                return;
-            }
-            Err(e) => tracing::warn!(id = %sub.id(), error = %e, "webhook state not re-read"),
-        }
-        durables.attach_here(&sub);
-        let work = (worker.run)(durables.clone(), sub.clone());
+        tracing::info!(%name, node = %cluster.node(), "delivering here (lease taken)");
+        let Some(work) = take_over().await else {
+            cluster.release(lease).await;
+            return;
+        };
         let mut work = std::pin::pin!(work);
         let mut retry_at: Option<Instant> = None;
         let turn = loop {
             let renew_at = retry_at.unwrap_or_else(|| cluster.renew_at(&lease));
             tokio::select! {
                 () = &mut work => break Turn::Ended,
-                () = sub.stopped() => break Turn::Stopped,
+                () = stop.cancelled() => break Turn::Stopped,
                 () = tokio::time::sleep_until(renew_at) => {
                     match cluster.renew(&mut lease).await {
                         Ok(true) => retry_at = None,
                         Ok(false) => break Turn::Lost,
                         Err(e) => {
-                            tracing::warn!(id = %sub.id(), error = %e, "webhook lease not renewed; retrying");
+                            tracing::warn!(%name, error = %e, "lease not renewed; retrying");
                             retry_at = Some(Instant::now() + Duration::from_millis(250));
                         }
                     }
@@ -107,10 +111,42 @@ pub(crate) async fn hold_webhook(
                 return;
             }
             Turn::Lost => {
-                tracing::warn!(id = %sub.id(), "webhook lease lost: delivery stops here until it is taken again");
+                tracing::warn!(%name, "lease lost: delivery stops here until it is taken again");
             }
         }
     }
+}
+
+/// Delivers webhook `sub` whenever this node holds its lease (see [`hold`]): a taker first
+/// reads what the previous holder stored (acknowledged, in flight, state) and attaches the
+/// webhook's presence here.
+pub(crate) async fn hold_webhook(
+    cluster: Cluster,
+    durables: Durables,
+    sub: DurableRef,
+    worker: WebhookWorker,
+) {
+    let name = format!("webhook.{}", sub.id());
+    let stop = sub.stop().clone();
+    let records = cluster.subscriptions().clone();
+    hold(cluster, name, stop, None, || {
+        let (records, durables, sub, worker) = (
+            records.clone(),
+            durables.clone(),
+            sub.clone(),
+            worker.clone(),
+        );
+        async move {
+            match records.get(sub.id()).await {
+                Ok(Some(record)) => durables.refresh(&sub, &record),
+                Ok(None) => return None,
+                Err(e) => tracing::warn!(id = %sub.id(), error = %e, "webhook state not re-read"),
+            }
+            durables.attach_here(&sub);
+            Some((worker.run)(durables, sub))
+        }
+    })
+    .await;
 }
 
 /// This node in the cluster: its heartbeat, and what it does for nodes that went silent.

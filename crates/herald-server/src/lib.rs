@@ -129,7 +129,12 @@ impl AppState {
             config.ews.clone(),
             egress.clone(),
             egress.client(config.webhooks.request_timeout),
+            shared.clone(),
         );
+        let taken = ews.restore().await?;
+        if taken > 0 {
+            tracing::info!(taken, "EWS push subscriptions of the cluster followed");
+        }
         let mapi = mapi::Mapi::new(delivery.clone(), config.mapi.clone(), egress.clone());
         let node = match shared {
             Some(cluster) => {

@@ -416,7 +416,7 @@ impl Durables {
     /// for as long as the server runs.
     pub async fn restore(&self) -> Result<usize, herald_log::LogError> {
         let changes = match self.cluster() {
-            Some(c) => Some(c.subscription_changes().await?),
+            Some(c) => Some(c.subscriptions().changes().await?),
             None => None,
         };
         // One node alone serves every subscription: its connection is attached now. In a
@@ -740,7 +740,8 @@ impl Durables {
             (None, None) => return Err(DurableError::NotFound(id.to_owned())),
             (None, Some(cluster)) => {
                 let record = cluster
-                    .subscription(id)
+                    .subscriptions()
+                    .get(id)
                     .await?
                     .ok_or_else(|| DurableError::NotFound(id.to_owned()))?;
                 let sub = self

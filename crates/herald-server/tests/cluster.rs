@@ -397,6 +397,136 @@ fn exchangelib_on_one_node_sees_what_is_published_on_the_other_and_resumes_there
     );
 }
 
+/// exchangelib's push subscription made on node A, which is SIGKILLed mid-stream while
+/// events are published on node B: B takes the subscription over (its lease runs out) and
+/// pushes every event in order under the same subscription id, and the client's Unsubscribe
+/// answer ends it on B.
+#[test]
+fn an_ews_push_subscription_of_a_node_that_dies_is_taken_over_by_the_other() {
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let minute = "1.5";
+    let toml =
+        format!("{EXCHANGE_USERS}[ews]\nminute = \"{minute}s\"\npush_retry_base = \"250ms\"\n");
+    let lease = ("HERALD_JETSTREAM__LEASE", "2s");
+    let (mut a, _ta) = node_config(
+        &cluster,
+        0,
+        "EWSPUSH",
+        &toml,
+        &[lease, ("HERALD_JETSTREAM__NODE", "a")],
+    );
+    let (b, _tb) = node_config(
+        &cluster,
+        1,
+        "EWSPUSH",
+        &toml,
+        &[lease, ("HERALD_JETSTREAM__NODE", "b")],
+    );
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    common::exchangelib(
+        &a.base(),
+        PRODUCER_KEY,
+        minute,
+        &["takeover"],
+        &[
+            ("HERALD_PUBLISH_BASE", &b.base()),
+            ("HERALD_KILL_PID", &pid),
+        ],
+    );
+    // The process the client killed is reaped.
+    kill(&mut a);
+}
+
+/// A MAPI client logged on to node A is told (RopNotify) of what is published on node B;
+/// when A dies, it connects to B, logs on and registers again (MAPI sessions are per node;
+/// the protocol has no watermark on the wire) and is told of what is published after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mapi_client_is_told_of_events_from_the_other_node_and_registers_again_after_a_node_dies()
+{
+    use common::mapi::{ALICE, CREATED, Client, created_in, notifies, publish_to, register};
+    use herald_rop::{NotificationScope, OpenFolder, RopRequest};
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let toml =
+        format!("{EXCHANGE_USERS}[mapi]\nnotification_wait = \"2s\"\npending_period = \"300ms\"\n");
+    let (mut a, _ta) = node_config(
+        &cluster,
+        0,
+        "MAPI",
+        &toml,
+        &[("HERALD_JETSTREAM__NODE", "a")],
+    );
+    let (b, _tb) = node_config(
+        &cluster,
+        1,
+        "MAPI",
+        &toml,
+        &[("HERALD_JETSTREAM__NODE", "b")],
+    );
+    let inbox_key = format!("{ALICE}/inbox");
+    // Logs on, registers for new messages in the inbox, and returns the client.
+    async fn registered(server: &Server) -> Client {
+        let mut c = Client::new(server, ALICE);
+        assert_eq!(c.connect().await.error_code, 0);
+        let folders = c.logon().await;
+        let inbox = folders[4];
+        let answers = c
+            .execute(&[
+                RopRequest::OpenFolder(OpenFolder {
+                    logon_id: 0,
+                    input_handle_index: 0,
+                    output_handle_index: 1,
+                    folder_id: inbox,
+                    open_mode_flags: 0,
+                }),
+                register(1, 2, CREATED, NotificationScope::Folder(inbox)),
+            ])
+            .await;
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        c
+    }
+    // Waits (NotificationWait) and fetches (an empty Execute) until `n` notifications came.
+    async fn told(c: &mut Client, n: usize) -> Vec<herald_rop::Fid> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < n && Instant::now() < deadline {
+            let (w, _) = c.wait().await;
+            if w.event_pending {
+                let answers = c.execute(&[]).await;
+                got.extend(
+                    notifies(&answers)
+                        .iter()
+                        .map(|n| n.data.message_id.unwrap()),
+                );
+            }
+        }
+        got
+    }
+    let id = |name: &str| {
+        herald_server::mapi::map::id_of(&herald_core::Key::from(
+            format!("{inbox_key}/{name}").as_str(),
+        ))
+    };
+    let mut on_a = registered(&a).await;
+    publish_to(
+        &b.base(),
+        json!([created_in(&inbox_key, "m-1"), created_in(&inbox_key, "m-2")]),
+    )
+    .await;
+    assert_eq!(
+        told(&mut on_a, 2).await,
+        vec![id("m-1"), id("m-2")],
+        "told on A of B's events"
+    );
+    kill(&mut a);
+    let mut on_b = registered(&b).await;
+    publish_to(&b.base(), json!([created_in(&inbox_key, "m-3")])).await;
+    assert_eq!(
+        told(&mut on_b, 1).await,
+        vec![id("m-3")],
+        "told on B after registering there"
+    );
+}
+
 /// A WebSocket client on node B gets, in order and once, what is published on node A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_websocket_client_on_one_node_gets_what_is_published_on_the_other() {

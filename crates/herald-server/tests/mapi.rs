@@ -7,247 +7,20 @@ mod common;
 
 use std::time::Duration;
 
+use common::mapi::*;
 use common::*;
 use herald_core::Key;
-use herald_rop::mapihttp::{
-    ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse, NotificationWaitResponse,
-    ResponseStream,
-};
 use herald_rop::{
-    Fid, Logon, NotificationData, NotificationScope, NotificationType, OpenFolder,
-    RegisterNotification, Release, RopBuffer, RopNotify, RopRequest, RopResponse, decode_responses,
-    ec,
+    Fid, NotificationData, NotificationScope, NotificationType, OpenFolder, Release, RopBuffer,
+    RopRequest, RopResponse, decode_responses, ec,
 };
 use herald_server::mapi::map::id_of;
-
-const ALICE: &str = "alice@example.test";
 
 fn mapi_server(extra: &str) -> (Server, tempfile::TempDir) {
     start_with_config(&format!(
         "{EXCHANGE_USERS}[mapi]\nnotification_wait = \"2s\"\npending_period = \"300ms\"\n{extra}\n"
     ))
 }
-
-/// A MAPI/HTTP client: a cookie jar of one, and the handle table it carries between calls.
-struct Client {
-    url: String,
-    user: &'static str,
-    cookie: Option<String>,
-    handles: Vec<u32>,
-    counter: u32,
-}
-
-struct Answer {
-    response_code: u32,
-    stream: Option<ResponseStream>,
-    raw: Vec<u8>,
-}
-
-impl Client {
-    fn new(server: &Server, user: &'static str) -> Client {
-        Client {
-            url: server.url(&format!("/mapi/emsmdb/?MailboxId={user}")),
-            user,
-            cookie: None,
-            handles: Vec::new(),
-            counter: 0,
-        }
-    }
-
-    async fn post(&mut self, request_type: &str, body: Vec<u8>) -> Answer {
-        self.counter += 1;
-        let mut req = client()
-            .post(&self.url)
-            .basic_auth(
-                self.user,
-                Some(if self.user == ALICE {
-                    "alice-pw"
-                } else {
-                    "bob-pw"
-                }),
-            )
-            .header("content-type", "application/mapi-http")
-            .header("x-requesttype", request_type)
-            .header(
-                "x-requestid",
-                format!("{{E2EA6C1C-E61B-49E9-9CFB-38184F907552}}:{}", self.counter),
-            )
-            .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
-            .body(body);
-        if let Some(c) = &self.cookie {
-            req = req.header("cookie", format!("MapiContext={c}"));
-        }
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["x-requesttype"], request_type);
-        let response_code: u32 = r.headers()["x-responsecode"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        if let Some(set) = r.headers().get("set-cookie") {
-            let v = set.to_str().unwrap();
-            if let Some(rest) = v.strip_prefix("MapiContext=") {
-                let id = rest.split(';').next().unwrap();
-                self.cookie = (!id.is_empty()).then(|| id.to_owned());
-            }
-        }
-        let raw = r.bytes().await.unwrap().to_vec();
-        let stream = (response_code == 0).then(|| {
-            assert!(
-                raw.starts_with(b"PROCESSING\r\n"),
-                "{:?}",
-                String::from_utf8_lossy(&raw)
-            );
-            ResponseStream::parse(&raw).unwrap()
-        });
-        Answer {
-            response_code,
-            stream,
-            raw,
-        }
-    }
-
-    async fn connect(&mut self) -> ConnectResponse {
-        let body = ConnectRequest {
-            user_dn: "/o=Herald/cn=Recipients/cn=alice".into(),
-            flags: 0,
-            code_page: 1252,
-            lcid_sort: 0x409,
-            lcid_string: 0x409,
-            aux: vec![],
-        }
-        .encode()
-        .unwrap();
-        let a = self.post("Connect", body).await;
-        assert_eq!(a.response_code, 0);
-        ConnectResponse::decode(&a.stream.unwrap().body)
-            .unwrap()
-            .unwrap()
-    }
-
-    /// Runs ROPs; returns the answers (and keeps the returned handle table).
-    async fn execute_with(&mut self, rops: &[RopRequest], max_rop_out: u32) -> Vec<RopResponse> {
-        let mut bytes = Vec::new();
-        for r in rops {
-            r.encode(&mut bytes).unwrap();
-        }
-        let mut handles = self.handles.clone();
-        handles.resize(handles.len().max(8), u32::MAX);
-        let rop_buffer = RopBuffer {
-            rops: bytes,
-            handles,
-        }
-        .encode()
-        .unwrap();
-        let a = self
-            .post("Execute", execute_body(rop_buffer, max_rop_out))
-            .await;
-        assert_eq!(a.response_code, 0, "{}", String::from_utf8_lossy(&a.raw));
-        let resp = ExecuteResponse::decode(&a.stream.unwrap().body)
-            .unwrap()
-            .unwrap();
-        assert_eq!(resp.error_code, 0);
-        let buf = RopBuffer::decode(&resp.rop_buffer).unwrap();
-        self.handles = buf.handles;
-        decode_responses(&buf.rops).unwrap()
-    }
-
-    /// Sends an Execute body and reads its answer (`Err(status)` for a failure body).
-    async fn execute_raw(&mut self, body: Vec<u8>) -> Result<ExecuteResponse, u32> {
-        let a = self.post("Execute", body).await;
-        ExecuteResponse::decode(&a.stream.unwrap().body).unwrap()
-    }
-
-    async fn execute(&mut self, rops: &[RopRequest]) -> Vec<RopResponse> {
-        self.execute_with(rops, 0x10008).await
-    }
-
-    async fn wait(&mut self) -> (NotificationWaitResponse, usize) {
-        let a = self
-            .post(
-                "NotificationWait",
-                herald_rop::mapihttp::notification_wait_request(),
-            )
-            .await;
-        assert_eq!(a.response_code, 0);
-        let s = a.stream.unwrap();
-        (
-            NotificationWaitResponse::decode(&s.body).unwrap().unwrap(),
-            s.pendings,
-        )
-    }
-
-    /// Logs on (logon 0 at slot 0) and returns the 13 logon folders.
-    async fn logon(&mut self) -> [Fid; 13] {
-        let answers = self
-            .execute(&[RopRequest::Logon(Logon {
-                logon_id: 0,
-                output_handle_index: 0,
-                logon_flags: 1,
-                open_flags: 0x0100_0000,
-                store_state: 0,
-                essdn: "/o=Herald/cn=Recipients/cn=alice".into(),
-            })])
-            .await;
-        let [RopResponse::Logon { success, .. }] = &answers[..] else {
-            panic!("{answers:?}")
-        };
-        success.folder_ids
-    }
-}
-
-/// An Execute request body (NoCompression, NoXorMagic, no auxiliary blocks).
-fn execute_body(rop_buffer: Vec<u8>, max_rop_out: u32) -> Vec<u8> {
-    ExecuteRequest {
-        flags: 3,
-        rop_buffer,
-        max_rop_out,
-        aux: vec![],
-    }
-    .encode()
-}
-
-async fn publish(server: &Server, events: serde_json::Value) {
-    publish_to(&server.base(), events).await
-}
-
-async fn publish_to(base: &str, events: serde_json::Value) {
-    let r = client()
-        .post(format!("{base}/v1/events"))
-        .bearer_auth(PRODUCER_KEY)
-        .json(&serde_json::json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-}
-
-fn created_in(folder: &str, name: &str) -> serde_json::Value {
-    serde_json::json!({"key": format!("{folder}/{name}"), "kind": "object_created", "object_type": "message", "parent": folder})
-}
-
-fn notifies(answers: &[RopResponse]) -> Vec<&RopNotify> {
-    answers
-        .iter()
-        .filter_map(|a| match a {
-            RopResponse::Notify(n) => Some(&**n),
-            _ => None,
-        })
-        .collect()
-}
-
-fn register(input: u8, output: u8, types: u16, scope: NotificationScope) -> RopRequest {
-    RopRequest::RegisterNotification(RegisterNotification {
-        logon_id: 0,
-        input_handle_index: input,
-        output_handle_index: output,
-        types,
-        scope,
-    })
-}
-
-const CREATED: u16 = NotificationType::ObjectCreated as u16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
@@ -388,8 +161,8 @@ async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
     // Many at once and a small MaxRopOut: as many as fit, then RopPending, the rest next time,
     // in order.
     let names: Vec<String> = (0..40).map(|i| format!("bulk-{i:02}")).collect();
-    publish(
-        &server,
+    publish_to(
+        &server.base(),
         serde_json::Value::Array(
             names
                 .iter()
@@ -431,7 +204,11 @@ async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
         })])
         .await;
     assert!(answers.is_empty(), "RopRelease has no answer: {answers:?}");
-    publish(&server, serde_json::json!([created_in(&inbox_key, "m-3")])).await;
+    publish_to(
+        &server.base(),
+        serde_json::json!([created_in(&inbox_key, "m-3")]),
+    )
+    .await;
     let (w, _) = c.wait().await;
     assert!(w.event_pending);
     let answers = c.execute(&[]).await;
@@ -627,8 +404,8 @@ async fn udp_push_sends_the_context_until_fetched() {
         (0, 0)
     );
 
-    publish(
-        &server,
+    publish_to(
+        &server.base(),
         serde_json::json!([created_in(&format!("{ALICE}/inbox"), "u-1")]),
     )
     .await;
@@ -656,8 +433,8 @@ async fn udp_push_sends_the_context_until_fetched() {
     let quiet = tokio::time::timeout(Duration::from_millis(1200), socket.recv_from(&mut buf)).await;
     assert!(quiet.is_err(), "no datagram once everything was fetched");
     // A new event starts them again.
-    publish(
-        &server,
+    publish_to(
+        &server.base(),
         serde_json::json!([created_in(&format!("{ALICE}/inbox"), "u-2")]),
     )
     .await;
@@ -687,15 +464,15 @@ async fn offline_a_session_is_told_nothing_and_online_it_gets_everything_queued(
     };
     // One notification is queued while online; then the server goes offline and two more
     // events are logged.
-    publish(
-        &server,
+    publish_to(
+        &server.base(),
         serde_json::json!([created_in(&format!("{ALICE}/inbox"), "m-1")]),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(state("offline").await.unwrap().status(), 200);
-    publish(
-        &server,
+    publish_to(
+        &server.base(),
         serde_json::json!([
             created_in(&format!("{ALICE}/inbox"), "m-2"),
             created_in(&format!("{ALICE}/inbox"), "m-3")

@@ -10,6 +10,7 @@
 //! Feeds, pages, pushes and sessions are the delivery layer's; this module speaks EWS.
 
 pub mod map;
+mod shared;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -49,7 +50,7 @@ const SCAN_BUDGET: usize = 10_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Kind {
     Pull { timeout: Duration },
-    Push,
+    Push { url: String, frequency: Duration },
     Streaming,
 }
 
@@ -148,6 +149,9 @@ struct EwsInner {
     subs: Registry<EwsSub>,
     /// Streaming connections each account holds.
     streams: Quota,
+    /// In a cluster, what the nodes share: push subscriptions live there too, so that
+    /// another node takes one over when its node dies.
+    cluster: Option<herald_jetstream::Cluster>,
 }
 /// EWS minutes a streaming subscription outlives its last connection.
 const STREAMING_IDLE_MINUTES: u32 = 30;
@@ -159,6 +163,7 @@ impl Ews {
         config: EwsConfig,
         egress: crate::egress::EgressPolicy,
         push_client: reqwest::Client,
+        cluster: Option<herald_jetstream::Cluster>,
     ) -> Ews {
         Ews {
             inner: Arc::new(EwsInner {
@@ -168,6 +173,7 @@ impl Ews {
                 egress,
                 push_client,
                 streams: Quota::default(),
+                cluster,
             }),
         }
     }
@@ -214,27 +220,37 @@ impl Ews {
             .expire(|s, idle| match s.kind {
                 Kind::Pull { timeout } => idle > timeout,
                 Kind::Streaming => !s.connected() && idle > minute * STREAMING_IDLE_MINUTES,
-                Kind::Push => false,
+                Kind::Push { .. } => false,
             })
             .len()
     }
 
     /// Ends every subscription (at shutdown): they live in memory and end with the process;
-    /// their cancel hooks hear it.
+    /// their cancel hooks hear it. In a cluster, push subscriptions stay (without hooks):
+    /// another node takes them over.
     pub fn stop_all(&self) {
-        self.inner.subs.stop_all(|_| false);
+        let clustered = self.inner.cluster.is_some();
+        self.inner
+            .subs
+            .stop_all(|s| clustered && matches!(s.kind, Kind::Push { .. }));
     }
 
     /// Ends subscription `id` (an operator's kick of an EWS push endpoint, whose hooks ran);
     /// whether it existed.
     pub fn kick(&self, id: &str) -> bool {
-        self.inner.subs.take(id).is_some()
+        let kicked = self.inner.subs.take(id);
+        if let Some(sub) = &kicked {
+            shared::unshare(self, sub);
+        }
+        kicked.is_some()
     }
 
     /// Ends a subscription that ended on its own (the client answered Unsubscribe, pushes
     /// failed, its events can no longer be read); its cancel hooks run.
     fn end(&self, sub: &SubRef, reason: EndReason) {
-        self.inner.subs.remove_this(sub, reason);
+        if self.inner.subs.remove_this(sub, reason) {
+            shared::unshare(self, sub);
+        }
     }
 }
 
@@ -443,7 +459,7 @@ async fn subscribe(
             Kind::Pull {
                 timeout: minute * *timeout_minutes,
             },
-            None,
+            false,
         ),
         SubscriptionKind::Push {
             status_frequency_minutes,
@@ -457,16 +473,22 @@ async fn subscribe(
                 );
             }
             (
-                Kind::Push,
-                Some((url.clone(), minute * *status_frequency_minutes)),
+                Kind::Push {
+                    url: url.clone(),
+                    frequency: minute * *status_frequency_minutes,
+                },
+                true,
             )
         }
-        SubscriptionKind::Streaming => (Kind::Streaming, None),
+        SubscriptionKind::Streaming => (Kind::Streaming, false),
     };
-    let id = ews
-        .delivery()
-        .connections()
-        .node_named(format!("HS{}", uuid::Uuid::new_v4().simple()));
+    let id = format!("HS{}", uuid::Uuid::new_v4().simple());
+    // A shared push subscription moves between nodes: its id names none.
+    let id = if push && ews.inner.cluster.is_some() {
+        id
+    } else {
+        ews.delivery().connections().node_named(id)
+    };
     let connect = Connect {
         id: id.clone(),
         owner: owner_name(user.as_deref()).to_owned(),
@@ -474,7 +496,7 @@ async fn subscribe(
         target: format!("{mailbox}/"),
     };
     // A push endpoint is a connection whose state follows the pushes.
-    let lease = push.is_some().then_some(Lease::None);
+    let lease = push.then_some(Lease::None);
     let made = ews
         .delivery()
         .lifecycle()
@@ -500,10 +522,11 @@ async fn subscribe(
         Some(live),
     );
     tracing::debug!(%id, ?kind, "EWS subscription created");
-    if let Some((url, frequency)) = push {
-        ews.inner
-            .subs
-            .spawn(&sub, push_worker(ews.clone(), sub.clone(), url, frequency));
+    if push {
+        if let Err(e) = shared::start_push(ews, &sub).await {
+            ews.end(&sub, EndReason::Close);
+            return op_error(op, "ErrorInternalServerError", &e.to_string());
+        }
     }
     let watermark = (kind != Kind::Streaming).then(|| watermark_of(start));
     ok(herald_ews::subscribe_ok(&id, watermark.as_deref()))
@@ -582,7 +605,7 @@ async fn unsubscribe(ews: &Ews, user: &Option<String>, id: &str) -> Response {
         Ok(s) => s,
         Err((code, text)) => return op_error(op, code, text),
     };
-    if sub.kind == Kind::Push {
+    if matches!(sub.kind, Kind::Push { .. }) {
         // A push subscription ends only by the client answering Unsubscribe to a push.
         return op_error(
             op,
@@ -932,7 +955,10 @@ async fn push(
 /// StatusEvent after StatusFrequency without a notification to it; ends when the client
 /// answers Unsubscribe, when retries would exceed StatusFrequency, or, after telling the
 /// client `ErrorReadEventsFailed`, when its events can no longer be read.
-async fn push_worker(ews: Ews, sub: SubRef, url: String, frequency: Duration) {
+async fn push_worker(ews: Ews, sub: SubRef) {
+    let Kind::Push { url, frequency } = sub.kind.clone() else {
+        return;
+    };
     let pusher = ews.delivery().pusher(
         "ews-push",
         push_policy(ews.inner.config.push_retry_base, frequency),
@@ -959,6 +985,7 @@ async fn push_worker(ews: Ews, sub: SubRef, url: String, frequency: Duration) {
                 if !push(&ews, &sub, &pusher, &url, status(sub.cursor()), 0).await {
                     return;
                 }
+                shared::store_cursor(&ews, &sub).await;
             }
             Ok(FeedItem::Events { batch, cursor }) => {
                 let events: Vec<EwsEvent> = batch.iter().filter_map(map::to_ews).collect();
@@ -983,6 +1010,7 @@ async fn push_worker(ews: Ews, sub: SubRef, url: String, frequency: Duration) {
                     }
                 }
                 sub.advance(cursor);
+                shared::store_cursor(&ews, &sub).await;
             }
             Err(e) => return read_failed(&ews, &sub, &pusher, &url, &e).await,
         }

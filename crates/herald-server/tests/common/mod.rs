@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+pub mod mapi;
+
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A running server, killed on drop.

@@ -466,7 +466,59 @@ def resume():
     ENDPOINT = BASE + "/EWS/Exchange.asmx"
 
 
-SECTIONS = {"resume": resume, "folders": folders, "pull": pull, "streaming": streaming, "push": push, "noauth": noauth}
+def takeover():
+    """A push subscription made on this node, whose process (HERALD_KILL_PID) is SIGKILLed while
+    events are published on another node (HERALD_PUBLISH_BASE): the other node takes the
+    subscription over and pushes every event, in order; a repeat is a whole notification pushed
+    again from the last watermark the dead node recorded, never a gap."""
+    check(PUBLISH_BASE != BASE, "takeover needs HERALD_PUBLISH_BASE, another node")
+    pid = int(os.environ["HERALD_KILL_PID"])
+    acct = account()
+    inbox = acct.inbox
+    rx = Receiver()
+    psid, pwm = inbox.subscribe_to_push(rx.url, status_frequency=1)
+    first = rx.next()
+    check(first.subscription_id == psid and first.previous_watermark == pwm, f"first push {first}")
+    keys = [f"{ALICE}/inbox/t-{i}" for i in range(60)]
+    notifications = []
+
+    def item_ids():
+        return [e.item_id.id for n in notifications for e in n.events if not isinstance(e, StatusEvent)]
+
+    for i in range(30):
+        publish(created(keys[i], f"{ALICE}/inbox"))
+    while len(item_ids()) < 10:
+        notifications.append(rx.next())
+    os.kill(pid, 9)
+    for i in range(30, 60):
+        publish(created(keys[i], f"{ALICE}/inbox"))
+    deadline = time.monotonic() + 60
+    while set(item_ids()) != {ews_id(k) for k in keys} and time.monotonic() < deadline:
+        try:
+            notifications.append(rx.next(timeout=5))
+        except queue.Empty:
+            pass
+    seen = item_ids()
+    once = list(dict.fromkeys(seen))
+    check(once == [ews_id(k) for k in keys], f"every event, in order, after the takeover: {once}")
+    check(all(n.subscription_id == psid for n in notifications), "one subscription id throughout")
+    # Notifications chain by watermark; at the takeover the chain may step back once, to the
+    # last watermark the dead node recorded, and the events after it come again.
+    previous = [n.previous_watermark for n in notifications]
+    lasts = [n.events[-1].watermark for n in notifications]
+    rewinds = sum(1 for i in range(1, len(notifications)) if previous[i] != lasts[i - 1])
+    check(rewinds <= 1, f"the watermark chain stepped back {rewinds} times: {list(zip(previous, lasts))}")
+    print(f"  takeover: {len(seen)} events pushed for {len(keys)} ({len(seen) - len(keys)} again)", flush=True)
+    # The client ends it on the node that took it over: nothing more is pushed.
+    rx.answer = "unsubscribe"
+    rx.next(timeout=MINUTE * 3 + 15)
+    count = rx.requests
+    time.sleep(MINUTE * 2)
+    check(rx.requests == count, "no push after the client answered Unsubscribe")
+    rx.stop()
+
+
+SECTIONS = {"takeover": takeover, "resume": resume, "folders": folders, "pull": pull, "streaming": streaming, "push": push, "noauth": noauth}
 
 if __name__ == "__main__":
     wanted = sys.argv[4:] or ["folders", "pull", "streaming", "push"]
