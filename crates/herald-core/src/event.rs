@@ -389,6 +389,33 @@ impl Notification {
         }
     }
 
+    /// The folder the object is in: the parent the event names (new mail, object changes),
+    /// else its key's parent in path form. A [`crate::Scope::Children`] subscription of that
+    /// folder selects the event.
+    pub fn parent(&self) -> Option<Key> {
+        let named = match &self.event {
+            Event::NewMail(m) => Some(&m.parent),
+            Event::ObjectCreated(o)
+            | Event::ObjectDeleted(o)
+            | Event::ObjectModified(o)
+            | Event::SearchComplete(o) => o.parent.as_ref(),
+            Event::ObjectMoved(r) | Event::ObjectCopied(r) => r.object.parent.as_ref(),
+            _ => None,
+        };
+        named.cloned().or_else(|| self.key.parent())
+    }
+
+    /// The folder a moved or copied object was in: the old parent the event names, else its
+    /// old key's parent in path form; `None` for every other kind.
+    pub fn old_parent(&self) -> Option<Key> {
+        match &self.event {
+            Event::ObjectMoved(r) | Event::ObjectCopied(r) => {
+                r.old_parent.clone().or_else(|| r.old_key.parent())
+            }
+            _ => None,
+        }
+    }
+
     /// Checks MAPI's presence rules that the types alone cannot enforce.
     pub fn validate(&self) -> Result<(), InvalidEvent> {
         if self.key.is_empty() {

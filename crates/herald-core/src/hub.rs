@@ -216,6 +216,8 @@ struct Registry {
     by_id: HashMap<ConnectionId, Arc<Subscription>, RandomState>,
     exact: Map<Vec<Arc<Subscription>>>,
     subtree: Map<Vec<Arc<Subscription>>>,
+    /// Children scopes, by folder.
+    children: Map<Vec<Arc<Subscription>>>,
 }
 
 impl Registry {
@@ -223,6 +225,7 @@ impl Registry {
         let map = match &sub.scope {
             Scope::Exact(_) => &mut self.exact,
             Scope::Subtree(_) => &mut self.subtree,
+            Scope::Children(_) => &mut self.children,
         };
         map.entry(sub.scope.key().clone())
             .or_default()
@@ -235,6 +238,7 @@ impl Registry {
         let map = match &sub.scope {
             Scope::Exact(_) => &mut self.exact,
             Scope::Subtree(_) => &mut self.subtree,
+            Scope::Children(_) => &mut self.children,
         };
         if let Some(list) = map.get_mut(sub.scope.key().as_bytes()) {
             if let Some(pos) = list.iter().position(|s| s.id == id) {
@@ -268,8 +272,20 @@ impl Registry {
     }
 
     /// Calls `f` once for every subscription that selects `n` (by its key or, for moves and
-    /// copies, its old key).
+    /// copies, its old key; children scopes by its folder or old folder).
     fn visit(&self, n: &Notification, f: &mut impl FnMut(&Arc<Subscription>)) {
+        if !self.children.is_empty() {
+            let kind = n.kind();
+            let parent = n.parent();
+            let old = n.old_parent().filter(|o| Some(o) != parent.as_ref());
+            for folder in parent.iter().chain(old.iter()) {
+                if let Some(list) = self.children.get(folder.as_bytes()) {
+                    list.iter()
+                        .filter(|s| s.mask.contains(kind))
+                        .for_each(&mut *f);
+                }
+            }
+        }
         match n.old_key() {
             None => self.visit_key(&n.key, n, f),
             Some(old) => {

@@ -175,21 +175,40 @@ pub enum Scope {
     /// A key and every key below it in path form: a whole store, or a folder and its contents
     /// (MS-OXCNOTIF's whole-store and folder scopes).
     Subtree(Key),
+    /// What is directly in a folder: events whose folder ([`crate::Notification::parent`]:
+    /// the parent the event names, else its key's parent in path form), or for moves and
+    /// copies whose old folder, is this key. Not the folder's own events, nor its
+    /// subfolders' contents (MAPI's "a message arrived in this folder", EWS's folder ids).
+    Children(Key),
 }
 
 impl Scope {
     /// The key this scope is anchored at.
     pub fn key(&self) -> &Key {
         match self {
-            Scope::Exact(k) | Scope::Subtree(k) => k,
+            Scope::Exact(k) | Scope::Subtree(k) | Scope::Children(k) => k,
         }
     }
 
-    /// Whether an event on `key` falls in this scope.
+    /// Whether an event on `key` falls in this scope, judged by the key alone (a children
+    /// scope then takes the key's parent in path form; [`Scope::selects`] is the whole rule).
     pub fn matches(&self, key: &Key) -> bool {
         match self {
             Scope::Exact(k) => k == key,
             Scope::Subtree(root) => key.is_within(root),
+            Scope::Children(folder) => key.parent().is_some_and(|p| &p == folder),
+        }
+    }
+
+    /// Whether event `n` falls in this scope: by its key or, for a move or copy, its old key
+    /// (a children scope: by its folder or old folder).
+    pub fn selects(&self, n: &crate::Notification) -> bool {
+        match self {
+            Scope::Children(folder) => {
+                n.parent().is_some_and(|p| &p == folder)
+                    || n.old_parent().is_some_and(|p| &p == folder)
+            }
+            _ => self.matches(&n.key) || n.old_key().is_some_and(|k| self.matches(k)),
         }
     }
 }
@@ -207,11 +226,10 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Whether the event is selected: its kind is in the mask and its key (or, for a move or
-    /// copy, its old key) is in the scope.
+    /// Whether the event is selected: its kind is in the mask and it is in the scope
+    /// ([`Scope::selects`]).
     pub fn matches(&self, n: &crate::Notification) -> bool {
-        self.mask.contains(n.kind())
-            && (self.scope.matches(&n.key) || n.old_key().is_some_and(|k| self.scope.matches(k)))
+        self.mask.contains(n.kind()) && self.scope.selects(n)
     }
 }
 

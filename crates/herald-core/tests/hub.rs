@@ -45,6 +45,67 @@ fn subtree_subscription_sees_its_key_and_everything_below_it_only() {
 }
 
 #[test]
+fn children_subscription_sees_what_is_directly_in_its_folder_only() {
+    let hub = hub();
+    let (rec, rx) = Recorder::new();
+    hub.subscribe(
+        Scope::Children("alice/inbox".into()),
+        EventMask::ALL,
+        rec,
+        SubscribeOptions::default(),
+    )
+    .unwrap();
+    // A message that names its folder although its key is elsewhere is in that folder.
+    let named = Notification::new(
+        "alice/store/m9",
+        Event::ObjectCreated(ObjectChange {
+            parent: Some("alice/inbox".into()),
+            ..Default::default()
+        }),
+    );
+    // New mail always names the folder it arrived in.
+    let mail = Notification::new(
+        "alice/x/m10",
+        Event::NewMail(NewMail {
+            parent: "alice/inbox".into(),
+            ..Default::default()
+        }),
+    );
+    for n in [
+        created("alice/inbox"),
+        created("alice/inbox/m1"),
+        created("alice/inbox/sub/m2"),
+        created("alice/inbox2/m3"),
+        moved("alice/inbox/m4", "alice/archive/m4"),
+        moved("alice/drafts/m5", "alice/inbox/m5"),
+        moved("alice/inbox/m6", "alice/inbox/m7"),
+        named,
+        mail,
+        created("bob/inbox/m1"),
+    ] {
+        hub.notify(vec![n]).unwrap();
+    }
+    let keys: Vec<String> = recv_events(&rx, 6)
+        .iter()
+        .map(|n| n.key.to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "alice/inbox/m1",
+            "alice/archive/m4",
+            "alice/inbox/m5",
+            "alice/inbox/m7",
+            "alice/store/m9",
+            "alice/x/m10",
+        ],
+        "its folder's own change, a subfolder's content and another folder are not in it; a \
+         move out, a move in and a move within once each"
+    );
+    assert_quiet(&rx);
+}
+
+#[test]
 fn moves_reach_subscribers_of_the_old_and_the_new_key_once_each() {
     let hub = hub();
     let (old_rec, old_rx) = Recorder::new();

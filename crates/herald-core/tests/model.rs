@@ -1,6 +1,7 @@
 //! Random sequences of subscribe / notify / unsubscribe / drain, checked against a simple model:
-//! every subscriber gets exactly the events its scope and mask select, once, in notify order,
-//! one delivery per notify; nothing after it is unsubscribed.
+//! every subscriber (exact, subtree and children scopes) gets exactly the events its scope and
+//! mask select, once, in notify order, one delivery per notify; nothing after it is
+//! unsubscribed.
 
 mod common;
 
@@ -18,65 +19,110 @@ const KINDS: [EventKind; 4] = [
     EventKind::NewMail,
 ];
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ScopeKind {
+    Exact,
+    Subtree,
+    Children,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
-    /// key index, subtree?, mask bits over KINDS, receiver (owner-drained) or pool sink
-    Subscribe(usize, bool, u8, bool),
+    /// key index, scope kind, mask bits over KINDS, receiver (owner-drained) or pool sink
+    Subscribe(usize, ScopeKind, u8, bool),
     /// index into the subscriptions made so far
     Unsubscribe(usize),
-    /// (key index, kind index, old key index for moves)
-    Notify(Vec<(usize, usize, usize)>),
+    /// (key index, kind index, old key index for moves, named parent: a key index, or
+    /// KEYS.len() for none, in which case new mail names the key's own parent)
+    Notify(Vec<(usize, usize, usize, usize)>),
     /// drain one receiver now
     Drain(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..KEYS.len(), any::<bool>(), 1u8..16, any::<bool>())
+        3 => (
+            0..KEYS.len(),
+            prop_oneof![Just(ScopeKind::Exact), Just(ScopeKind::Subtree), Just(ScopeKind::Children)],
+            1u8..16,
+            any::<bool>(),
+        )
             .prop_map(|(k, t, m, r)| Op::Subscribe(k, t, m, r)),
         1 => (0usize..32).prop_map(Op::Unsubscribe),
-        5 => prop::collection::vec((0..KEYS.len(), 0..KINDS.len(), 0..KEYS.len()), 1..5)
+        5 => prop::collection::vec(
+            (0..KEYS.len(), 0..KINDS.len(), 0..KEYS.len(), 0..=KEYS.len()),
+            1..5
+        )
             .prop_map(Op::Notify),
         1 => (0usize..32).prop_map(Op::Drain),
     ]
 }
 
-fn make_event(key: usize, kind: usize, old: usize, seq: u32) -> Notification {
+fn make_event(key: usize, kind: usize, old: usize, parent: usize, seq: u32) -> Notification {
+    let named = KEYS.get(parent).map(|p| Key::from(*p));
+    let change = ObjectChange {
+        parent: named.clone(),
+        ..Default::default()
+    };
     let mut n = match KINDS[kind] {
-        EventKind::ObjectCreated => {
-            Notification::new(KEYS[key], Event::ObjectCreated(ObjectChange::default()))
-        }
-        EventKind::ObjectModified => {
-            Notification::new(KEYS[key], Event::ObjectModified(ObjectChange::default()))
-        }
+        EventKind::ObjectCreated => Notification::new(KEYS[key], Event::ObjectCreated(change)),
+        EventKind::ObjectModified => Notification::new(KEYS[key], Event::ObjectModified(change)),
         EventKind::ObjectMoved => Notification::new(
             KEYS[key],
             Event::ObjectMoved(Relocation {
+                object: change,
                 old_key: KEYS[old].into(),
+                old_parent: None,
+            }),
+        ),
+        _ => Notification::new(
+            KEYS[key],
+            Event::NewMail(NewMail {
+                parent: named.unwrap_or_else(|| path_parent(KEYS[key]).unwrap_or("").into()),
                 ..Default::default()
             }),
         ),
-        _ => Notification::new(KEYS[key], Event::NewMail(NewMail::default())),
     };
     n.watermark = Some(Watermark(u64::from(seq)));
     n
 }
 
-/// The model's own reading of "does this subscription select this event".
-fn selects(scope_key: &str, subtree: bool, mask: u8, n: &Notification) -> bool {
+fn path_parent(k: &str) -> Option<&str> {
+    k.rfind('/').map(|i| &k[..i])
+}
+
+/// The model's own reading of "does this subscription select this event": keys for exact
+/// and subtree scopes; for a children scope the folder the event names (else the key's path
+/// parent) or, for a move, the old key's path parent.
+fn selects(
+    scope_key: &str,
+    scope: ScopeKind,
+    mask: u8,
+    n: &Notification,
+    spec: (usize, usize, usize, usize),
+) -> bool {
     let kind_ok = KINDS
         .iter()
         .enumerate()
         .any(|(i, k)| mask & (1 << i) != 0 && *k == n.kind());
-    let within = |k: &Key| {
-        let k = k.as_str().unwrap();
-        if subtree {
-            k == scope_key || k.starts_with(&format!("{scope_key}/"))
-        } else {
-            k == scope_key
+    let (key, kind, old, parent) = spec;
+    let in_scope = match scope {
+        ScopeKind::Exact => {
+            KEYS[key] == scope_key
+                || (KINDS[kind] == EventKind::ObjectMoved && KEYS[old] == scope_key)
+        }
+        ScopeKind::Subtree => {
+            let within = |k: &str| k == scope_key || k.starts_with(&format!("{scope_key}/"));
+            within(KEYS[key]) || (KINDS[kind] == EventKind::ObjectMoved && within(KEYS[old]))
+        }
+        ScopeKind::Children => {
+            let folder = KEYS.get(parent).copied().or_else(|| path_parent(KEYS[key]));
+            folder == Some(scope_key)
+                || (KINDS[kind] == EventKind::ObjectMoved
+                    && path_parent(KEYS[old]) == Some(scope_key))
         }
     };
-    kind_ok && (within(&n.key) || n.old_key().is_some_and(within))
+    kind_ok && in_scope
 }
 
 enum Handle {
@@ -88,7 +134,7 @@ struct Sub {
     id: ConnectionId,
     handle: Handle,
     scope_key: &'static str,
-    subtree: bool,
+    scope: ScopeKind,
     mask: u8,
     live: bool,
     /// What the model says it must receive, delivery by delivery (watermark lists).
@@ -129,8 +175,12 @@ proptest! {
         let mut seq = 0u32;
         for op in ops {
             match op {
-                Op::Subscribe(k, subtree, mask, receiver) => {
-                    let scope = if subtree { Scope::Subtree(KEYS[k].into()) } else { Scope::Exact(KEYS[k].into()) };
+                Op::Subscribe(k, kind, mask, receiver) => {
+                    let scope = match kind {
+                        ScopeKind::Exact => Scope::Exact(KEYS[k].into()),
+                        ScopeKind::Subtree => Scope::Subtree(KEYS[k].into()),
+                        ScopeKind::Children => Scope::Children(KEYS[k].into()),
+                    };
                     let emask: EventMask = KINDS.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, k)| *k).collect();
                     let opts = SubscribeOptions::default().with_queue_capacity(1 << 16);
                     let (id, handle) = if receiver {
@@ -140,7 +190,7 @@ proptest! {
                         let (rec, rx) = Recorder::new();
                         (hub.subscribe(scope, emask, rec, opts).unwrap(), Handle::Pool(rx))
                     };
-                    subs.push(Sub { id, handle, scope_key: KEYS[k], subtree, mask, live: true, expected: vec![], got: vec![] });
+                    subs.push(Sub { id, handle, scope_key: KEYS[k], scope: kind, mask, live: true, expected: vec![], got: vec![] });
                 }
                 Op::Unsubscribe(i) => {
                     if let Some(sub) = subs.get_mut(i) {
@@ -158,10 +208,10 @@ proptest! {
                     }
                 }
                 Op::Notify(spec) => {
-                    let batch: Vec<Notification> = spec.iter().map(|&(k, kind, old)| { seq += 1; make_event(k, kind, old, seq) }).collect();
+                    let batch: Vec<Notification> = spec.iter().map(|&(k, kind, old, parent)| { seq += 1; make_event(k, kind, old, parent, seq) }).collect();
                     let mut matched = 0;
                     for sub in subs.iter_mut().filter(|s| s.live) {
-                        let part: Vec<u64> = batch.iter().filter(|n| selects(sub.scope_key, sub.subtree, sub.mask, n)).map(|n| n.watermark.unwrap().0).collect();
+                        let part: Vec<u64> = batch.iter().zip(&spec).filter(|(n, sp)| selects(sub.scope_key, sub.scope, sub.mask, n, **sp)).map(|(n, _)| n.watermark.unwrap().0).collect();
                         if !part.is_empty() {
                             matched += 1;
                             sub.expected.push(part);

@@ -77,12 +77,13 @@ pub fn owner_name(owner: Option<&str>) -> &str {
     owner.unwrap_or("anonymous")
 }
 
-/// What a filter follows, as hooks and the connections list show it: the key, or the
-/// subtree with a trailing `/`.
+/// What a filter follows, as hooks and the connections list show it: the key, the subtree
+/// with a trailing `/`, or a folder's children with a trailing `/*`.
 pub fn target_of(filter: &herald_core::Filter) -> String {
     match &filter.scope {
         herald_core::Scope::Exact(k) => k.to_string(),
         herald_core::Scope::Subtree(k) => format!("{k}/"),
+        herald_core::Scope::Children(k) => format!("{k}/*"),
     }
 }
 

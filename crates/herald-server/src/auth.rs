@@ -357,6 +357,7 @@ impl Auth {
                 let what = match &filter.scope {
                     Scope::Exact(_) => "key",
                     Scope::Subtree(_) => "subtree",
+                    Scope::Children(_) => "children",
                 };
                 return Err(forbidden(
                     "forbidden_scope",
@@ -380,6 +381,7 @@ impl Auth {
             let what = match &filter.scope {
                 Scope::Exact(_) => "key",
                 Scope::Subtree(_) => "subtree",
+                Scope::Children(_) => "children",
             };
             return Err(forbidden(
                 "forbidden_scope",
@@ -444,7 +446,15 @@ impl Auth {
         };
         let prefixes: &[String] = prefixes;
         for (i, n) in batch.iter().enumerate() {
-            for (field, key) in [("key", Some(&n.key)), ("old_key", n.old_key())] {
+            // A named parent routes the event to the folder's children subscribers: it is
+            // published to as much as the key.
+            let (parent, old_parent) = named_parents(n);
+            for (field, key) in [
+                ("key", Some(&n.key)),
+                ("old_key", n.old_key()),
+                ("parent", parent),
+                ("old_parent", old_parent),
+            ] {
                 let Some(key) = key else { continue };
                 if !within_prefixes(key, prefixes) {
                     return Err(forbidden(
@@ -495,6 +505,22 @@ pub fn too_many(message: String) -> ApiError {
 }
 
 /// Whether `key` is within one of `prefixes` (`""` is everything).
+/// The parent and old parent an event names explicitly (not those read from its keys).
+fn named_parents(n: &herald_core::Notification) -> (Option<&Key>, Option<&Key>) {
+    use herald_core::Event;
+    match &n.event {
+        Event::NewMail(m) => (Some(&m.parent), None),
+        Event::ObjectCreated(o)
+        | Event::ObjectDeleted(o)
+        | Event::ObjectModified(o)
+        | Event::SearchComplete(o) => (o.parent.as_ref(), None),
+        Event::ObjectMoved(r) | Event::ObjectCopied(r) => {
+            (r.object.parent.as_ref(), r.old_parent.as_ref())
+        }
+        _ => (None, None),
+    }
+}
+
 fn within_prefixes(key: &Key, prefixes: &[String]) -> bool {
     prefixes
         .iter()

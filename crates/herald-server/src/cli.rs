@@ -193,6 +193,8 @@ impl Client {
             let mut params: Vec<(&str, String)> = Vec::new();
             if query.subtree {
                 params.push(("subtree", query.key.clone()));
+            } else if query.children {
+                params.push(("children", query.key.clone()));
             } else {
                 params.push(("key", query.key.clone()));
             }
@@ -266,6 +268,8 @@ pub struct TailQuery {
     pub key: String,
     /// Whether to follow everything below it too.
     pub subtree: bool,
+    /// Whether to follow only what is directly in it (a folder's children).
+    pub children: bool,
     /// Comma-separated kinds.
     pub kinds: Option<String>,
     /// Resume after this watermark.

@@ -78,8 +78,11 @@ enum Command {
         /// The key.
         key: String,
         /// Include everything below the key.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "children")]
         subtree: bool,
+        /// Only what is directly in the key, a folder (not the folder's own changes).
+        #[arg(long)]
+        children: bool,
         /// Comma-separated kinds.
         #[arg(long)]
         kinds: Option<String>,
@@ -488,6 +491,7 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
         Command::Tail {
             key,
             subtree,
+            children,
             kinds,
             after,
             client,
@@ -497,6 +501,7 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
             let query = TailQuery {
                 key,
                 subtree,
+                children,
                 kinds,
                 after,
             };
@@ -520,9 +525,10 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                     "id", "kind", "acked", "lag", "pending"
                 );
                 for s in subs {
-                    let filter = match (&s.filter.key, &s.filter.subtree) {
-                        (Some(k), _) => k.clone(),
-                        (_, Some(t)) => format!("{t}/…"),
+                    let filter = match (&s.filter.key, &s.filter.subtree, &s.filter.children) {
+                        (Some(k), _, _) => k.clone(),
+                        (_, Some(t), _) => format!("{t}/…"),
+                        (_, _, Some(f)) => format!("{f}/*"),
                         _ => String::new(),
                     };
                     println!(

@@ -23,8 +23,8 @@ use crate::Log;
 
 use crate::json::{FieldError, key_param, parse_kinds};
 
-/// A subscription's filter as the API spells it: one of `key` (exact) or `subtree`, and the
-/// kinds (all when absent).
+/// A subscription's filter as the API spells it: one of `key` (exact), `subtree` or
+/// `children`, and the kinds (all when absent).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterJson {
@@ -34,6 +34,10 @@ pub struct FilterJson {
     /// This key and everything below it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subtree: Option<String>,
+    /// What is directly in this folder: events whose parent (the one the event names, else
+    /// its key's parent), or a move's or copy's old parent, is this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children: Option<String>,
     /// Comma-separated kinds, e.g. `new_mail,object_created` (default: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<String>,
@@ -42,19 +46,28 @@ pub struct FilterJson {
 impl FilterJson {
     /// The engine filter, or the field at fault.
     pub fn to_filter(&self, max_key: usize) -> Result<Filter, FieldError> {
-        let scope = match (&self.key, &self.subtree) {
-            (Some(k), None) => Scope::Exact(key_param("key", k, max_key)?),
-            (None, Some(k)) => Scope::Subtree(key_param("subtree", k, max_key)?),
-            (Some(_), Some(_)) => {
-                return Err(FieldError {
-                    field: "subtree".into(),
-                    message: "give key or subtree, not both".into(),
-                });
-            }
-            (None, None) => {
+        let given: Vec<(&str, &String)> = [
+            ("key", &self.key),
+            ("subtree", &self.subtree),
+            ("children", &self.children),
+        ]
+        .into_iter()
+        .filter_map(|(f, v)| v.as_ref().map(|v| (f, v)))
+        .collect();
+        let scope = match given[..] {
+            [("key", k)] => Scope::Exact(key_param("key", k, max_key)?),
+            [("subtree", k)] => Scope::Subtree(key_param("subtree", k, max_key)?),
+            [(_, k)] => Scope::Children(key_param("children", k, max_key)?),
+            [] => {
                 return Err(FieldError {
                     field: "key".into(),
-                    message: "a key or a subtree is required".into(),
+                    message: "a key, a subtree or children is required".into(),
+                });
+            }
+            [_, (second, _), ..] => {
+                return Err(FieldError {
+                    field: second.into(),
+                    message: "give one of key, subtree and children".into(),
                 });
             }
         };

@@ -38,6 +38,8 @@ pub(super) struct StreamQuery {
     key: Option<String>,
     /// This key and everything below it.
     subtree: Option<String>,
+    /// What is directly in this folder (events whose parent, or old parent, is this key).
+    children: Option<String>,
     /// Comma-separated kinds (default: all).
     kinds: Option<String>,
     /// Resume after this watermark (`Last-Event-ID` takes precedence). Without either, the
@@ -72,6 +74,7 @@ pub(super) async fn stream(
     let filter = FilterJson {
         key: q.key,
         subtree: q.subtree,
+        children: q.children,
         kinds: q.kinds,
     }
     .to_filter(limits.max_key_bytes)

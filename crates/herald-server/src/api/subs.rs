@@ -33,6 +33,9 @@ pub struct CreateSubscription {
     /// This key and everything below it.
     #[serde(default)]
     pub subtree: Option<String>,
+    /// What is directly in this folder (events whose parent, or old parent, is this key).
+    #[serde(default)]
+    pub children: Option<String>,
     /// Comma-separated kinds (default: all).
     #[serde(default)]
     pub kinds: Option<String>,
@@ -231,6 +234,7 @@ pub(super) async fn create(
     let filter = FilterJson {
         key: req.key,
         subtree: req.subtree,
+        children: req.children,
         kinds: req.kinds,
     };
     let engine_filter = filter

@@ -39,6 +39,9 @@ pub enum ClientFrame {
         /// This key and everything below it.
         #[serde(default)]
         subtree: Option<String>,
+        /// What is directly in this folder (events whose parent, or old parent, is this key).
+        #[serde(default)]
+        children: Option<String>,
         /// Comma-separated kinds (default: all).
         #[serde(default)]
         kinds: Option<String>,
@@ -373,6 +376,7 @@ async fn handle(
             id,
             key,
             subtree,
+            children,
             kinds,
             after,
             subscription,
@@ -382,9 +386,12 @@ async fn handle(
             conn_id,
             subs,
             id,
-            key,
-            subtree,
-            kinds,
+            FilterJson {
+                key,
+                subtree,
+                children,
+                kinds,
+            },
             after,
             subscription,
         )
@@ -467,9 +474,7 @@ async fn subscribe(
     conn_id: &str,
     subs: &mut HashMap<String, Sub>,
     id: String,
-    key: Option<String>,
-    subtree: Option<String>,
-    kinds: Option<String>,
+    filter: FilterJson,
     after: Option<u64>,
     subscription: Option<String>,
 ) -> Result<(ServerFrame, Change), ServerFrame> {
@@ -504,13 +509,7 @@ async fn subscribe(
                 ),
                 Err(e) => return Err(error(Some(id), "subscription_not_found", e.to_string())),
             },
-            None => match (FilterJson {
-                key,
-                subtree,
-                kinds,
-            })
-            .to_filter(state.config().limits.max_key_bytes)
-            {
+            None => match filter.to_filter(state.config().limits.max_key_bytes) {
                 Ok(f) => (f, after.map(Watermark), None),
                 Err(e) => return Err(error(Some(id), "invalid_field", e.to_string())),
             },

@@ -116,34 +116,10 @@ pub fn ews_type(n: &Notification) -> Option<EventType> {
     })
 }
 
-/// The parent folder of the event's object (its `parent`, else the key's path parent).
-pub fn parent_of(n: &Notification) -> Option<Key> {
-    match &n.event {
-        Event::NewMail(m) => Some(m.parent.clone()),
-        Event::ObjectCreated(o) | Event::ObjectDeleted(o) | Event::ObjectModified(o) => {
-            o.parent.clone().or_else(|| n.key.parent())
-        }
-        Event::ObjectMoved(r) | Event::ObjectCopied(r) => {
-            r.object.parent.clone().or_else(|| n.key.parent())
-        }
-        _ => n.key.parent(),
-    }
-}
-
-/// The parent a moved or copied object had.
-pub fn old_parent_of(n: &Notification) -> Option<Key> {
-    match &n.event {
-        Event::ObjectMoved(r) | Event::ObjectCopied(r) => {
-            r.old_parent.clone().or_else(|| r.old_key.parent())
-        }
-        _ => None,
-    }
-}
-
 /// The EWS event for a Herald event (see the table above).
 pub fn to_ews(n: &Notification) -> Option<EwsEvent> {
     let kind = ews_type(n)?;
-    let parent = parent_of(n).map(|p| id_of(&p));
+    let parent = n.parent().map(|p| id_of(&p));
     let mut e = EwsEvent {
         kind: EventKind::Event(kind),
         watermark: n.watermark.map(watermark_of),
@@ -168,7 +144,7 @@ pub fn to_ews(n: &Notification) -> Option<EwsEvent> {
         Event::ObjectMoved(r) | Event::ObjectCopied(r) => {
             e.target = Some(target(&n.key, r.object.object_type));
             e.old_target = Some(target(&r.old_key, r.object.object_type));
-            e.old_parent_folder_id = old_parent_of(n).map(|p| id_of(&p));
+            e.old_parent_folder_id = n.old_parent().map(|p| id_of(&p));
         }
         _ => return None,
     }

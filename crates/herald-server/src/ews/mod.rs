@@ -110,13 +110,11 @@ impl EwsSub {
         }
         match &self.folders {
             None => true,
-            Some(fs) => {
-                let parent = map::parent_of(n);
-                let old = map::old_parent_of(n);
-                // The folder's own changes (its unread count) count too, as in Exchange.
-                fs.iter()
-                    .any(|f| parent.as_ref() == Some(f) || old.as_ref() == Some(f) || &n.key == f)
-            }
+            // What is in a folder (the engine's children scope) and the folder's own changes
+            // (its unread count), as in Exchange.
+            Some(fs) => fs.iter().any(|f| {
+                Scope::Children(f.clone()).selects(n) || Scope::Exact(f.clone()).selects(n)
+            }),
         }
     }
 

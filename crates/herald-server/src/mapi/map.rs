@@ -98,11 +98,10 @@ fn is_folder(t: ObjectType) -> bool {
     matches!(t, ObjectType::Folder | ObjectType::Store)
 }
 
-fn parent(n: &Notification, o: &ObjectChange) -> Key {
-    o.parent
-        .clone()
-        .or_else(|| n.key.parent())
-        .unwrap_or_else(|| n.key.clone())
+/// The folder the event's object is in (the engine's reading); a one-segment key is its
+/// own folder.
+fn parent(n: &Notification) -> Key {
+    n.parent().unwrap_or_else(|| n.key.clone())
 }
 
 fn tags(o: &ObjectChange) -> Tags {
@@ -140,10 +139,10 @@ pub fn to_notification_data(n: &Notification, known: &KnownFolders) -> Option<No
             if folder {
                 d.folder_id = Some(known.fid(&n.key));
                 if kind != NotificationType::ObjectModified {
-                    d.parent_folder_id = Some(known.fid(&parent(n, o)));
+                    d.parent_folder_id = Some(known.fid(&parent(n)));
                 }
             } else {
-                d.folder_id = Some(known.fid(&parent(n, o)));
+                d.folder_id = Some(known.fid(&parent(n)));
                 d.message_id = Some(mid(&n.key));
             }
             if kind != NotificationType::ObjectDeleted {
@@ -162,19 +161,15 @@ pub fn to_notification_data(n: &Notification, known: &KnownFolders) -> Option<No
                 NotificationType::ObjectCopied
             };
             let folder = is_folder(r.object.object_type);
-            let old_parent = r
-                .old_parent
-                .clone()
-                .or_else(|| r.old_key.parent())
-                .unwrap_or_else(|| r.old_key.clone());
+            let old_parent = n.old_parent().unwrap_or_else(|| r.old_key.clone());
             let mut d = NotificationData::empty(kind, !folder);
             if folder {
                 d.folder_id = Some(known.fid(&n.key));
-                d.parent_folder_id = Some(known.fid(&parent(n, &r.object)));
+                d.parent_folder_id = Some(known.fid(&parent(n)));
                 d.old_folder_id = Some(known.fid(&r.old_key));
                 d.old_parent_folder_id = Some(known.fid(&old_parent));
             } else {
-                d.folder_id = Some(known.fid(&parent(n, &r.object)));
+                d.folder_id = Some(known.fid(&parent(n)));
                 d.message_id = Some(mid(&n.key));
                 d.old_folder_id = Some(known.fid(&old_parent));
                 d.old_message_id = Some(mid(&r.old_key));

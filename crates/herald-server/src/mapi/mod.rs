@@ -77,6 +77,9 @@ struct Subscription {
     logon_id: u8,
     types: u16,
     scope: NotificationScope,
+    /// For a folder registration whose folder is known: the engine's scopes of a folder
+    /// (the folder itself, and what is directly in it), which select its events.
+    folder: Option<[Scope; 2]>,
     /// Events at or before this watermark predate the registration.
     after: Watermark,
 }
@@ -533,7 +536,7 @@ async fn read(mapi: Mapi, session: SessionRef, mut feed: Feed<Log>) {
                 .subscriptions
                 .iter()
                 .filter(|(_, s)| {
-                    w > s.after && s.types & (data.kind as u16) != 0 && in_scope(&s.scope, &data)
+                    w > s.after && s.types & (data.kind as u16) != 0 && in_scope(s, n, &data)
                 })
                 .map(|(h, s)| (*h, s.logon_id))
                 .collect();
@@ -558,8 +561,20 @@ async fn read(mapi: Mapi, session: SessionRef, mut feed: Feed<Log>) {
     }
 }
 
-fn in_scope(scope: &NotificationScope, d: &herald_rop::NotificationData) -> bool {
-    match *scope {
+/// Whether registration `s` hears event `n` (encoded as `d`): a folder registration by the
+/// engine's scopes (MS-OXCNOTIF: the folder's own events and those of the objects in it,
+/// moves and copies by their old place too); a whole-store one always; a message one by
+/// the message's id. A folder this server never named (no key for its id) is matched by
+/// the ids in the notification.
+fn in_scope(
+    s: &Subscription,
+    n: &herald_core::Notification,
+    d: &herald_rop::NotificationData,
+) -> bool {
+    if let Some(scopes) = &s.folder {
+        return scopes.iter().any(|scope| scope.selects(n));
+    }
+    match s.scope {
         NotificationScope::WholeStore => true,
         NotificationScope::Folder(fid) => [
             d.folder_id,
@@ -904,6 +919,12 @@ fn run_rop(
                             logon_id: r.logon_id,
                             types: r.types,
                             scope: r.scope,
+                            folder: match r.scope {
+                                NotificationScope::Folder(fid) => known
+                                    .key_of(fid)
+                                    .map(|k| [Scope::Exact(k.clone()), Scope::Children(k)]),
+                                _ => None,
+                            },
                             after: now,
                         },
                     );
