@@ -23,6 +23,7 @@
 pub mod dom;
 mod read;
 mod write;
+pub mod wsdl;
 
 pub use dom::{Element, Ns, XmlError};
 pub use read::{

@@ -53,6 +53,59 @@ fn exchangelib_without_authentication() {
     conformance(&["noauth"], false);
 }
 
+/// zeep, a SOAP toolkit, builds its client from `GET /EWS/Services.wsdl` alone and drives
+/// GetFolder, pull and streaming subscriptions (tests/py/ews_zeep.py). The description and
+/// its schemas need no credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeep_drives_pull_and_streaming_from_the_service_description_alone() {
+    let (server, _tmp) = ews_server(true);
+    for (path, needle) in [
+        (
+            "/EWS/Services.wsdl",
+            format!("location=\"{}/EWS/Exchange.asmx\"", server.base()),
+        ),
+        (
+            "/EWS/messages.xsd",
+            "schemaLocation=\"types.xsd\"".to_owned(),
+        ),
+        (
+            "/EWS/types.xsd",
+            "targetNamespace=\"http://schemas.microsoft.com/exchange/services/2006/types\""
+                .to_owned(),
+        ),
+    ] {
+        let r = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.text().await.unwrap().contains(&needle),
+            "{path} lacks {needle}"
+        );
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/ews_zeep.py");
+    let out = tokio::process::Command::new("timeout")
+        .arg("120")
+        .arg(python())
+        .arg(script)
+        .arg(server.base())
+        .arg(PRODUCER_KEY)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "zeep failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for part in ["GetFolder", "pull", "streaming"] {
+        assert!(
+            stdout.contains(&format!("zeep {part}: ok")),
+            "{part} did not run"
+        );
+    }
+}
+
 async fn post(server: &Server, body: String, auth: Option<(&str, &str)>) -> (u16, String) {
     let mut req = client()
         .post(server.url("/EWS/Exchange.asmx"))

@@ -322,6 +322,38 @@ fn check_mailbox(key: &Key, user: &Option<String>) -> Result<(), (&'static str, 
     Ok(())
 }
 
+/// `GET /EWS/Services.wsdl`: the service description SOAP toolkits build clients from, its
+/// address the `Exchange.asmx` of the host the client asked (`X-Forwarded-Proto: https`
+/// behind a TLS proxy). Public, like Exchange's: it describes the service and serves nothing.
+pub async fn services_wsdl(headers: HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    let scheme = match headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+        Some(b"https") => "https",
+        _ => "http",
+    };
+    let endpoint = format!("{scheme}://{host}/EWS/Exchange.asmx");
+    ok(herald_ews::wsdl::services_wsdl(&endpoint))
+}
+
+/// `GET /EWS/messages.xsd`, imported by the service description.
+pub async fn messages_xsd() -> Response {
+    ok(herald_ews::wsdl::MESSAGES_XSD.to_owned())
+}
+
+/// `GET /EWS/types.xsd`, imported by `messages.xsd`.
+pub async fn types_xsd() -> Response {
+    ok(herald_ews::wsdl::TYPES_XSD.to_owned())
+}
+
 /// The EWS endpoint.
 pub async fn handle(
     State(ews): State<Ews>,
