@@ -28,21 +28,43 @@ fn every_answer_of_the_api_matches_its_openapi_document() {
             ("HERALD_LIMITS__MAX_WAIT", "2s"),
         ],
     );
-    let seconds = if std::env::var_os("CI").is_some() {
-        "60"
-    } else {
-        "30"
-    };
+    let ci = std::env::var_os("CI").is_some();
+    // Examples, coverage and fuzzing with every check.
+    run(
+        &schemathesis,
+        &server,
+        "examples,coverage,fuzzing",
+        "positive_data_acceptance",
+        if ci { "40" } else { "20" },
+    );
+    // The stateful phase (requests chained by the document's links) without the negative-data
+    // check: there schemathesis 4.32.5 reports "schema-violating request accepted" for
+    // parameters it marked invalid but did not send (its reproduction carries no query string;
+    // the same values sent are refused with 400 naming the field, as the fuzzing phase checks).
+    run(
+        &schemathesis,
+        &server,
+        "stateful",
+        "positive_data_acceptance,negative_data_rejection",
+        if ci { "20" } else { "10" },
+    );
+}
+
+/// One schemathesis run of `phases` against `server`, without the `exclude` checks, for at
+/// most `seconds`; fails the test on any finding.
+fn run(
+    schemathesis: &std::path::Path,
+    server: &Server,
+    phases: &str,
+    exclude: &str,
+    seconds: &str,
+) {
     let out = std::process::Command::new(schemathesis)
         .arg("run")
         .arg(server.url("/openapi.json"))
         .args(["-H", "Authorization: Bearer schema-key-0123456789"])
-        .args([
-            "--checks",
-            "all",
-            "--exclude-checks",
-            "positive_data_acceptance",
-        ])
+        .args(["--checks", "all", "--exclude-checks", exclude])
+        .args(["--phases", phases])
         .args(["--exclude-path-regex", "^/v1/(stream|ws|state/advise)$"])
         .args(["--max-time", seconds, "--request-timeout", "10"])
         .args(["--seed", "1"])
@@ -54,10 +76,10 @@ fn every_answer_of_the_api_matches_its_openapi_document() {
         .lines()
         .filter(|l| l.contains("generated") || l.contains("passed") || l.contains("failed"))
         .collect();
-    println!("{}", summary.join("\n"));
+    println!("{phases}:\n{}", summary.join("\n"));
     assert!(
         out.status.success(),
-        "schemathesis found answers that do not match the document:\n{stdout}\n{}",
+        "schemathesis ({phases}) found answers that do not match the document:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
