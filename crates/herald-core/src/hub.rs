@@ -10,7 +10,7 @@ use crate::event::{EventMask, InvalidEvent, Notification};
 use crate::key::{Key, Scope, ancestors_and_self};
 use crate::pool::Pool;
 use crate::sink::{Batch, Delivery, Flow, Sink};
-use crate::subscription::{ConnectionId, Pushed, Route, Subscription, Target, in_sync_callback};
+use crate::subscription::{ConnectionId, Route, Subscription, Target, in_sync_callback};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, lock, thread_local};
 
 thread_local! {
@@ -336,6 +336,8 @@ pub(crate) struct HubInner {
     options: HubOptions,
     closed: AtomicBool,
     notifies: AtomicU64,
+    /// The number of the next notify call (its queued batches are held until it ends).
+    next_notify: AtomicU64,
     overflows: AtomicU64,
     dropped_events: AtomicU64,
     sink_panics: AtomicU64,
@@ -406,6 +408,7 @@ impl Hub {
                 options,
                 closed: AtomicBool::new(false),
                 notifies: AtomicU64::new(0),
+                next_notify: AtomicU64::new(0),
                 overflows: AtomicU64::new(0),
                 dropped_events: AtomicU64::new(0),
                 sink_panics: AtomicU64::new(0),
@@ -534,6 +537,9 @@ impl Hub {
             return Ok(outcome);
         }
         let mut sync_calls: Vec<(Arc<Subscription>, Batch)> = Vec::new();
+        // Subscriptions this call queued for: their batches are released at its end.
+        let mut queued: Vec<Arc<Subscription>> = Vec::new();
+        let this_notify = self.inner.next_notify.fetch_add(1, Ordering::Relaxed);
         // A reused buffer: most notifies schedule a few subscriptions, and allocating for them
         // every time shows in profiles.
         let mut to_pool = SCHEDULE_SCRATCH.with(std::cell::Cell::take);
@@ -553,7 +559,8 @@ impl Hub {
                 match &sub.route {
                     Route::Inline => sync_calls.push((sub.clone(), part)),
                     Route::Pool | Route::Owned { .. } => {
-                        let (pushed, dropped) = sub.push(part);
+                        let dropped = sub.push(part, this_notify);
+                        queued.push(sub.clone());
                         if dropped > 0 {
                             outcome.dropped_events += dropped;
                             self.inner.overflows.fetch_add(1, Ordering::Relaxed);
@@ -562,19 +569,11 @@ impl Hub {
                                 .fetch_add(dropped, Ordering::Relaxed);
                             tracing::debug!(connection = %sub.id, dropped, "queue overflow");
                         }
-                        if let Pushed::Schedule = pushed {
-                            match &sub.route {
-                                Route::Owned { signal, .. } => signal.ready(sub.clone()),
-                                _ => to_pool.push(sub.clone()),
-                            }
-                        }
                     }
                 }
             });
         }
         self.inner.notifies.fetch_add(1, Ordering::Relaxed);
-        self.inner.pool.schedule(&mut to_pool);
-        SCHEDULE_SCRATCH.with(|s| s.set(to_pool));
 
         sync_calls.sort_by_key(|(s, _)| s.id);
         for (sub, part) in sync_calls {
@@ -592,6 +591,18 @@ impl Hub {
                 }
             }
         }
+        // Last, after every synchronous sink returned: the asynchronous deliveries queued
+        // above (in the total order) may be handed out (P9).
+        for sub in queued {
+            if sub.release(this_notify) {
+                match &sub.route {
+                    Route::Owned { signal, .. } => signal.ready(sub.clone()),
+                    _ => to_pool.push(sub),
+                }
+            }
+        }
+        self.inner.pool.schedule(&mut to_pool);
+        SCHEDULE_SCRATCH.with(|s| s.set(to_pool));
         Ok(outcome)
     }
 

@@ -98,23 +98,23 @@ pub(crate) enum Target {
     Gone,
 }
 
+/// A queued batch, and the notify that queued it while that notify still runs (P9: a
+/// batch is handed out only once the call that caused it has run its synchronous sinks).
+struct Queued {
+    batch: Batch,
+    /// The causing notify, until it releases the batch.
+    held_by: Option<u64>,
+}
+
 #[derive(Default)]
 struct Queue {
-    batches: VecDeque<Batch>,
+    batches: VecDeque<Queued>,
     events: usize,
     overflow: Option<Overflow>,
     /// Whether the subscription is in its runner's ready list (or being run).
     scheduled: bool,
     /// The watermark of the last event handed to the sink.
     last_handed: Option<Watermark>,
-}
-
-/// What a queue push asks of the caller.
-pub(crate) enum Pushed {
-    /// Already scheduled: nothing to do.
-    Queued,
-    /// Newly scheduled: hand the subscription to its runner.
-    Schedule,
 }
 
 /// What [`Subscription::call_each`] did.
@@ -192,7 +192,7 @@ impl Subscription {
     /// Appends a batch to the queue; on overflow drops the backlog and records the gap.
     /// Returns whether the caller must schedule the subscription, and how many events were
     /// dropped.
-    pub(crate) fn push(&self, batch: Batch) -> (Pushed, u64) {
+    pub(crate) fn push(&self, batch: Batch, notify: u64) -> u64 {
         let mut q = lock(&self.queue);
         let mut dropped = 0;
         if q.events + batch.len() > self.capacity {
@@ -201,8 +201,8 @@ impl Subscription {
             let keep_incoming = batch.len() <= self.capacity;
             let mut missed_through = None;
             for b in q.batches.drain(..) {
-                dropped += b.len() as u64;
-                missed_through = b.last_watermark().or(missed_through);
+                dropped += b.batch.len() as u64;
+                missed_through = b.batch.last_watermark().or(missed_through);
             }
             if !keep_incoming {
                 dropped += batch.len() as u64;
@@ -219,19 +219,41 @@ impl Subscription {
             o.missed_through = missed_through.or(o.missed_through);
             if keep_incoming {
                 q.events = batch.len();
-                q.batches.push_back(batch);
+                q.batches.push_back(Queued {
+                    batch,
+                    held_by: Some(notify),
+                });
             }
         } else {
             q.events += batch.len();
-            q.batches.push_back(batch);
+            q.batches.push_back(Queued {
+                batch,
+                held_by: Some(notify),
+            });
         }
-        let pushed = if q.scheduled {
-            Pushed::Queued
-        } else {
+        dropped
+    }
+
+    /// Notify `notify` is done with its synchronous sinks: what it queued here may be handed
+    /// out. Whether the caller must hand the subscription to its runner (it was not
+    /// scheduled, and something can be taken now).
+    pub(crate) fn release(&self, notify: u64) -> bool {
+        let mut q = lock(&self.queue);
+        // A notify queues at most one batch per subscription, at the back when it did.
+        if let Some(b) = q
+            .batches
+            .iter_mut()
+            .rev()
+            .find(|b| b.held_by == Some(notify))
+        {
+            b.held_by = None;
+        }
+        let ready = q.overflow.is_some() || q.batches.front().is_some_and(|b| b.held_by.is_none());
+        if ready && !q.scheduled {
             q.scheduled = true;
-            Pushed::Schedule
-        };
-        (pushed, dropped)
+            return true;
+        }
+        false
     }
 
     /// Takes the next delivery, or marks the subscription unscheduled when there is none.
@@ -266,7 +288,11 @@ impl Subscription {
         if let Some(o) = q.overflow.take() {
             return Some(OwnedDelivery::Overflow(o));
         }
-        let b = q.batches.pop_front()?;
+        // A batch whose notify still runs, and everything behind it, waits for its release.
+        if q.batches.front()?.held_by.is_some() {
+            return None;
+        }
+        let b = q.batches.pop_front()?.batch;
         q.events -= b.len();
         q.last_handed = b.last_watermark().or(q.last_handed);
         Some(OwnedDelivery::Events(b))

@@ -281,6 +281,52 @@ fn p09_async_notify_returns_before_any_sink_runs() {
 }
 
 #[test]
+fn p09_no_async_sink_starts_while_the_causing_notify_still_runs_its_sync_sinks() {
+    let hub = hub();
+    // A slow sync sink: notify is still running while it sleeps.
+    let notify_done = Arc::new(AtomicUsize::new(0));
+    let flag = notify_done.clone();
+    hub.subscribe(
+        exact("a"),
+        any(),
+        move |_: Delivery<'_>| {
+            thread::sleep(Duration::from_millis(50));
+            flag.store(1, Ordering::SeqCst);
+            Flow::Continue
+        },
+        SubscribeOptions::sync(),
+    )
+    .unwrap();
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let seen = notify_done.clone();
+    hub.subscribe(
+        exact("a"),
+        any(),
+        move |_: Delivery<'_>| {
+            tx.lock()
+                .unwrap()
+                .send(seen.load(Ordering::SeqCst))
+                .unwrap();
+            Flow::Continue
+        },
+        async_opts(),
+    )
+    .unwrap();
+    // Later rounds find the delivery thread still busy with the subscription (it takes what
+    // is queued without being scheduled again): the batch must wait for its release there too.
+    for round in 0..20 {
+        notify_done.store(0, Ordering::SeqCst);
+        hub.notify(created("a")).unwrap();
+        let at_start = rx.recv_timeout(WAIT).unwrap();
+        assert_eq!(
+            at_start, 1,
+            "an async sink started while the notify that caused it was still running (round {round})"
+        );
+    }
+}
+
+#[test]
 fn p10_sync_notify_returns_after_every_sync_sink_ran() {
     let hub = hub();
     let ran = Arc::new(AtomicUsize::new(0));

@@ -171,6 +171,67 @@ fn concurrent_notifiers_give_every_subscriber_the_same_order() {
     });
 }
 
+/// P9 under concurrent notifiers: an asynchronous sink never sees an event before the
+/// notify that carried it has run its synchronous sinks, whatever the delivery threads were
+/// doing; and it still gets every event once, in one order shared with a second subscriber.
+#[test]
+fn async_sinks_start_only_after_their_notify_ran_its_sync_sinks() {
+    explore(|| {
+        let hub = hub();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let d = done.clone();
+        hub.subscribe(
+            Scope::Exact("m/k".into()),
+            EventMask::ALL,
+            move |del: Delivery<'_>| {
+                if let Delivery::Events(e) = del {
+                    d.lock().unwrap().extend(e.iter().map(number));
+                }
+                Flow::Continue
+            },
+            SubscribeOptions::sync(),
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, sync_done) = (seen.clone(), done.clone());
+        hub.subscribe(
+            Scope::Subtree("m".into()),
+            EventMask::ALL,
+            move |del: Delivery<'_>| {
+                if let Delivery::Events(e) = del {
+                    for n in e.iter().map(number) {
+                        assert!(
+                            sync_done.lock().unwrap().contains(&n),
+                            "event {n} reached an async sink before its notify was done"
+                        );
+                        log.lock().unwrap().push(n);
+                    }
+                }
+                Flow::Continue
+            },
+            SubscribeOptions::default(),
+        )
+        .unwrap();
+        let producers: Vec<_> = [0u32, 100]
+            .into_iter()
+            .map(|base| {
+                let h = hub.clone();
+                thread::spawn(move || {
+                    for i in 0..2 {
+                        h.notify(numbered("m/k", base + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        drop(hub);
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 4, "exactly once: {got:?}");
+    });
+}
+
 #[test]
 fn unsubscribe_from_inside_the_sink_while_others_notify() {
     explore(|| {
