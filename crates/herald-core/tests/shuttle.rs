@@ -61,6 +61,25 @@ fn recording(log: Arc<Mutex<Vec<u32>>>) -> impl Fn(Delivery<'_>) -> Flow + Send 
     }
 }
 
+/// Two threads notify `m/k` concurrently, `per` events each (numbered from 0 and from 100),
+/// and are joined.
+fn two_producers(hub: &Hub, per: u32) {
+    let producers: Vec<_> = [0u32, 100]
+        .into_iter()
+        .map(|base| {
+            let h = hub.clone();
+            thread::spawn(move || {
+                for i in 0..per {
+                    h.notify(numbered("m/k", base + i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+}
+
 #[test]
 fn unsubscribe_racing_notify_never_calls_the_sink_afterwards() {
     explore(|| {
@@ -137,20 +156,7 @@ fn concurrent_notifiers_give_every_subscriber_the_same_order() {
             SubscribeOptions::default(),
         )
         .unwrap();
-        let producers: Vec<_> = [0u32, 100]
-            .into_iter()
-            .map(|base| {
-                let h = hub.clone();
-                thread::spawn(move || {
-                    for i in 0..3 {
-                        h.notify(numbered("m/k", base + i)).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for p in producers {
-            p.join().unwrap();
-        }
+        two_producers(&hub, 3);
         drop(hub); // joins the delivery threads after they drained every queue
         let a = exact_log.lock().unwrap().clone();
         let b = subtree_log.lock().unwrap().clone();
@@ -179,16 +185,10 @@ fn async_sinks_start_only_after_their_notify_ran_its_sync_sinks() {
     explore(|| {
         let hub = hub();
         let done = Arc::new(Mutex::new(Vec::new()));
-        let d = done.clone();
         hub.subscribe(
             Scope::Exact("m/k".into()),
             EventMask::ALL,
-            move |del: Delivery<'_>| {
-                if let Delivery::Events(e) = del {
-                    d.lock().unwrap().extend(e.iter().map(number));
-                }
-                Flow::Continue
-            },
+            recording(done.clone()),
             SubscribeOptions::sync(),
         )
         .unwrap();
@@ -212,20 +212,7 @@ fn async_sinks_start_only_after_their_notify_ran_its_sync_sinks() {
             SubscribeOptions::default(),
         )
         .unwrap();
-        let producers: Vec<_> = [0u32, 100]
-            .into_iter()
-            .map(|base| {
-                let h = hub.clone();
-                thread::spawn(move || {
-                    for i in 0..2 {
-                        h.notify(numbered("m/k", base + i)).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for p in producers {
-            p.join().unwrap();
-        }
+        two_producers(&hub, 2);
         drop(hub);
         let got = seen.lock().unwrap().clone();
         assert_eq!(got.len(), 4, "exactly once: {got:?}");
