@@ -10,7 +10,7 @@ use crate::event::{EventMask, InvalidEvent, Notification};
 use crate::key::{Key, Scope, ancestors_and_self};
 use crate::pool::Pool;
 use crate::sink::{Batch, Delivery, Flow, Sink};
-use crate::subscription::{ConnectionId, Route, Subscription, Target, in_sync_callback};
+use crate::subscription::{ConnectionId, Route, Subscription, Target, Turns, in_sync_callback};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, lock, thread_local};
 
 thread_local! {
@@ -427,7 +427,9 @@ impl Hub {
         options: SubscribeOptions,
     ) -> Result<ConnectionId, SubscribeError> {
         let (route, target) = match sink.into() {
-            SinkRef::Shared(s) if options.sync => (Route::Inline, Target::Shared(s)),
+            SinkRef::Shared(s) if options.sync => {
+                (Route::Inline(Turns::default()), Target::Shared(s))
+            }
             SinkRef::Shared(s) => (Route::Pool, Target::Shared(s)),
             SinkRef::Affine(_) if options.sync => return Err(SubscribeError::AffineSync),
             SinkRef::Affine(a) => (
@@ -523,6 +525,7 @@ impl Hub {
     /// sinks run later on the delivery threads: this returns without waiting for them, and
     /// never runs them on the calling thread. Synchronous sinks run here, in subscription
     /// order, before this returns; one that answers [`Flow::Discontinue`] stops the rest.
+    /// Concurrent notifies reach a synchronous sink one at a time, in the hub's total order.
     pub fn notify(&self, batch: impl Into<Batch>) -> Result<NotifyOutcome, NotifyError> {
         let batch = batch.into();
         if self.inner.closed.load(Ordering::Acquire) {
@@ -536,7 +539,7 @@ impl Hub {
         if batch.is_empty() {
             return Ok(outcome);
         }
-        let mut sync_calls: Vec<(Arc<Subscription>, Batch)> = Vec::new();
+        let mut sync_calls: Vec<(Arc<Subscription>, Batch, u64)> = Vec::new();
         // Subscriptions this call queued for: their batches are released at its end.
         let mut queued: Vec<Arc<Subscription>> = Vec::new();
         let this_notify = self.inner.next_notify.fetch_add(1, Ordering::Relaxed);
@@ -557,7 +560,7 @@ impl Hub {
             registry.visit_batch(&batch, |sub, part| {
                 outcome.matched += 1;
                 match &sub.route {
-                    Route::Inline => sync_calls.push((sub.clone(), part)),
+                    Route::Inline(turns) => sync_calls.push((sub.clone(), part, turns.take())),
                     Route::Pool | Route::Owned { .. } => {
                         let dropped = sub.push(part, this_notify);
                         queued.push(sub.clone());
@@ -575,21 +578,26 @@ impl Hub {
         }
         self.inner.notifies.fetch_add(1, Ordering::Relaxed);
 
-        sync_calls.sort_by_key(|(s, _)| s.id);
-        for (sub, part) in sync_calls {
-            if let Some(flow) = sub
-                .call_each([&part], |t, part| match t {
-                    Target::Shared(sink) => sink.on_notify(Delivery::Events(part)),
-                    Target::Owned | Target::Gone => Flow::Continue,
-                })
-                .last
+        // Each sync sink is called in its turn, so concurrent notifies reach it in the same
+        // total order as the queues; one cancelled by a Discontinue still passes its turns.
+        sync_calls.sort_by_key(|(s, _, _)| s.id);
+        for (sub, part, ticket) in sync_calls {
+            let Route::Inline(turns) = &sub.route else {
+                continue;
+            };
+            turns.wait(ticket);
+            if !outcome.canceled
+                && let Some(flow) = sub
+                    .call_each([&part], |t, part| match t {
+                        Target::Shared(sink) => sink.on_notify(Delivery::Events(part)),
+                        Target::Owned | Target::Gone => Flow::Continue,
+                    })
+                    .last
             {
                 outcome.sync_calls += 1;
-                if flow == Flow::Discontinue {
-                    outcome.canceled = true;
-                    break;
-                }
+                outcome.canceled = flow == Flow::Discontinue;
             }
+            turns.pass();
         }
         // Last, after every synchronous sink returned: the asynchronous deliveries queued
         // above (in the total order) may be handed out (P9).

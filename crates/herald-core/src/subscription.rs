@@ -11,7 +11,9 @@ use crate::event::{EventMask, Watermark};
 use crate::hub::HubInner;
 use crate::key::Scope;
 use crate::sink::{Batch, Flow, Overflow, OwnedDelivery, Sink};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock, thread_local, try_lock};
+use crate::sync::{
+    Arc, AtomicBool, Condvar, Mutex, Ordering, Weak, lock, thread_local, try_lock, wait,
+};
 
 /// A registration's connection number: non-zero and never reused within a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,8 +78,9 @@ impl Drop for CallbackScope {
 
 /// Where a subscription's deliveries are run.
 pub(crate) enum Route {
-    /// Inline, inside `notify` (the `sync` option).
-    Inline,
+    /// Inline, inside `notify` (the `sync` option); `turns` keeps concurrent notifies in
+    /// the hub's total order.
+    Inline(Turns),
     /// On the hub's delivery pool.
     Pool,
     /// By the subscriber itself, on a thread or task it owns; `signal` wakes it. `slot` is the
@@ -86,6 +89,40 @@ pub(crate) enum Route {
         signal: Arc<Signal>,
         slot: Option<usize>,
     },
+}
+
+/// Tickets that make concurrent notifies call one synchronous sink in the hub's total order:
+/// a notify takes its ticket under the registry lock (where the order is decided), then waits
+/// for its turn before calling. Every notify takes its tickets in the same order, so no two
+/// wait for each other.
+#[derive(Default)]
+pub(crate) struct Turns {
+    /// The next ticket to hand out, and the ticket whose turn it is.
+    state: Mutex<(u64, u64)>,
+    turn: Condvar,
+}
+
+impl Turns {
+    /// Takes the next ticket. Call under the registry lock.
+    pub(crate) fn take(&self) -> u64 {
+        let mut s = lock(&self.state);
+        s.0 += 1;
+        s.0 - 1
+    }
+
+    /// Waits until it is `ticket`'s turn.
+    pub(crate) fn wait(&self, ticket: u64) {
+        let mut s = lock(&self.state);
+        while s.1 != ticket {
+            s = wait(&self.turn, s);
+        }
+    }
+
+    /// Ends the current turn (called or skipped), letting the next ticket go.
+    pub(crate) fn pass(&self) {
+        lock(&self.state).1 += 1;
+        self.turn.notify_all();
+    }
 }
 
 /// The sink, behind the lock held for the duration of every callback.
@@ -174,14 +211,14 @@ impl Subscription {
     }
 
     pub(crate) fn is_sync(&self) -> bool {
-        matches!(self.route, Route::Inline)
+        matches!(self.route, Route::Inline(_))
     }
 
     /// The sink's slot in its dispatcher, for a thread-affine subscription.
     pub(crate) fn owned_slot(&self) -> Option<usize> {
         match &self.route {
             Route::Owned { slot, .. } => *slot,
-            Route::Inline | Route::Pool => None,
+            Route::Inline(_) | Route::Pool => None,
         }
     }
 

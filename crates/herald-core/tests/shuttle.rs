@@ -219,6 +219,37 @@ fn async_sinks_start_only_after_their_notify_ran_its_sync_sinks() {
     });
 }
 
+/// Synchronous sinks under concurrent notifiers see the hub's one total order: a sync and an
+/// async subscriber of the same key get the same sequence, and each producer's own order.
+#[test]
+fn sync_sinks_see_the_same_order_as_async_ones_under_concurrent_notifiers() {
+    explore(|| {
+        let hub = hub();
+        let sync_log = Arc::new(Mutex::new(Vec::new()));
+        let async_log = Arc::new(Mutex::new(Vec::new()));
+        hub.subscribe(
+            Scope::Exact("m/k".into()),
+            EventMask::ALL,
+            recording(sync_log.clone()),
+            SubscribeOptions::sync(),
+        )
+        .unwrap();
+        hub.subscribe(
+            Scope::Subtree("m".into()),
+            EventMask::ALL,
+            recording(async_log.clone()),
+            SubscribeOptions::default(),
+        )
+        .unwrap();
+        two_producers(&hub, 2);
+        drop(hub);
+        let s = sync_log.lock().unwrap().clone();
+        let a = async_log.lock().unwrap().clone();
+        assert_eq!(s.len(), 4, "exactly once: {s:?}");
+        assert_eq!(s, a, "the sync sink saw another order than the async one");
+    });
+}
+
 #[test]
 fn unsubscribe_from_inside_the_sink_while_others_notify() {
     explore(|| {
