@@ -30,6 +30,18 @@ use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock, thread};
 
 /// `MAPIOFFLINE_STATE_ALL`: every state bit a client may advise on.
 pub const STATE_ALL: u32 = 0x003f_037f;
+/// Checks an advise's state mask: within [`STATE_ALL`] and covering the online/offline bits,
+/// the only part of a state that changes (`E_INVALIDARG` otherwise). Shared by the server's
+/// advise and by subscribers advising on a connection's state.
+pub fn check_state_mask(mask: u32) -> Result<(), AdviseError> {
+    if mask & !STATE_ALL != 0 || mask & STATE_OFFLINE_MASK != STATE_OFFLINE_MASK {
+        return Err(AdviseError::InvalidArg(
+            "the state mask must be within 0x003f037f and include the online/offline bits 0x3",
+        ));
+    }
+    Ok(())
+}
+
 /// `MAPIOFFLINE_ADVISE_TYPE_STATECHANGE`: the only advise type.
 pub const ADVISE_TYPE_STATECHANGE: u32 = 1;
 /// `MAPIOFFLINE_CALLBACK_TYPE_NOTIFY`: the only callback type.
@@ -259,13 +271,7 @@ impl OfflineState {
                 "advise types must be STATECHANGE (1)",
             ));
         }
-        if info.state_mask & !STATE_ALL != 0
-            || info.state_mask & STATE_OFFLINE_MASK != STATE_OFFLINE_MASK
-        {
-            return Err(AdviseError::InvalidArg(
-                "the state mask must be within 0x003f037f and include the online/offline bits 0x3",
-            ));
-        }
+        check_state_mask(info.state_mask)?;
         let mut s = lock(&self.inner.state);
         let mut token = s.next_token;
         while token == 0 || s.advisers.iter().any(|a| a.token == token) {

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use herald_core::Notification;
+use herald_core::{ConnectionStateChange, Event, Notification, StateChangePhase};
 
 use crate::json::EventJson;
 
@@ -30,10 +30,15 @@ impl Default for EventCache {
 
 impl EventCache {
     /// The event's JSON (as the API's `EventJson`), serialized at most once per watermark.
+    /// A presence change told with a subscriber's own client token is not the stored event:
+    /// it is serialized each time, never cached.
     pub fn json(&self, n: &Notification) -> Bytes {
         let Some(w) = n.watermark else {
             return serialize(n);
         };
+        if matches!(&n.event, Event::ConnectionState(c) if c.client_token != 0) {
+            return serialize(n);
+        }
         let slot = &self.slots[(w.0 % SLOTS as u64) as usize];
         if let Some((sw, bytes)) = &*slot.lock().unwrap_or_else(|e| e.into_inner()) {
             if *sw == w.0 {
@@ -46,13 +51,19 @@ impl EventCache {
         bytes
     }
 
-    /// Appends the SSE frame of `n` (`id:`, `event:`, `data:`) to `out`.
+    /// Appends the SSE frame of `n` (`id:` when it has a watermark, `event:`, `data:`) to
+    /// `out`.
     pub fn sse_frame(&self, n: &Notification, out: &mut BytesMut) {
         let json = self.json(n);
         out.reserve(json.len() + 48);
-        out.put_slice(b"id: ");
-        out.put_slice(n.watermark.map_or(0, |w| w.0).to_string().as_bytes());
-        out.put_slice(b"\nevent: ");
+        // Without a watermark (the first phases of a told state change) there is no `id:`,
+        // so the client's Last-Event-ID stays at the last position it can resume from.
+        if let Some(w) = n.watermark {
+            out.put_slice(b"id: ");
+            out.put_slice(w.0.to_string().as_bytes());
+            out.put_slice(b"\n");
+        }
+        out.put_slice(b"event: ");
         out.put_slice(n.kind().name().as_bytes());
         out.put_slice(b"\ndata: ");
         // Compact JSON holds no newline, so one data line carries it.
@@ -72,6 +83,58 @@ impl EventCache {
         s.push('}');
         s
     }
+}
+
+/// A subscriber's advise on connection state (`MAPIOFFLINE_ADVISEINFO`'s client token), given
+/// with its filter: presence changes reach it as the offline-state API's three phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateAdvise {
+    /// The client's token, echoed in every phase.
+    pub token: u32,
+}
+
+/// What one stored event is for one subscriber: itself, or the phases of a state change.
+pub enum Told<'a> {
+    /// The event as stored.
+    Itself(&'a Notification),
+    /// A presence change to a subscriber that advised: start, change and done.
+    Phases(Box<[Notification; 3]>),
+}
+
+impl Told<'_> {
+    /// The notifications, in the order they are told.
+    pub fn as_slice(&self) -> &[Notification] {
+        match self {
+            Told::Itself(n) => std::slice::from_ref(*n),
+            Told::Phases(p) => &p[..],
+        }
+    }
+}
+
+/// How `n` is told to a subscriber with `advise`: a presence change (stored as one `done`
+/// with token 0) becomes `start`, `change` and `done`, each with the subscriber's token and the
+/// changed mask and states of the event; only the `done` carries the watermark, so a client
+/// that resumes after the last watermark it saw gets a cut sequence again, whole. Any other
+/// event, or any event to a subscriber that did not advise, is told as it is.
+pub fn told(n: &Notification, advise: Option<StateAdvise>) -> Told<'_> {
+    let (Some(advise), Event::ConnectionState(c)) = (advise, &n.event) else {
+        return Told::Itself(n);
+    };
+    let phase = |phase, watermark| {
+        let mut m = n.clone();
+        m.event = Event::ConnectionState(ConnectionStateChange {
+            phase,
+            client_token: advise.token,
+            ..c.clone()
+        });
+        m.watermark = watermark;
+        m
+    };
+    Told::Phases(Box::new([
+        phase(StateChangePhase::Start, None),
+        phase(StateChangePhase::Change, None),
+        phase(StateChangePhase::Done, n.watermark),
+    ]))
 }
 
 fn serialize(n: &Notification) -> Bytes {
@@ -121,5 +184,44 @@ mod tests {
         assert!(cache.json(&other) != Bytes::new());
         let again: serde_json::Value = serde_json::from_slice(&cache.json(&n)).unwrap();
         assert_eq!(again["watermark"], 7);
+    }
+
+    #[test]
+    fn a_told_state_change_has_its_own_json_and_only_its_done_is_a_position() {
+        use herald_core::{STATE_OFFLINE, STATE_OFFLINE_MASK, STATE_ONLINE};
+        let mut stored = Notification::new(
+            "$herald/presence/a/1",
+            Event::ConnectionState(ConnectionStateChange {
+                phase: StateChangePhase::Done,
+                client_token: 0,
+                changed_mask: STATE_OFFLINE_MASK,
+                old_state: STATE_OFFLINE,
+                new_state: STATE_ONLINE,
+            }),
+        );
+        stored.watermark = Some(Watermark(42));
+        let cache = EventCache::default();
+        let plain = cache.json(&stored);
+        assert!(matches!(told(&stored, None), Told::Itself(_)));
+        let t = told(&stored, Some(StateAdvise { token: 5 }));
+        let mut out = BytesMut::new();
+        for m in t.as_slice() {
+            cache.sse_frame(m, &mut out);
+        }
+        let text = std::str::from_utf8(&out).unwrap();
+        let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
+        assert_eq!(frames.len(), 3, "{text}");
+        for (f, phase) in frames.iter().zip(["start", "change", "done"]) {
+            assert_eq!(f.starts_with("id: 42\n"), phase == "done", "{f}");
+            assert!(f.contains(&format!("\"phase\":\"{phase}\"")), "{f}");
+            assert!(f.contains("\"client_token\":5"), "{f}");
+        }
+        // The stored event's shared JSON is untouched by what one subscriber was told.
+        assert_eq!(cache.json(&stored), plain);
+        assert!(
+            std::str::from_utf8(&plain)
+                .unwrap()
+                .contains("\"client_token\":0")
+        );
     }
 }

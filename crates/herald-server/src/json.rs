@@ -501,6 +501,14 @@ fn unreachable_kind() -> Result<Event, FieldError> {
     ))
 }
 
+/// A number written in decimal or as `0x` hex (masks are usually given in hex).
+pub fn parse_number(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 /// The kinds named in a comma-separated list (`new_mail,object_created`), as a mask.
 pub fn parse_kinds(field: &str, list: &str) -> Result<herald_core::EventMask, FieldError> {
     let mut mask = herald_core::EventMask::NONE;

@@ -21,7 +21,8 @@ use utoipa::ToSchema;
 
 use crate::Log;
 
-use crate::json::{FieldError, key_param, parse_kinds};
+use crate::frames::StateAdvise;
+use crate::json::{FieldError, key_param, parse_kinds, parse_number};
 
 /// A subscription's filter as the API spells it: one of `key` (exact), `subtree` or
 /// `children`, and the kinds (all when absent).
@@ -41,6 +42,16 @@ pub struct FilterJson {
     /// Comma-separated kinds, e.g. `new_mail,object_created` (default: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kinds: Option<String>,
+    /// Advise on connection state with this client token (`MAPIOFFLINE_ADVISEINFO`'s
+    /// `ulClientToken`): each presence change is told as `start`, `change` and `done`, each
+    /// carrying the token. Without it (and without `state_mask`) a change is one `done` with
+    /// token 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_token: Option<u32>,
+    /// That advise's state mask, decimal or `0x` hex: within `0x003f037f` and covering the
+    /// online/offline bits `0x3` (default `0x003f037f`). Giving it alone advises with token 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_mask: Option<String>,
 }
 
 impl FilterJson {
@@ -75,7 +86,28 @@ impl FilterJson {
             Some(list) => parse_kinds("kinds", list)?,
             None => EventMask::ALL,
         };
+        self.state_advise()?;
         Ok(Filter { scope, mask })
+    }
+
+    /// The advise on connection state this filter asks for, if any, or the field at fault.
+    pub fn state_advise(&self) -> Result<Option<StateAdvise>, FieldError> {
+        if self.state_token.is_none() && self.state_mask.is_none() {
+            return Ok(None);
+        }
+        if let Some(m) = &self.state_mask {
+            let mask = parse_number(m).ok_or_else(|| FieldError {
+                field: "state_mask".into(),
+                message: "a number, decimal or 0x hex".into(),
+            })?;
+            herald_core::offline::check_state_mask(mask).map_err(|e| FieldError {
+                field: "state_mask".into(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(Some(StateAdvise {
+            token: self.state_token.unwrap_or(0),
+        }))
     }
 }
 
@@ -223,6 +255,8 @@ impl Transport {
 pub struct Durable {
     spec: Mutex<SubscriptionSpec>,
     filter: Filter,
+    /// Its advise on connection state, if its filter gives one.
+    advise: Option<StateAdvise>,
     /// What the subscriber acknowledged (stored) and what the watcher has seen.
     cursor: Cursor,
     /// The end of the push delivery being attempted (stored), so that after a restart the
@@ -302,6 +336,11 @@ impl Durable {
     /// The filter.
     pub fn filter(&self) -> &Filter {
         &self.filter
+    }
+
+    /// Its advise on connection state, if its filter gives one.
+    pub fn advise(&self) -> Option<StateAdvise> {
+        self.advise
     }
 
     /// Its position: acknowledged, seen, pending.
@@ -601,9 +640,11 @@ impl Durables {
             (Some(w), Transport::Webhook) => Some(self.inner.delivery.pusher("webhook", w.policy)),
             _ => None,
         };
+        let advise = spec.filter.state_advise().ok().flatten();
         let durable = Durable {
             spec: Mutex::new(spec),
             filter,
+            advise,
             cursor: Cursor::new(acked),
             inflight: std::sync::atomic::AtomicU64::new(inflight.0),
             pusher,

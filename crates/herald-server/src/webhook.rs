@@ -16,7 +16,7 @@ use herald_log::{EventLog, FollowError, ReadError};
 
 use crate::Log;
 use crate::config::WebhooksConfig;
-use crate::frames::EventCache;
+use crate::frames::{EventCache, StateAdvise, told};
 use crate::metrics::names;
 use crate::subscriptions::{DurableRef, Durables, WebhookState, WebhookWorker};
 
@@ -273,16 +273,24 @@ async fn verify(
     }
 }
 
-fn events_body(frames: &EventCache, id: &str, events: &[Notification]) -> Bytes {
+fn events_body(
+    frames: &EventCache,
+    id: &str,
+    advise: Option<StateAdvise>,
+    events: &[Notification],
+) -> Bytes {
     let mut out = BytesMut::with_capacity(64 + events.len() * 256);
     out.put_slice(br#"{"type":"events","subscription":"#);
     out.put_slice(serde_json::to_string(id).unwrap_or_default().as_bytes());
     out.put_slice(br#","events":["#);
-    for (i, n) in events.iter().enumerate() {
-        if i > 0 {
-            out.put_u8(b',');
+    let mut first = true;
+    for n in events {
+        for m in told(n, advise).as_slice() {
+            if !std::mem::take(&mut first) {
+                out.put_u8(b',');
+            }
+            out.put_slice(&frames.json(m));
         }
-        out.put_slice(&frames.json(n));
     }
     out.put_slice(b"]}");
     out.freeze()
@@ -308,7 +316,7 @@ async fn deliver_chunk(
         durables.set_inflight(sub, last).await;
     }
     let msg_id = format!("{}-{}-{}", sub.id(), first.0, last.0);
-    let body = events_body(&ctx.frames, sub.id(), chunk);
+    let body = events_body(&ctx.frames, sub.id(), sub.advise(), chunk);
     if !deliver(ctx, durables, sub, pusher, &msg_id, body).await {
         return false;
     }

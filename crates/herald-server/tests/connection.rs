@@ -456,6 +456,167 @@ async fn a_client_watches_another_connection_go_online_and_offline() {
     assert_eq!(r.status(), 400);
 }
 
+/// The phases one watcher was told for connection `id`: (phase, token, mask, old, new,
+/// watermark).
+type Told = Vec<(String, u64, u64, u64, u64, Option<u64>)>;
+
+fn told_of(event: &Value) -> (String, u64, u64, u64, u64, Option<u64>) {
+    let c = &event["connection_state"];
+    (
+        c["phase"].as_str().unwrap().to_owned(),
+        c["client_token"].as_u64().unwrap(),
+        c["changed_mask"].as_u64().unwrap(),
+        c["old_state"].as_u64().unwrap(),
+        c["new_state"].as_u64().unwrap(),
+        event["watermark"].as_u64(),
+    )
+}
+
+/// Asserts `told` is a connection going online then offline, each as start, change and
+/// done with `token`, the online/offline mask and the states; only the done has a
+/// watermark. Returns the online done's watermark.
+fn assert_told_twice(told: &Told, token: u64) -> u64 {
+    let phases: Vec<&str> = told.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        phases,
+        ["start", "change", "done", "start", "change", "done"],
+        "{told:?}"
+    );
+    for (i, t) in told.iter().enumerate() {
+        let (old, new) = if i < 3 { (1, 2) } else { (2, 1) };
+        assert_eq!((t.1, t.2, t.3, t.4), (token, 3, old, new), "{told:?}");
+        assert_eq!(
+            t.5.is_some(),
+            t.0 == "done",
+            "only done is a position: {told:?}"
+        );
+    }
+    told[2].5.unwrap()
+}
+
+/// The offline-state API per client: a watcher that advises on connection state (its own
+/// client token, and a state mask) is told every presence change as start, change and done,
+/// each echoing its token with the changed mask and the old and new states, for a connection
+/// going online and offline; over SSE, WebSocket and a durable poll subscription. Only done
+/// carries the watermark, so an SSE client resuming after it gets the next change whole. A
+/// mask without the online/offline bits is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_advising_on_a_connections_state_is_told_start_change_and_done_with_its_token() {
+    let (server, _t) = start("");
+    let mut sse = SseClient::connect(&server, "subtree=$herald/presence&state_token=7", None).await;
+    let mut ws = WsClient::connect(&server).await;
+    ws.subscribe(
+        json!({"op": "subscribe", "id": "p", "subtree": "$herald/presence",
+        "state_token": 9, "state_mask": "0x003f037f"}),
+    )
+    .await;
+    let r = client()
+        .post(server.url("/v1/subscriptions"))
+        .json(&json!({"transport": "poll", "subtree": "$herald/presence", "state_token": 11}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let poll: Value = r.json().await.unwrap();
+    assert_eq!(poll["filter"]["state_token"], 11);
+    let poll_id = poll["id"].as_str().unwrap().to_owned();
+
+    // The connection watched: an SSE stream, online while open.
+    let watched = client_no_timeout()
+        .get(server.url("/v1/stream?key=somewhere"))
+        .send()
+        .await
+        .unwrap();
+    let id = watched.headers()["herald-connection"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mine = |e: &Value| {
+        e["key"]
+            .as_str()
+            .is_some_and(|k| k.ends_with(&format!("/{id}")))
+    };
+    wait_until("the watched stream is listed", || async {
+        connection(&server, &id).await.is_some()
+    })
+    .await;
+    drop(watched);
+
+    let mut over_sse = Told::new();
+    while over_sse.len() < 6 {
+        let e = sse.next().await.expect("the stream ended");
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        if e.event == "connection_state" && mine(&v) {
+            over_sse.push(told_of(&v));
+        }
+    }
+    let online_done = assert_told_twice(&over_sse, 7);
+
+    let mut over_ws = Told::new();
+    while over_ws.len() < 6 {
+        let f = ws.frame().await;
+        if f["type"] == "event" && mine(&f["event"]) {
+            over_ws.push(told_of(&f["event"]));
+        }
+    }
+    assert_told_twice(&over_ws, 9);
+
+    let deadline = Instant::now() + WAIT;
+    let over_poll: Told = loop {
+        let page = get_json(&server, &format!("/v1/subscriptions/{poll_id}/events")).await;
+        let told: Told = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| mine(e))
+            .map(told_of)
+            .collect();
+        if told.len() >= 6 || Instant::now() > deadline {
+            break told;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_told_twice(&over_poll, 11);
+
+    // Resuming after the online change's done: the offline change, whole.
+    let mut resumed = SseClient::connect(
+        &server,
+        "subtree=$herald/presence&state_token=7",
+        Some(online_done),
+    )
+    .await;
+    let mut again = Told::new();
+    while again.len() < 3 {
+        let e = resumed.next().await.expect("the stream ended");
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        if mine(&v) {
+            again.push(told_of(&v));
+        }
+    }
+    assert_eq!(again, over_sse[3..].to_vec());
+
+    // A mask that leaves out the online/offline bits asks for nothing Herald can tell.
+    let r = client()
+        .get(server.url("/v1/stream?subtree=$herald/presence&state_mask=0x4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "state_mask", "{body}");
+    ws.send(
+        json!({"op": "subscribe", "id": "q", "subtree": "$herald/presence", "state_mask": "nope"}),
+    )
+    .await;
+    loop {
+        let f = ws.frame().await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "invalid_field", "{f}");
+            break;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_that_stops_answering_pings_goes_offline_when_its_lease_expires() {
     let hooks = HookServer::start(|_, _| json!({})).await;

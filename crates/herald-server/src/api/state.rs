@@ -207,13 +207,6 @@ pub struct StateNotification {
     pub new: String,
 }
 
-fn parse_mask(s: &str) -> Option<u32> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
-    }
-}
-
 /// Notifications a slow advise client may have waiting; past that its stream ends with an
 /// `overflow` event.
 const ADVISE_QUEUE: usize = 64;
@@ -235,9 +228,8 @@ pub(super) async fn advise(
 ) -> Result<Response, ApiError> {
     let mask = match q.mask.as_deref() {
         None => offline::STATE_ALL,
-        Some(m) => {
-            parse_mask(m).ok_or_else(|| ApiError::field("mask", "a number, decimal or 0x hex"))?
-        }
+        Some(m) => crate::json::parse_number(m)
+            .ok_or_else(|| ApiError::field("mask", "a number, decimal or 0x hex"))?,
     };
     let server = state.delivery().state();
     let client_token = q.token.unwrap_or(0);

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, JsonQuery};
-use crate::frames::{SSE_KEEPALIVE, sse_named};
+use crate::frames::{SSE_KEEPALIVE, StateAdvise, sse_named, told};
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::FilterJson;
 use crate::subscriptions::{owner_name, target_of};
@@ -42,6 +42,11 @@ pub(super) struct StreamQuery {
     children: Option<String>,
     /// Comma-separated kinds (default: all).
     kinds: Option<String>,
+    /// Advise on connection state with this client token: each presence change is told as
+    /// `start`, `change` and `done`, each carrying it.
+    state_token: Option<u32>,
+    /// That advise's state mask (decimal or `0x` hex, within `0x003f037f`, covering `0x3`).
+    state_mask: Option<String>,
     /// Resume after this watermark (`Last-Event-ID` takes precedence). Without either, the
     /// stream starts with the next event.
     after: Option<u64>,
@@ -71,14 +76,20 @@ pub(super) async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let limits = &state.config().limits;
-    let filter = FilterJson {
+    let filter_json = FilterJson {
         key: q.key,
         subtree: q.subtree,
         children: q.children,
         kinds: q.kinds,
-    }
-    .to_filter(limits.max_key_bytes)
-    .map_err(|e| ApiError::field_in("", e))?;
+        state_token: q.state_token,
+        state_mask: q.state_mask,
+    };
+    let filter = filter_json
+        .to_filter(limits.max_key_bytes)
+        .map_err(|e| ApiError::field_in("", e))?;
+    let advise = filter_json
+        .state_advise()
+        .map_err(|e| ApiError::field_in("", e))?;
     state.auth().check_filter(&principal, &filter)?;
     let permit = state.auth().connect(&principal)?;
     let last_event_id = match headers.get("last-event-id") {
@@ -119,7 +130,7 @@ pub(super) async fn stream(
         Err(ConnectError::Failed(e)) => Err(e),
         Err(e) => return Err(crate::hooks::api_error(e.map_failed(ApiError::internal))),
     };
-    let body = Body::from_stream(events(start, state.clone(), principal, permit));
+    let body = Body::from_stream(events(start, state.clone(), principal, permit, advise));
     Ok((
         [
             (
@@ -143,6 +154,8 @@ struct StreamState {
     live: Option<Live>,
     /// Who opened it: the stream closes if its credentials are revoked.
     principal: Principal,
+    /// Its advise on connection state, if it gave one.
+    advise: Option<StateAdvise>,
     _gauge: ConnectionGauge,
     _permit: ConnectionPermit,
 }
@@ -174,6 +187,7 @@ fn events(
     state: AppState,
     principal: Principal,
     permit: ConnectionPermit,
+    advise: Option<StateAdvise>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let (feed, ending, live) = match start {
         Ok((feed, live)) => (Some(feed), None, Some(live)),
@@ -185,6 +199,7 @@ fn events(
         state,
         live,
         principal,
+        advise,
         _gauge: ConnectionGauge::open("sse"),
         _permit: permit,
     };
@@ -203,7 +218,9 @@ fn events(
                     let cache = s.state.frames();
                     let mut out = BytesMut::new();
                     for n in batch.iter() {
-                        cache.sse_frame(n, &mut out);
+                        for m in told(n, s.advise).as_slice() {
+                            cache.sse_frame(m, &mut out);
+                        }
                         delivered("sse", n);
                     }
                     out.freeze()

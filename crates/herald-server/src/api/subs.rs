@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, JsonQuery};
+use crate::frames::told;
 use crate::json::EventJson;
 use crate::subscriptions::{
     DurableError, DurableRef, FilterJson, SecretSpec, Transport, UdpSpec, WebhookSpec,
@@ -39,6 +40,13 @@ pub struct CreateSubscription {
     /// Comma-separated kinds (default: all).
     #[serde(default)]
     pub kinds: Option<String>,
+    /// Advise on connection state with this client token: each presence change is told as
+    /// `start`, `change` and `done`, each carrying it.
+    #[serde(default)]
+    pub state_token: Option<u32>,
+    /// That advise's state mask (decimal or `0x` hex, within `0x003f037f`, covering `0x3`).
+    #[serde(default)]
+    pub state_mask: Option<String>,
     /// `poll` (long-poll `wait` + `events`), `webhook` (Herald POSTs to `url`) or `udp`
     /// (as poll, with datagrams to `udp.address` while events wait).
     #[schema(value_type = String, pattern = "^(poll|webhook|udp)$")]
@@ -236,6 +244,8 @@ pub(super) async fn create(
         subtree: req.subtree,
         children: req.children,
         kinds: req.kinds,
+        state_token: req.state_token,
+        state_mask: req.state_mask,
     };
     let engine_filter = filter
         .to_filter(state.config().limits.max_key_bytes)
@@ -537,8 +547,18 @@ pub(super) async fn events(
     for n in &events {
         crate::metrics::delivered("poll", n);
     }
+    let advise = d.advise();
+    let mut page = Vec::with_capacity(events.len());
+    for n in &events {
+        page.extend(
+            told(n, advise)
+                .as_slice()
+                .iter()
+                .map(EventJson::from_notification),
+        );
+    }
     Ok(Json(EventsPage {
-        events: events.iter().map(EventJson::from_notification).collect(),
+        events: page,
         next_after: next.0,
         more,
     }))

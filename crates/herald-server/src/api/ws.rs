@@ -21,6 +21,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::{ConnectionPermit, Principal};
+use crate::frames::{StateAdvise, told};
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
 use crate::subscriptions::{DurableRef, FilterJson, owner_name, target_of};
@@ -45,6 +46,13 @@ pub enum ClientFrame {
         /// Comma-separated kinds (default: all).
         #[serde(default)]
         kinds: Option<String>,
+        /// Advise on connection state with this client token: each presence change is told as
+        /// `start`, `change` and `done`, each carrying it.
+        #[serde(default)]
+        state_token: Option<u32>,
+        /// That advise's state mask (decimal or `0x` hex, within `0x003f037f`, covering `0x3`).
+        #[serde(default)]
+        state_mask: Option<String>,
         /// Resume after this watermark (default: from the next event, or from the durable
         /// subscription's acknowledged watermark).
         #[serde(default)]
@@ -171,6 +179,8 @@ struct Sub {
     durable: Option<DurableRef>,
     /// Its connect hooks ran; dropping it runs its cancel hooks.
     live: Live,
+    /// Its advise on connection state, if it gave one.
+    advise: Option<StateAdvise>,
 }
 
 /// A subscription's feed, merged with the others of the connection.
@@ -231,7 +241,8 @@ async fn connection(
                 Some(Ok(_)) => live.renew(),
             },
             Some((id, item)) = feeds.next(), if !feeds.is_empty() => {
-                if write(&state, &mut socket, &id, item).await.is_err() {
+                let advise = subs.get(&id).and_then(|s| s.advise);
+                if write(&state, &mut socket, &id, advise, item).await.is_err() {
                     break;
                 }
             }
@@ -276,14 +287,17 @@ async fn write(
     state: &AppState,
     socket: &mut WebSocket,
     id: &str,
+    advise: Option<StateAdvise>,
     item: Result<FeedItem, FollowError>,
 ) -> Result<(), axum::Error> {
     match item {
         Ok(FeedItem::Events { batch, .. }) => {
             for n in batch.iter() {
                 delivered("websocket", n);
-                let text = state.frames().ws_event(id, n);
-                socket.feed(Message::Text(text.into())).await?;
+                for m in told(n, advise).as_slice() {
+                    let text = state.frames().ws_event(id, m);
+                    socket.feed(Message::Text(text.into())).await?;
+                }
             }
             socket.flush().await
         }
@@ -378,6 +392,8 @@ async fn handle(
             subtree,
             children,
             kinds,
+            state_token,
+            state_mask,
             after,
             subscription,
         } => match subscribe(
@@ -391,6 +407,8 @@ async fn handle(
                 subtree,
                 children,
                 kinds,
+                state_token,
+                state_mask,
             },
             after,
             subscription,
@@ -492,28 +510,36 @@ async fn subscribe(
             "limits.max_ws_subscriptions reached",
         ));
     }
-    let (filter, start, durable): (Filter, Option<Watermark>, Option<DurableRef>) =
-        match &subscription {
-            Some(sid) => match state.durables().get(sid).await {
-                Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
-                    return Err(error(
-                        Some(id),
-                        "not_owner",
-                        "this durable subscription belongs to someone else",
-                    ));
-                }
-                Ok(d) => (
+    let (filter, start, durable, advise): (Filter, _, Option<DurableRef>, _) = match &subscription {
+        Some(sid) => match state.durables().get(sid).await {
+            Ok(d) if !principal.may_manage(d.owner().as_deref()) => {
+                return Err(error(
+                    Some(id),
+                    "not_owner",
+                    "this durable subscription belongs to someone else",
+                ));
+            }
+            Ok(d) => {
+                let advise = d.advise();
+                (
                     d.filter().clone(),
                     Some(after.map_or(d.acked(), Watermark)),
                     Some(d),
-                ),
-                Err(e) => return Err(error(Some(id), "subscription_not_found", e.to_string())),
-            },
-            None => match filter.to_filter(state.config().limits.max_key_bytes) {
-                Ok(f) => (f, after.map(Watermark), None),
-                Err(e) => return Err(error(Some(id), "invalid_field", e.to_string())),
-            },
-        };
+                    advise,
+                )
+            }
+            Err(e) => return Err(error(Some(id), "subscription_not_found", e.to_string())),
+        },
+        None => match (
+            filter.to_filter(state.config().limits.max_key_bytes),
+            filter.state_advise(),
+        ) {
+            (Ok(f), Ok(advise)) => (f, after.map(Watermark), None, advise),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(error(Some(id), "invalid_field", e.to_string()));
+            }
+        },
+    };
     if let Err(e) = state.auth().check_filter(principal, &filter) {
         let message = e.message().to_owned();
         return Err(error(Some(id), e.code(), message));
@@ -554,7 +580,14 @@ async fn subscribe(
         }
         Err(e) => return Err(refusal(id, e)),
     };
-    subs.insert(id.clone(), Sub { durable, live });
+    subs.insert(
+        id.clone(),
+        Sub {
+            durable,
+            live,
+            advise,
+        },
+    );
     Ok((
         ServerFrame::Subscribed {
             id: id.clone(),

@@ -571,3 +571,63 @@ pub fn exchangelib(
         );
     }
 }
+
+/// A client of `/v1/ws` that speaks JSON frames.
+pub struct WsClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl WsClient {
+    /// Connects to the server's `/v1/ws`.
+    pub async fn connect(server: &Server) -> WsClient {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
+                .await
+                .unwrap();
+        WsClient { ws }
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: serde_json::Value) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                frame.to_string().into(),
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame (pings and other control frames skipped).
+    pub async fn frame(&mut self) -> serde_json::Value {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("no frame in time")
+                .expect("the connection ended")
+                .unwrap();
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    }
+
+    /// Sends `frame` (a `subscribe`) and waits for its `subscribed`; an `error` frame fails.
+    pub async fn subscribe(&mut self, frame: serde_json::Value) -> serde_json::Value {
+        self.send(frame).await;
+        loop {
+            let v = self.frame().await;
+            assert_ne!(v["type"], "error", "{v}");
+            if v["type"] == "subscribed" {
+                return v;
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
