@@ -225,6 +225,98 @@ async fn a_client_logs_on_registers_waits_and_reads_ropnotify() {
     assert_eq!(a.response_code, 10, "Context Not Found after Disconnect");
 }
 
+/// Table events: a registration whose types include TableModified hears `table_modified`
+/// events on its folder (or the whole store) as RopNotify with its handle, the table event
+/// type and the row (ids, prior row, row data); one without the bit hears none; and an SSE
+/// client of the folder reads the same events as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_registration_hears_table_events_as_ropnotify_and_sse_reads_the_same() {
+    use base64::Engine;
+    let (server, _tmp) = mapi_server("");
+    let mut c = Client::new(&server, ALICE);
+    c.connect().await;
+    let inbox = c.logon().await[4];
+    let inbox_key = format!("{ALICE}/inbox");
+    let table = NotificationType::TableModified as u16;
+    let answers = c
+        .execute(&[
+            RopRequest::OpenFolder(OpenFolder {
+                logon_id: 0,
+                input_handle_index: 0,
+                output_handle_index: 1,
+                folder_id: inbox,
+                open_mode_flags: 0,
+            }),
+            register(1, 2, table, NotificationScope::Folder(inbox)),
+            register(0, 3, table | CREATED, NotificationScope::WholeStore),
+            register(1, 4, CREATED, NotificationScope::Folder(inbox)),
+        ])
+        .await;
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    let (folder_sub, store_sub) = (c.handles[2], c.handles[3]);
+    let mut sse = SseClient::connect(
+        &server,
+        &format!("key={inbox_key}&kinds=table_modified&access_token={PRODUCER_KEY}"),
+        None,
+    )
+    .await;
+
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let instance_key = 0x0FF6_0102u32;
+    let m1 = format!("{inbox_key}/m-1");
+    publish_to(
+        &server.base(),
+        serde_json::json!([
+            {"key": inbox_key, "kind": "table_modified", "table": {"event": "row_added",
+                "index": {"tag": instance_key, "value": b64(&m1)},
+                "row": [{"tag": 0x0E08_0003u32, "value": 1234}]}},
+            {"key": inbox_key, "kind": "table_modified", "table": {"event": "restrict_done"}},
+            {"key": format!("{ALICE}/drafts"), "kind": "table_modified", "table": {"event": "reload"}},
+        ]),
+    )
+    .await;
+    let (w, _) = c.wait().await;
+    assert!(w.event_pending, "{w:?}");
+    let got = c.execute(&[]).await;
+    let got = notifies(&got);
+    let summary: Vec<(u32, u16)> = got
+        .iter()
+        .map(|n| {
+            assert_eq!(n.data.kind, NotificationType::TableModified);
+            (n.handle, n.data.table.as_ref().unwrap().code())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (folder_sub, 0x03),
+            (store_sub, 0x03),
+            (folder_sub, 0x07),
+            (store_sub, 0x07),
+            (store_sub, 0x01),
+        ],
+        "the registration without TableModified hears none"
+    );
+    // The row added, byte for byte: contents table, the row's ids, first, its data.
+    let mut want = vec![0x2A];
+    want.extend_from_slice(&folder_sub.to_le_bytes());
+    want.extend_from_slice(&[0x00, 0x00, 0x81, 0x03, 0x00]);
+    want.extend_from_slice(&inbox.to_bytes());
+    want.extend_from_slice(&id_of(&Key::from(m1.as_str())).to_bytes());
+    want.extend_from_slice(&[0; 24]);
+    want.extend_from_slice(&[5, 0, 0x00, 0xD2, 0x04, 0, 0]);
+    assert_eq!(got[0].to_bytes().unwrap(), want);
+
+    // The same events over SSE, as JSON.
+    let first: serde_json::Value = serde_json::from_str(&sse.next().await.unwrap().data).unwrap();
+    assert_eq!(first["kind"], "table_modified");
+    assert_eq!(first["table"]["event"], "row_added");
+    assert_eq!(first["table"]["index"]["value"], b64(&m1));
+    assert_eq!(first["table"]["row"][0]["value"], 1234);
+    let second: serde_json::Value = serde_json::from_str(&sse.next().await.unwrap().data).unwrap();
+    assert_eq!(second["table"]["event"], "restrict_done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_protocol_errors() {
     let (server, _tmp) = mapi_server("session_idle = \"2s\"");

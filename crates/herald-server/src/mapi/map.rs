@@ -6,11 +6,22 @@
 //! | `new_mail` | NewMail, M | FolderId = parent, MessageId = key; class 8-bit when Latin-1, else UTF-16 |
 //! | `object_created` | ObjectCreated | folder: FolderId = key, ParentFolderId = parent; message (M): FolderId = parent, MessageId = key; tags = changed props |
 //! | `object_deleted` | ObjectDeleted | as created, no tags |
-//! | `object_modified` | ObjectModified | as created without ParentFolderId; T/U from total and unread counts (folders) |
+//! | `object_modified` | ObjectModified | as created without ParentFolderId, TagCount 0 (the spec's SHOULD); T/U from total and unread counts (folders) |
 //! | `object_moved`, `object_copied` | ObjectMoved, ObjectCopied | folder: + OldFolderId = old key, OldParentFolderId; message: + OldFolderId = old parent, OldMessageId = old key |
 //! | `search_complete` | SearchComplete | FolderId = key |
-//! | `table_modified` | — | Herald serves no table objects, whose handles table events belong to |
+//! | `table_modified` | TableModified (M for contents tables) | the event's key is the table's folder; rows as below; sent to registrations whose types include TableModified |
 //! | `status_object_modified`, `critical_error`, `extended`, `connection_state` | — | RopNotify has no form for them (0x0400 is reserved, 0x0001 historical) |
+//!
+//! Table rows: a row's `PR_INSTANCE_KEY` (and its prior row's) names the row's object by its
+//! key (the bytes of a binary or string value; a number in decimal). A row whose object is a
+//! folder Herald knows is a hierarchy-table row (FolderId = its id, no M); any other is a
+//! contents-table row (FolderId = the table's folder, MessageId = its id, instance 0). A
+//! first row's prior (`PR_NULL`) is the zero row. Row data is a PropertyRow (MS-OXCDATA
+//! 2.8.1) of the event's columns in the order given. `restrict_done` is
+//! TableRestrictionChanged; `sort_done`, `setcol_done`, `reload` and `error`, which the wire
+//! has no code for, are TableChanged (re-read the table), and so is a row event whose row
+//! data cannot be encoded (a string 8-bit cannot carry, over 0xFFFF bytes): the spec's basic
+//! level, which clients must handle.
 //!
 //! Objects whose `object_type` is `folder` or `store` are folders; all others are messages.
 //! Ids are replica 1 and the first 48 bits of SHA-256 of the key: stable across sessions and
@@ -20,8 +31,13 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use herald_core::{Event, Key, Notification, ObjectChange, ObjectType};
-use herald_rop::{Fid, GlobalId, Mid, NewMailInfo, NotificationData, NotificationType, Tags};
+use herald_core::{
+    Event, Key, Notification, ObjectChange, ObjectType, PropData, PropValue, TableChange,
+};
+use herald_rop::{
+    Fid, GlobalId, Mid, NewMailInfo, NotificationData, NotificationType, Put, RowChange, RowId,
+    Tags,
+};
 use sha2::{Digest, Sha256};
 
 /// The replica id of every Herald id.
@@ -79,6 +95,15 @@ impl KnownFolders {
             .unwrap_or_else(|e| e.into_inner())
             .get(&fid)
             .cloned()
+    }
+
+    /// Whether `key` is a folder Herald has named (a logon folder, a folder an event named).
+    pub fn is_folder(&self, key: &Key) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id_of(key))
+            .is_some_and(|k| k == key)
     }
 
     /// The 13 logon folders of a mailbox, remembered.
@@ -145,8 +170,12 @@ pub fn to_notification_data(n: &Notification, known: &KnownFolders) -> Option<No
                 d.folder_id = Some(known.fid(&parent(n)));
                 d.message_id = Some(mid(&n.key));
             }
-            if kind != NotificationType::ObjectDeleted {
-                d.tags = Some(tags(o));
+            match kind {
+                NotificationType::ObjectCreated => d.tags = Some(tags(o)),
+                // MS-OXCNOTIF: for ObjectModified TagCount SHOULD be 0 (as Exchange 2013 on);
+                // the changed properties still travel in the JSON form.
+                NotificationType::ObjectModified => d.tags = Some(Tags::List(Vec::new())),
+                _ => {}
             }
             if kind == NotificationType::ObjectModified {
                 d.total_count = o.total_count;
@@ -181,8 +210,147 @@ pub fn to_notification_data(n: &Notification, known: &KnownFolders) -> Option<No
             d.folder_id = Some(known.fid(&n.key));
             d
         }
+        Event::TableModified(t) => table_data(&n.key, t, known),
         _ => return None,
     })
+}
+
+/// The key a row value names: a binary's or string's bytes, a number in decimal.
+fn row_key(v: &PropValue) -> Option<Key> {
+    Some(match &v.value {
+        PropData::Binary(b) => Key::from(&b[..]),
+        PropData::String(s) => Key::from(s.as_str()),
+        PropData::I16(i) => Key::from(i.to_string().as_str()),
+        PropData::I32(i) => Key::from(i.to_string().as_str()),
+        PropData::I64(i) => Key::from(i.to_string().as_str()),
+        _ => return None,
+    })
+}
+
+/// TableModified for a table event on the table of folder `table` (see the module's table).
+fn table_data(table: &Key, t: &TableChange, known: &KnownFolders) -> NotificationData {
+    use herald_core::TableEvent as E;
+    use herald_rop::TableEvent as W;
+    let row = row_key(&t.index);
+    // Hierarchy rows are folders; table-wide events say nothing of rows: contents.
+    let message = !row.as_ref().is_some_and(|k| known.is_folder(k));
+    let id = |k: &Key| -> RowId {
+        if message {
+            RowId {
+                folder_id: known.fid(table),
+                message: Some((id_of(k), 0)),
+            }
+        } else {
+            RowId {
+                folder_id: known.fid(k),
+                message: None,
+            }
+        }
+    };
+    let first = RowId {
+        folder_id: GlobalId::ZERO,
+        message: message.then_some((GlobalId::ZERO, 0)),
+    };
+    let change = |row: &Key| -> Option<RowChange> {
+        let after = match row_key(&t.prior) {
+            Some(p) => id(&p),
+            None => first.clone(),
+        };
+        Some(RowChange {
+            row: id(row),
+            after,
+            data: property_row(&t.row)?,
+        })
+    };
+    let event = match (t.event, &row) {
+        (E::RowAdded, Some(k)) => change(k).map_or(W::Changed, W::RowAdded),
+        (E::RowModified, Some(k)) => change(k).map_or(W::Changed, W::RowModified),
+        (E::RowDeleted, Some(k)) => W::RowDeleted(id(k)),
+        (E::RestrictDone, _) => W::RestrictionChanged,
+        _ => W::Changed,
+    };
+    let mut d = NotificationData::empty(NotificationType::TableModified, message);
+    d.table = Some(event);
+    d
+}
+
+/// A PropertyRow (MS-OXCDATA 2.8.1) of `values`, in order, in ROP-buffer widths (binary
+/// lengths 16-bit, multi-value counts 32-bit): standard when every value is present,
+/// flagged when one is an error (flag 0x0A and its code) or `PT_NULL` (flag 0x01, absent).
+/// `None` when a value cannot be carried (an 8-bit string beyond Latin-1, a binary over
+/// 0xFFFF bytes) or the row is longer than TableRowDataSize allows.
+pub fn property_row(values: &[PropValue]) -> Option<Vec<u8>> {
+    let flagged = values
+        .iter()
+        .any(|v| matches!(v.value, PropData::Error(_) | PropData::Null));
+    let mut out = vec![u8::from(flagged)];
+    for v in values {
+        match &v.value {
+            PropData::Null if flagged => out.put_u8(0x01),
+            PropData::Error(code) => {
+                out.put_u8(0x0A);
+                out.put_u32(*code);
+            }
+            value => {
+                if flagged {
+                    out.put_u8(0x00);
+                }
+                put_value(&mut out, v.tag, value)?;
+            }
+        }
+    }
+    (out.len() <= 0xFFFF).then_some(out)
+}
+
+/// One PropertyValue's bytes (no tag).
+fn put_value(out: &mut Vec<u8>, tag: u32, value: &PropData) -> Option<()> {
+    const PT_STRING8: u32 = 0x001E;
+    const PT_MV_STRING8: u32 = 0x101E;
+    let string = |out: &mut Vec<u8>, s: &str, eight_bit: bool| {
+        if eight_bit {
+            out.put_asciiz(s, "TableRowData").ok()
+        } else {
+            out.put_utf16z(s, "TableRowData").ok()
+        }
+    };
+    let binary = |out: &mut Vec<u8>, b: &[u8]| {
+        out.put_u16(u16::try_from(b.len()).ok()?);
+        out.put(b);
+        Some(())
+    };
+    let count = |n: usize| u32::try_from(n).ok();
+    match value {
+        PropData::Null | PropData::Error(_) => {}
+        PropData::I16(v) => out.put_u16(*v as u16),
+        PropData::I32(v) => out.put_u32(*v as u32),
+        PropData::I64(v) => out.put_u64(*v as u64),
+        PropData::F32(v) => out.put_u32(v.to_bits()),
+        PropData::F64(v) => out.put_u64(v.to_bits()),
+        PropData::Bool(v) => out.put_u8(u8::from(*v)),
+        PropData::SysTime(v) => out.put_u64(*v),
+        PropData::String(s) => string(out, s, tag & 0xFFFF == PT_STRING8)?,
+        PropData::Binary(b) => binary(out, b)?,
+        PropData::Guid(g) => out.put(g),
+        PropData::MultiI32(vs) => {
+            out.put_u32(count(vs.len())?);
+            for v in vs {
+                out.put_u32(*v as u32);
+            }
+        }
+        PropData::MultiString(vs) => {
+            out.put_u32(count(vs.len())?);
+            for s in vs {
+                string(out, s, tag & 0xFFFF == PT_MV_STRING8)?;
+            }
+        }
+        PropData::MultiBinary(vs) => {
+            out.put_u32(count(vs.len())?);
+            for b in vs {
+                binary(out, b)?;
+            }
+        }
+    }
+    Some(())
 }
 
 #[cfg(test)]
@@ -250,5 +418,204 @@ mod tests {
         assert_ne!(id_of(&k), GlobalId::ZERO);
         assert_eq!(id_of(&k).replica, REPLICA);
         assert_ne!(id_of(&k), id_of(&Key::from("alice@example.test/drafts")));
+    }
+
+    #[test]
+    fn object_modified_sends_tag_count_zero_and_object_created_its_tags() {
+        let known = KnownFolders::default();
+        let change = ObjectChange {
+            object_type: ObjectType::Message,
+            changed_props: vec![0x0037_001F, 0x0E07_0003],
+            ..Default::default()
+        };
+        let bytes = |event| {
+            let n = Notification::new("alice/inbox/m1", event);
+            herald_rop::RopNotify {
+                handle: 1,
+                logon_id: 0,
+                data: to_notification_data(&n, &known).unwrap(),
+            }
+            .to_bytes()
+            .unwrap()
+        };
+        let mut want = vec![0x2A, 1, 0, 0, 0, 0x00, 0x10, 0x80];
+        want.extend(id_bytes("alice/inbox"));
+        want.extend(id_bytes("alice/inbox/m1"));
+        want.extend([0, 0]); // TagCount 0: present, no tags
+        assert_eq!(bytes(Event::ObjectModified(change.clone())), want);
+        let mut want = vec![0x2A, 1, 0, 0, 0, 0x00, 0x04, 0x80];
+        want.extend(id_bytes("alice/inbox"));
+        want.extend(id_bytes("alice/inbox/m1"));
+        want.extend([2, 0, 0x1F, 0x00, 0x37, 0x00, 0x03, 0x00, 0x07, 0x0E]);
+        assert_eq!(bytes(Event::ObjectCreated(change)), want);
+    }
+
+    /// The RopNotify bytes of a table event on `table`, for handle 0x11 on logon 0.
+    fn table_notify(table: &str, t: TableChange, known: &KnownFolders) -> Vec<u8> {
+        let n = Notification::new(table, Event::TableModified(t));
+        let data = to_notification_data(&n, known).expect("table events map");
+        herald_rop::RopNotify {
+            handle: 0x11,
+            logon_id: 0,
+            data,
+        }
+        .to_bytes()
+        .unwrap()
+    }
+
+    fn id_bytes(key: &str) -> Vec<u8> {
+        id_of(&Key::from(key)).to_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_contents_row_added_carries_the_row_its_place_and_its_data() {
+        let known = KnownFolders::default();
+        let t = TableChange::row_added(
+            PropValue::instance_key(&b"alice/inbox/m1"[..]),
+            None,
+            vec![
+                PropValue {
+                    tag: 0x0E08_0003,
+                    value: PropData::I32(1234),
+                },
+                PropValue {
+                    tag: 0x0037_001F,
+                    value: PropData::String("Hi".into()),
+                },
+                PropValue {
+                    tag: 0x0E1B_000B,
+                    value: PropData::Bool(true),
+                },
+            ],
+        );
+        let got = table_notify("alice/inbox", t, &known);
+        let mut want = vec![0x2A, 0x11, 0, 0, 0, 0x00];
+        want.extend([0x00, 0x81, 0x03, 0x00]); // contents table, TableRowAdded
+        want.extend(id_bytes("alice/inbox")); // TableRowFolderID: the table's folder
+        want.extend(id_bytes("alice/inbox/m1")); // TableRowMessageID
+        want.extend([0, 0, 0, 0]); // TableRowInstance
+        want.extend([0; 20]); // after the zero row: it is first
+        let data = [0x00, 0xD2, 0x04, 0, 0, b'H', 0, b'i', 0, 0, 0, 0x01];
+        want.extend([data.len() as u8, 0]);
+        want.extend(data);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_modified_row_names_its_prior_row() {
+        let known = KnownFolders::default();
+        let mut t = TableChange::row_added(
+            PropValue::instance_key(&b"alice/inbox/m2"[..]),
+            Some(PropValue::instance_key(&b"alice/inbox/m1"[..])),
+            vec![],
+        );
+        t.event = herald_core::TableEvent::RowModified;
+        let got = table_notify("alice/inbox", t, &known);
+        let mut want = vec![0x2A, 0x11, 0, 0, 0, 0x00, 0x00, 0x81, 0x05, 0x00];
+        want.extend(id_bytes("alice/inbox"));
+        want.extend(id_bytes("alice/inbox/m2"));
+        want.extend([0; 4]);
+        want.extend(id_bytes("alice/inbox"));
+        want.extend(id_bytes("alice/inbox/m1"));
+        want.extend([0; 4]);
+        want.extend([1, 0, 0x00]); // an empty standard row
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_deleted_subfolder_is_a_hierarchy_row() {
+        let known = KnownFolders::default();
+        known.fid(&Key::from("alice/inbox/sub"));
+        let t = TableChange::row_deleted(PropValue::instance_key(&b"alice/inbox/sub"[..]));
+        let got = table_notify("alice/inbox", t, &known);
+        let mut want = vec![0x2A, 0x11, 0, 0, 0, 0x00, 0x00, 0x01, 0x04, 0x00];
+        want.extend(id_bytes("alice/inbox/sub"));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn table_wide_events_have_the_two_wire_codes() {
+        use herald_core::TableEvent as E;
+        let known = KnownFolders::default();
+        for (event, code) in [
+            (E::Changed, 0x01),
+            (E::RestrictDone, 0x07),
+            (E::SortDone, 0x01),
+            (E::SetColDone, 0x01),
+            (E::Reload, 0x01),
+            (E::Error, 0x01),
+        ] {
+            let got = table_notify("alice/inbox", TableChange::without_row(event), &known);
+            assert_eq!(
+                got,
+                [0x2A, 0x11, 0, 0, 0, 0x00, 0x00, 0x81, code, 0x00],
+                "{event:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_that_cannot_be_carried_degrades_to_table_changed() {
+        let known = KnownFolders::default();
+        for value in [
+            PropData::Binary(vec![7u8; 0x1_0000].into()),
+            PropData::MultiBinary(vec![vec![7u8; 0x8000].into(); 2]),
+        ] {
+            let t = TableChange::row_added(
+                PropValue::instance_key(&b"alice/inbox/big"[..]),
+                None,
+                vec![PropValue {
+                    tag: 0x1000_0102,
+                    value,
+                }],
+            );
+            let got = table_notify("alice/inbox", t, &known);
+            assert_eq!(got, [0x2A, 0x11, 0, 0, 0, 0x00, 0x00, 0x81, 0x01, 0x00]);
+        }
+        // An 8-bit string beyond Latin-1, too.
+        let t = TableChange::row_added(
+            PropValue::instance_key(&b"alice/inbox/x"[..]),
+            None,
+            vec![PropValue {
+                tag: 0x0037_001E,
+                value: PropData::String("\u{4e2d}".into()),
+            }],
+        );
+        assert_eq!(table_notify("alice/inbox", t, &known)[8], 0x01);
+    }
+
+    #[test]
+    fn property_rows_are_flagged_only_when_a_value_is_missing_or_an_error() {
+        let v = |tag, value| PropValue { tag, value };
+        assert_eq!(
+            property_row(&[
+                v(0x0001_000A, PropData::Error(0x8004_010F)),
+                v(0x0002_0001, PropData::Null),
+                v(0x0003_0002, PropData::I16(5)),
+            ]),
+            Some(vec![
+                0x01, 0x0A, 0x0F, 0x01, 0x04, 0x80, 0x01, 0x00, 0x05, 0x00
+            ])
+        );
+        assert_eq!(
+            property_row(&[
+                v(0x0004_1003, PropData::MultiI32(vec![1, -1])),
+                v(0x0005_101E, PropData::MultiString(vec!["a".into()])),
+                v(0x0006_1102, PropData::MultiBinary(vec![vec![9u8].into()])),
+                v(0x0007_0048, PropData::Guid([3; 16])),
+                v(0x0008_0040, PropData::SysTime(1)),
+                v(0x0009_0014, PropData::I64(-2)),
+            ])
+            .unwrap(),
+            [
+                &[0x00, 2, 0, 0, 0, 1, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF][..],
+                &[1, 0, 0, 0, b'a', 0],
+                &[1, 0, 0, 0, 1, 0, 9],
+                &[3; 16],
+                &[1, 0, 0, 0, 0, 0, 0, 0],
+                &[0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+            ]
+            .concat()
+        );
     }
 }

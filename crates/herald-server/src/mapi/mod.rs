@@ -576,6 +576,8 @@ fn in_scope(
     }
     match s.scope {
         NotificationScope::WholeStore => true,
+        // A table event's key is its table's folder.
+        NotificationScope::Folder(fid) if d.table.is_some() => map::id_of(&n.key) == fid,
         NotificationScope::Folder(fid) => [
             d.folder_id,
             d.parent_folder_id,
