@@ -370,6 +370,8 @@ struct Input {
 #[derive(Default, Clone)]
 struct Client {
     cookie: Option<String>,
+    /// The `MapiSequence` value the server set last.
+    sequence: Option<String>,
     handles: Vec<u32>,
 }
 
@@ -441,6 +443,7 @@ impl Run<'_> {
                 match b {
                     Payload::Valid((context, target)) => RegisterPush {
                         context: context.clone(),
+                        advise_bits: herald_rop::mapihttp::ADVISE_BITS_ALL,
                         address: self.address(*target),
                     }
                     .encode(),
@@ -485,8 +488,14 @@ impl Run<'_> {
             Cookie::Other => self.clients[other(who) as usize].cookie.clone(),
             Cookie::Unknown => Some("0123456789abcdef0123456789abcdef".to_owned()),
         };
-        if let Some(c) = cookie {
-            req = req.header(header::COOKIE, format!("MapiContext={c}"));
+        // The session cookie, and the sequence value this client was given last (a foreign
+        // session's Execute is then refused as out of sequence, as it would be).
+        let jar: Vec<String> = [("MapiContext", cookie), ("MapiSequence", own.sequence.clone())]
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| format!("{name}={v}")))
+            .collect();
+        if !jar.is_empty() {
+            req = req.header(header::COOKIE, jar.join("; "));
         }
         (request_type, req.body(Body::from(body)).unwrap())
     }
@@ -562,16 +571,21 @@ impl Run<'_> {
             )
         });
         let client = &mut self.clients[who as usize];
-        if let Some(set) = headers.get(header::SET_COOKIE) {
+        for set in headers.get_all(header::SET_COOKIE) {
             let v = set.to_str().expect("a cookie in ASCII");
-            let id = v
-                .strip_prefix("MapiContext=")
-                .unwrap_or_else(|| panic!("{what}: Set-Cookie {v}"))
-                .split(';')
-                .next()
-                .unwrap_or_default();
-            client.cookie = (!id.is_empty()).then(|| id.to_owned());
-            client.handles.clear();
+            let (name, rest) = v
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{what}: Set-Cookie {v}"));
+            let value = rest.split(';').next().unwrap_or_default();
+            let value = (!value.is_empty()).then(|| value.to_owned());
+            match name {
+                "MapiContext" => {
+                    client.cookie = value;
+                    client.handles.clear();
+                }
+                "MapiSequence" => client.sequence = value,
+                _ => panic!("{what}: Set-Cookie {v}"),
+            }
         }
         match request_type.to_ascii_lowercase().as_str() {
             "connect" => {

@@ -23,6 +23,7 @@
 //! ```
 
 mod ids;
+pub mod lz77;
 pub mod mapihttp;
 mod notify;
 mod rops;

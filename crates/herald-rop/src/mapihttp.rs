@@ -416,8 +416,43 @@ impl ResponseStream {
 pub struct RegisterPush {
     /// The opaque bytes every datagram carries (at most 16).
     pub context: Vec<u8>,
+    /// `grbitAdviseBits`: MUST be 0xFFFFFFFF.
+    pub advise_bits: u32,
     /// The raw SOCKADDR.
     pub address: Vec<u8>,
+}
+
+/// The only `grbitAdviseBits` EcRRegisterPushNotification accepts.
+pub const ADVISE_BITS_ALL: u32 = 0xFFFF_FFFF;
+
+/// Herald's RegisterPushNotification response body: StatusCode 0, ErrorCode (the RPC's
+/// return value), `hNotification` (0 unless it succeeded), no auxiliary blocks.
+pub fn register_push_body(error_code: u32, handle: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    put_success(&mut out, error_code);
+    out.put_u32(handle);
+    put_aux(&mut out, &[]);
+    out
+}
+
+/// Reads [`register_push_body`]: (ErrorCode, hNotification).
+pub fn decode_register_push_body(buf: &[u8]) -> Result<(u32, u32), DecodeError> {
+    let mut r = Reader::new(buf);
+    let status = r.u32("StatusCode")?;
+    if status != 0 {
+        return Err(DecodeError::Invalid {
+            field: "StatusCode",
+            offset: 0,
+            value: u64::from(status),
+            why: "a failure has no ErrorCode",
+        });
+    }
+    let error = r.u32("ErrorCode")?;
+    let handle = r.u32("NotificationHandle")?;
+    let n = r.u32("AuxiliaryBufferSize")?;
+    r.bytes(n as usize, "AuxiliaryBuffer")?;
+    r.finish("the RegisterPushNotification response")?;
+    Ok((error, handle))
 }
 
 /// Why a push registration is refused, as EcRRegisterPushNotification's return values.
@@ -425,7 +460,8 @@ pub struct RegisterPush {
 pub enum PushRefused {
     /// The context is over 16 bytes (ecTooBig).
     TooBig,
-    /// The family is not AF_INET or AF_INET6, or the size does not match it (ecInvalidParam).
+    /// The advise bits are not 0xFFFFFFFF, or the family is not AF_INET or AF_INET6, or the
+    /// size does not match it (ecInvalidParam).
     InvalidParam,
 }
 
@@ -450,11 +486,15 @@ impl RegisterPush {
         let mut r = Reader::new(buf);
         let n = r.u16("ContextSize")?;
         let context = r.bytes(usize::from(n), "Context")?.to_vec();
-        r.u32("AdviseBits")?;
+        let advise_bits = r.u32("AdviseBits")?;
         let n = r.u16("AddressSize")?;
         let address = r.bytes(usize::from(n), "Address")?.to_vec();
         r.finish("the RegisterPushNotification request")?;
-        Ok(RegisterPush { context, address })
+        Ok(RegisterPush {
+            context,
+            advise_bits,
+            address,
+        })
     }
 
     /// Writes the body.
@@ -462,7 +502,7 @@ impl RegisterPush {
         let mut out = Vec::new();
         out.put_u16(self.context.len() as u16);
         out.put(&self.context);
-        out.put_u32(u32::MAX);
+        out.put_u32(self.advise_bits);
         out.put_u16(self.address.len() as u16);
         out.put(&self.address);
         out
@@ -489,8 +529,12 @@ impl RegisterPush {
         out
     }
 
-    /// Checks the registration: the context's size and the address's family and size.
+    /// Checks the registration: the advise bits, the context's size and the address's
+    /// family and size.
     pub fn target(&self) -> Result<std::net::SocketAddr, PushRefused> {
+        if self.advise_bits != ADVISE_BITS_ALL {
+            return Err(PushRefused::InvalidParam);
+        }
         if self.context.len() > 16 {
             return Err(PushRefused::TooBig);
         }

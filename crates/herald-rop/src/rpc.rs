@@ -22,8 +22,9 @@ pub struct RopBuffer {
 }
 
 impl RopBuffer {
-    /// Reads a buffer of one payload (Last set). XorMagic is undone; compressed input and
-    /// chained payloads are refused with an error naming the flag.
+    /// Reads a buffer of one payload (Last set). XorMagic is undone and compressed input
+    /// decompressed (to at most SizeActual bytes); chained payloads are refused with an error
+    /// naming the flag.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let at = r.offset();
@@ -46,9 +47,13 @@ impl RopBuffer {
             value: u64::from(flags),
             why,
         };
-        if flags & HEADER_COMPRESSED != 0 || size != actual {
+        let compressed = flags & HEADER_COMPRESSED != 0;
+        if !compressed && size != actual {
+            return Err(bad_flags("Size and SizeActual differ without Compressed"));
+        }
+        if compressed && (size >= actual || usize::from(actual) > MAX_PAYLOAD) {
             return Err(bad_flags(
-                "compressed payloads are not accepted; send Execute flag 0x1",
+                "a compressed payload is smaller than SizeActual, at most 0x8000 bytes",
             ));
         }
         if flags & HEADER_LAST == 0 {
@@ -59,10 +64,14 @@ impl RopBuffer {
             .bytes(usize::from(size), "RPC_HEADER_EXT payload")?
             .to_vec();
         r.finish("the ROP buffer")?;
+        // The sender compresses, then obfuscates: undone in reverse.
         if flags & HEADER_XOR_MAGIC != 0 {
             for b in &mut payload {
                 *b ^= 0xA5;
             }
+        }
+        if compressed {
+            payload = crate::lz77::decompress(&payload, usize::from(actual))?;
         }
         let mut p = Reader::at(&payload, base);
         let rop_at = p.offset();

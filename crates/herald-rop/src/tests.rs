@@ -754,12 +754,15 @@ proptest! {
 
 #[test]
 fn push_registrations_check_context_and_address() {
-    use crate::mapihttp::{PushRefused, RegisterPush};
+    use crate::mapihttp::{
+        ADVISE_BITS_ALL, PushRefused, RegisterPush, decode_register_push_body, register_push_body,
+    };
     let v4: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
     let v6: std::net::SocketAddr = "[::1]:4001".parse().unwrap();
     for addr in [v4, v6] {
         let r = RegisterPush {
             context: vec![7; 16],
+            advise_bits: ADVISE_BITS_ALL,
             address: RegisterPush::sockaddr(addr),
         };
         let back = RegisterPush::decode(&r.encode()).unwrap();
@@ -767,6 +770,7 @@ fn push_registrations_check_context_and_address() {
     }
     let too_big = RegisterPush {
         context: vec![0; 17],
+        advise_bits: ADVISE_BITS_ALL,
         address: RegisterPush::sockaddr(v4),
     };
     assert_eq!(too_big.target(), Err(PushRefused::TooBig));
@@ -775,6 +779,7 @@ fn push_registrations_check_context_and_address() {
     assert_eq!(
         RegisterPush {
             context: vec![],
+            advise_bits: ADVISE_BITS_ALL,
             address: wrong_size
         }
         .target(),
@@ -785,10 +790,124 @@ fn push_registrations_check_context_and_address() {
     assert_eq!(
         RegisterPush {
             context: vec![],
+            advise_bits: ADVISE_BITS_ALL,
             address: unix
         }
         .target(),
         Err(PushRefused::InvalidParam)
     );
     assert_eq!(PushRefused::TooBig.code(), ec::TOO_BIG);
+    // Advise bits other than all of them are refused.
+    let some_bits = RegisterPush {
+        context: vec![],
+        advise_bits: 0x0000_0002,
+        address: RegisterPush::sockaddr(v4),
+    };
+    let back = RegisterPush::decode(&some_bits.encode()).unwrap();
+    assert_eq!(back.advise_bits, 2);
+    assert_eq!(back.target(), Err(PushRefused::InvalidParam));
+    // The answer carries the notification handle.
+    let body = register_push_body(0, 0x1234);
+    assert_eq!(body, hex("00 00 00 00 00 00 00 00 34 12 00 00 00 00 00 00"));
+    assert_eq!(decode_register_push_body(&body), Ok((0, 0x1234)));
+}
+
+#[test]
+fn lz77_reads_literals_matches_and_shared_half_bytes() {
+    use crate::lz77::decompress;
+    // "abc", then a match 3 back for 9 bytes (meta 0x0016): flags 0b0001… = 0x10000000.
+    let short = hex("00 00 00 10 61 62 63 16 00");
+    assert_eq!(decompress(&short, 12).unwrap(), b"abcabcabcabc");
+    // "a", then two long matches 1 back: 20 bytes (nibble 10) and 25 bytes (nibble 15 in the
+    // same byte's high half, then a length byte 0).
+    let long = hex("00 00 00 60 61 07 00 FA 07 00 00");
+    assert_eq!(decompress(&long, 46).unwrap(), vec![b'a'; 46]);
+    // A 16-bit length: 300 bytes (u16 = 297).
+    let huge = hex("00 00 00 40 61 07 00 0F FF 29 01");
+    assert_eq!(decompress(&huge, 301).unwrap(), vec![b'a'; 301]);
+}
+
+#[test]
+fn lz77_refuses_what_points_outside_or_overflows_and_never_grows_past_its_size() {
+    use crate::lz77::decompress;
+    // A match before any data.
+    assert!(matches!(
+        decompress(&hex("00 00 00 80 00 00"), 3),
+        Err(DecodeError::Invalid {
+            field: "LZ77 match",
+            ..
+        })
+    ));
+    // A match past the announced size.
+    assert!(matches!(
+        decompress(&hex("00 00 00 10 61 62 63 16 00"), 8),
+        Err(DecodeError::Invalid {
+            field: "LZ77 match",
+            ..
+        })
+    ));
+    // Cut short.
+    assert!(matches!(
+        decompress(&hex("00 00 00 10 61 62"), 12),
+        Err(DecodeError::Truncated { .. })
+    ));
+    // A long length under 22 is not a length.
+    assert!(matches!(
+        decompress(&hex("00 00 00 40 61 07 00 0F FF 05 00"), 100),
+        Err(DecodeError::Invalid {
+            field: "LZ77 length",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_compressed_and_obfuscated_rop_buffer_reads_as_the_plain_one() {
+    let plain = RopBuffer {
+        rops: [
+            hex("29 00 00 01 04 00 01"),
+            [0x01, 0x00, 0x01].repeat(20),
+        ]
+        .concat(),
+        handles: vec![7, 0xFFFF_FFFF],
+    };
+    let body = plain.encode().unwrap();
+    let payload = &body[8..];
+    let packed = crate::lz77::compress(payload);
+    assert!(packed.len() < payload.len(), "the repeats compress");
+    let mut buf = Vec::new();
+    buf.put_u16(0);
+    buf.put_u16(HEADER_LAST | HEADER_COMPRESSED | HEADER_XOR_MAGIC);
+    buf.put_u16(packed.len() as u16);
+    buf.put_u16(payload.len() as u16);
+    buf.extend(packed.iter().map(|b| b ^ 0xA5));
+    assert_eq!(RopBuffer::decode(&buf).unwrap(), plain);
+    // The fuzz corpus's seed: twenty RopRelease, compressed by hand.
+    let seed = hex("00 00 05 00 11 00 42 00 00 00 00 04 3E 00 01 00 00 17 00 0F 20 01 00 00 00");
+    let read = RopBuffer::decode(&seed).unwrap();
+    assert_eq!(read.rops, [0x01, 0x00, 0x00].repeat(20));
+    assert_eq!(read.handles, [1]);
+    // The same bytes announced as bigger than they expand to: refused, not misread.
+    let at = 6;
+    buf[at..at + 2].copy_from_slice(&((payload.len() + 1) as u16).to_le_bytes());
+    assert!(RopBuffer::decode(&buf).is_err());
+}
+
+proptest! {
+    #[test]
+    fn lz77_round_trips(
+        parts in proptest::collection::vec(
+            (proptest::collection::vec(any::<u8>(), 0..40), 0usize..400), 0..20)
+    ) {
+        // Random runs and repeats, so matches of every length form occur.
+        let mut data = Vec::new();
+        for (bytes, repeat) in parts {
+            data.extend_from_slice(&bytes);
+            if let Some(&b) = bytes.first() {
+                data.extend(std::iter::repeat_n(b, repeat));
+            }
+        }
+        let packed = crate::lz77::compress(&data);
+        prop_assert_eq!(crate::lz77::decompress(&packed, data.len()).unwrap(), data);
+    }
 }

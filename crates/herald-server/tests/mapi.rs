@@ -317,6 +317,118 @@ async fn a_table_registration_hears_table_events_as_ropnotify_and_sse_reads_the_
     assert_eq!(second["table"]["event"], "restrict_done");
 }
 
+/// MAPI over HTTP session hygiene: the `MapiSequence` cookie orders Executes (a missing or
+/// stale one is Invalid Sequence, 15; each Execute sets the next; NotificationWait and PING
+/// neither check nor set it); PING answers with the meta-tags and the refreshed expiry and
+/// keeps an idle session alive; a compressed and obfuscated ROP buffer is read as the plain
+/// one; and a logon id used again releases what the old logon opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_cookies_ping_compressed_input_and_a_reused_logon_id() {
+    let (server, _tmp) = mapi_server("session_idle = \"2s\"");
+    let mut c = Client::new(&server, ALICE);
+    c.connect().await;
+    let first = c.sequence.clone().expect("Connect sets MapiSequence");
+    let inbox = c.logon().await[4];
+    let second = c.sequence.clone().unwrap();
+    assert_ne!(first, second, "an Execute sets the next value");
+    // A stale value (the one before), and none at all: Invalid Sequence, nothing run.
+    for stale in [Some(first), None] {
+        c.sequence = stale;
+        let a = c.post("Execute", execute_body(vec![], 0x8000)).await;
+        assert_eq!(a.response_code, 15, "{}", String::from_utf8_lossy(&a.raw));
+        assert!(a.set_cookies.is_empty());
+    }
+    c.sequence = Some(second.clone());
+    // NotificationWait and PING neither check nor set it.
+    let w = c
+        .post(
+            "NotificationWait",
+            herald_rop::mapihttp::notification_wait_request(),
+        )
+        .await;
+    assert_eq!(w.response_code, 0);
+    assert!(w.set_cookies.is_empty());
+    for _ in 0..6 {
+        let ping = c.post("PING", vec![]).await;
+        assert_eq!(ping.response_code, 0);
+        assert!(ping.set_cookies.is_empty());
+        assert_eq!(ping.expiration.as_deref(), Some("2000"));
+        let stream = ping.stream.unwrap();
+        assert!(stream.body.is_empty(), "PING has no body");
+        assert!(stream.header("X-ElapsedTime").is_some());
+        assert!(stream.header("X-StartTime").is_some());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Three seconds of PINGs outlived the two-second idle timer.
+    assert!(c.execute(&[]).await.is_empty());
+
+    // Compressed (and obfuscated) input: the same ROPs as plain ones.
+    let mut rops = Vec::new();
+    for r in [
+        RopRequest::OpenFolder(OpenFolder {
+            logon_id: 0,
+            input_handle_index: 0,
+            output_handle_index: 1,
+            folder_id: inbox,
+            open_mode_flags: 0,
+        }),
+        register(1, 2, CREATED, NotificationScope::Folder(inbox)),
+        register(1, 3, CREATED, NotificationScope::Folder(inbox)),
+        register(1, 4, CREATED, NotificationScope::Folder(inbox)),
+    ] {
+        r.encode(&mut rops).unwrap();
+    }
+    let mut handles = c.handles.clone();
+    handles.resize(8, u32::MAX);
+    let plain = RopBuffer { rops, handles }.encode().unwrap();
+    let payload = &plain[8..];
+    let packed = herald_rop::lz77::compress(payload);
+    assert!(packed.len() < payload.len());
+    let mut buf = vec![0, 0];
+    buf.extend(0x0007u16.to_le_bytes()); // Compressed | XorMagic | Last
+    buf.extend((packed.len() as u16).to_le_bytes());
+    buf.extend((payload.len() as u16).to_le_bytes());
+    buf.extend(packed.iter().map(|b| b ^ 0xA5));
+    let r = c.execute_raw(execute_body(buf, 0x8000)).await.unwrap();
+    assert_eq!(r.error_code, 0);
+    let out = RopBuffer::decode(&r.rop_buffer).unwrap();
+    let answers = decode_responses(&out.rops).unwrap();
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert!(
+        answers[1..]
+            .iter()
+            .all(|a| matches!(a, RopResponse::RegisterNotification { .. }))
+    );
+    c.handles = out.handles;
+    let old_registration = c.handles[2];
+
+    // Logon 0 again: the old logon's folder and registrations are gone.
+    c.logon().await;
+    let answers = c
+        .execute(&[register(1, 5, CREATED, NotificationScope::Folder(inbox))])
+        .await;
+    assert_eq!(
+        answers,
+        [RopResponse::Failure {
+            rop_id: 0x29,
+            handle_index: 5,
+            return_value: ec::INVALID_OBJECT
+        }],
+        "the folder handle went with its logon"
+    );
+    publish_to(
+        &server.base(),
+        serde_json::json!([created_in(&format!("{ALICE}/inbox"), "after-relogon")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = c.execute(&[]).await;
+    assert!(
+        notifies(&got).iter().all(|n| n.handle != old_registration),
+        "a released registration is told nothing: {got:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_protocol_errors() {
     let (server, _tmp) = mapi_server("session_idle = \"2s\"");
@@ -419,6 +531,7 @@ async fn bad_requests_get_the_protocol_errors() {
         url: c.url.clone(),
         user: ALICE,
         cookie: c.cookie.clone(),
+        sequence: c.sequence.clone(),
         handles: vec![],
         counter: 100,
     };
@@ -457,14 +570,23 @@ async fn udp_push_sends_the_context_until_fetched() {
         .await;
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let register = |context: Vec<u8>, address: Vec<u8>| {
-        herald_rop::mapihttp::RegisterPush { context, address }.encode()
+        herald_rop::mapihttp::RegisterPush {
+            context,
+            advise_bits: herald_rop::mapihttp::ADVISE_BITS_ALL,
+            address,
+        }
+        .encode()
     };
+    // (StatusCode, ErrorCode); a refusal has no notification handle.
     let status = |a: Answer| {
-        let body = a.stream.unwrap().body;
-        (
-            u32::from_le_bytes(body[0..4].try_into().unwrap()),
-            u32::from_le_bytes(body[4..8].try_into().unwrap()),
-        )
+        let (error, handle) =
+            herald_rop::mapihttp::decode_register_push_body(&a.stream.unwrap().body).unwrap();
+        assert_eq!(
+            handle == 0,
+            error != 0,
+            "a handle exactly when it succeeded"
+        );
+        (0, error)
     };
     let here = herald_rop::mapihttp::RegisterPush::sockaddr(socket.local_addr().unwrap());
     // Too big a context, a family that is not IP.
@@ -485,6 +607,17 @@ async fn udp_push_sends_the_context_until_fetched() {
             c.post("RegisterPushNotification", register(vec![1], odd))
                 .await
         ),
+        (0, ec::INVALID_PARAM)
+    );
+    // Advise bits other than 0xFFFFFFFF are refused.
+    let some_bits = herald_rop::mapihttp::RegisterPush {
+        context: vec![1],
+        advise_bits: 0x2,
+        address: here.clone(),
+    }
+    .encode();
+    assert_eq!(
+        status(c.post("RegisterPushNotification", some_bits).await),
         (0, ec::INVALID_PARAM)
     );
     let context = b"herald-ctx-16byt".to_vec();

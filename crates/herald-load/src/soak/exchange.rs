@@ -302,6 +302,8 @@ struct Mapi {
     url: String,
     user: (&'static str, &'static str),
     cookie: Option<String>,
+    /// The `MapiSequence` value the server set last.
+    sequence: Option<String>,
     handles: Vec<u32>,
     counter: u32,
 }
@@ -341,6 +343,7 @@ impl Mapi {
             url: s.url(&format!("/mapi/emsmdb/?MailboxId={}", user.0)),
             user,
             cookie: None,
+            sequence: None,
             handles: Vec::new(),
             counter: 0,
         }
@@ -360,8 +363,15 @@ impl Mapi {
             )
             .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
             .body(body);
-        if let Some(c) = &self.cookie {
-            req = req.header("cookie", format!("MapiContext={c}"));
+        let jar: Vec<String> = [
+            ("MapiContext", &self.cookie),
+            ("MapiSequence", &self.sequence),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| format!("{name}={v}")))
+        .collect();
+        if !jar.is_empty() {
+            req = req.header("cookie", jar.join("; "));
         }
         let r = req.send().await?;
         if r.status() != 200 {
@@ -373,10 +383,16 @@ impl Mapi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(u32::MAX);
-        if let Some(set) = r.headers().get("set-cookie").and_then(|v| v.to_str().ok()) {
-            if let Some(rest) = set.strip_prefix("MapiContext=") {
-                let id = rest.split(';').next().unwrap_or_default();
-                self.cookie = (!id.is_empty()).then(|| id.to_owned());
+        for set in r.headers().get_all("set-cookie") {
+            let Some((name, rest)) = set.to_str().ok().and_then(|v| v.split_once('=')) else {
+                continue;
+            };
+            let value = rest.split(';').next().unwrap_or_default();
+            let value = (!value.is_empty()).then(|| value.to_owned());
+            match name {
+                "MapiContext" => self.cookie = value,
+                "MapiSequence" => self.sequence = value,
+                _ => {}
             }
         }
         let raw = r.bytes().await?;

@@ -54,6 +54,9 @@ mod code {
 
 /// The cookie naming a session.
 const COOKIE: &str = "MapiContext";
+/// The cookie that orders a session's Executes: each Execute must carry the value the last
+/// one (or Connect) set, and gets a new one.
+const SEQUENCE: &str = "MapiSequence";
 /// What Herald says it is.
 const SERVER_APPLICATION: &str = "Exchange/15.00.0847.4040";
 /// ecLoginPerm: Connect to a mailbox that is not the user's.
@@ -86,6 +89,8 @@ struct Subscription {
 
 #[derive(Default)]
 struct Objects {
+    /// The handle of the UDP push registration, if any.
+    push_handle: Option<u32>,
     next_handle: u32,
     objects: HashMap<u32, Object>,
     subscriptions: HashMap<u32, Subscription>,
@@ -102,6 +107,8 @@ pub struct MapiSession {
     outbox: Outbox<(u32, Vec<u8>)>,
     /// One Execute at a time.
     busy: AtomicBool,
+    /// The `MapiSequence` value the next Execute must carry.
+    sequence: Mutex<String>,
     /// The UDP push target (EcRRegisterPushNotification).
     udp: watch::Sender<Option<NudgeTarget>>,
     /// Whether the UDP nudger runs.
@@ -118,6 +125,28 @@ impl MapiSession {
     fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// If `given` is the current sequence value, replaces it and returns the cookie that
+    /// carries the new one; otherwise `None` (a stale or missing sequence).
+    fn advance(&self, given: Option<&str>) -> Option<HeaderValue> {
+        let mut current = self.sequence.lock().unwrap_or_else(|e| e.into_inner());
+        if given != Some(current.as_str()) {
+            return None;
+        }
+        *current = new_sequence();
+        Some(sequence_cookie(&current))
+    }
+}
+
+/// A fresh, unguessable sequence value.
+fn new_sequence() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+fn sequence_cookie(value: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("{SEQUENCE}={value}; Path=/mapi/; HttpOnly"))
+        .unwrap_or_else(|_| HeaderValue::from_static("MapiSequence=; Path=/mapi/"))
 }
 
 /// Every MAPI/HTTP session of this server, and what serving them needs; cheap to clone.
@@ -241,7 +270,12 @@ impl Echo {
     }
 
     /// A complete response stream: PROCESSING, DONE, the additional headers, the body.
-    fn done(&self, body: &[u8], started: Instant, set_cookie: Option<HeaderValue>) -> Response {
+    fn done(
+        &self,
+        body: &[u8],
+        started: Instant,
+        set_cookies: impl IntoIterator<Item = HeaderValue>,
+    ) -> Response {
         let mut out = mapihttp::PROCESSING.to_vec();
         out.extend(mapihttp::done(
             0,
@@ -250,8 +284,8 @@ impl Echo {
             body,
         ));
         let mut h = self.headers(0, "application/mapi-http");
-        if let Some(cookie) = set_cookie {
-            h.insert(header::SET_COOKIE, cookie);
+        for cookie in set_cookies {
+            h.append(header::SET_COOKIE, cookie);
         }
         (StatusCode::OK, h, out).into_response()
     }
@@ -328,7 +362,19 @@ pub async fn handle(
             }
             session.touch();
             match request_type.as_str() {
-                "execute" => execute(&mapi, &echo, &session, &body, started),
+                "execute" => {
+                    let given = crate::auth::cookie(&headers, SEQUENCE);
+                    let Some(next) = session.advance(given.as_deref()) else {
+                        return echo.fail(
+                            code::INVALID_SEQUENCE,
+                            "the MapiSequence cookie is missing or stale: send the value the last response set",
+                        );
+                    };
+                    // Whatever this Execute answers, it carries the next sequence value.
+                    let mut response = execute(&mapi, &echo, &session, &body, started);
+                    response.headers_mut().append(header::SET_COOKIE, next);
+                    response
+                }
                 "notificationwait" => notification_wait(&mapi, echo, session, &body),
                 "registerpushnotification" => register_push(&mapi, &echo, &session, &body, started),
                 "disconnect" => {
@@ -475,6 +521,7 @@ async fn connect(
             return refuse(ec::LOGIN_FAILURE);
         }
     };
+    let sequence = new_sequence();
     let session = mapi.inner.sessions.insert(
         id.clone(),
         MapiSession {
@@ -484,6 +531,7 @@ async fn connect(
             objects: Mutex::default(),
             outbox: delivery.outbox(mapi.inner.config.max_queue_bytes),
             busy: AtomicBool::new(false),
+            sequence: Mutex::new(sequence.clone()),
             udp: watch::Sender::new(None),
             nudging: AtomicBool::new(false),
             max_registrations: mapi.inner.config.max_registrations,
@@ -507,7 +555,7 @@ async fn connect(
     .unwrap_or_default();
     let cookie = HeaderValue::from_str(&format!("{COOKIE}={id}; Path=/mapi/; HttpOnly"))
         .unwrap_or_else(|_| expired_cookie());
-    echo.done(&body, started, Some(cookie))
+    echo.done(&body, started, [cookie, sequence_cookie(&sequence)])
 }
 
 /// Follows the log for the session's mailbox and queues a RopNotify per matching
@@ -608,8 +656,8 @@ fn register_push(
         );
     };
     let answer = match req.target() {
-        Err(refused) => refused.code(),
-        Ok(addr) if mapi.inner.egress.check(addr.ip()).is_err() => ec::ACCESS_DENIED,
+        Err(refused) => Err(refused.code()),
+        Ok(addr) if mapi.inner.egress.check(addr.ip()).is_err() => Err(ec::ACCESS_DENIED),
         Ok(addr) => {
             session.udp.send_replace(Some(NudgeTarget {
                 addr,
@@ -623,10 +671,30 @@ fn register_push(
                 );
                 mapi.inner.sessions.spawn(session, nudger);
             }
-            0
+            // hNotification: a handle of the session's own, replaced by the next registration.
+            let mut objects = session.objects();
+            let handle = next_free_handle(&mut objects);
+            objects.push_handle = Some(handle);
+            Ok(handle)
         }
     };
-    echo.done(&mapihttp::status_error_body(answer), started, None)
+    let body = match answer {
+        Ok(handle) => mapihttp::register_push_body(0, handle),
+        Err(code) => mapihttp::register_push_body(code, 0),
+    };
+    echo.done(&body, started, None)
+}
+
+/// A handle no object (nor the push registration) holds: nonzero, never 0xFFFFFFFF (the
+/// handle table's "no object").
+fn next_free_handle(objects: &mut Objects) -> u32 {
+    loop {
+        objects.next_handle = objects.next_handle.wrapping_add(1).max(1);
+        let h = objects.next_handle;
+        if h != u32::MAX && !objects.objects.contains_key(&h) && objects.push_handle != Some(h) {
+            return h;
+        }
+    }
 }
 
 /// Releases a handle: its object, and for a subscription its registration and queued notifies.
@@ -798,12 +866,7 @@ fn run_rop(
         })
     };
     let new_handle = |objects: &mut Objects, o: Object| {
-        objects.next_handle = objects.next_handle.wrapping_add(1).max(1);
-        while objects.next_handle == u32::MAX || objects.objects.contains_key(&objects.next_handle)
-        {
-            objects.next_handle = objects.next_handle.wrapping_add(1).max(1);
-        }
-        let h = objects.next_handle;
+        let h = next_free_handle(objects);
         objects.objects.insert(h, o);
         h
     };

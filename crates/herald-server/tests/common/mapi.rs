@@ -19,6 +19,8 @@ pub struct Client {
     pub url: String,
     pub user: &'static str,
     pub cookie: Option<String>,
+    /// The `MapiSequence` value the server set last (sent back on every request).
+    pub sequence: Option<String>,
     pub handles: Vec<u32>,
     pub counter: u32,
 }
@@ -27,6 +29,10 @@ pub struct Answer {
     pub response_code: u32,
     pub stream: Option<ResponseStream>,
     pub raw: Vec<u8>,
+    /// The cookie names the response set.
+    pub set_cookies: Vec<String>,
+    /// X-ExpirationInfo.
+    pub expiration: Option<String>,
 }
 
 impl Client {
@@ -35,6 +41,7 @@ impl Client {
             url: server.url(&format!("/mapi/emsmdb/?MailboxId={user}")),
             user,
             cookie: None,
+            sequence: None,
             handles: Vec::new(),
             counter: 0,
         }
@@ -60,8 +67,15 @@ impl Client {
             )
             .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
             .body(body);
-        if let Some(c) = &self.cookie {
-            req = req.header("cookie", format!("MapiContext={c}"));
+        let jar: Vec<String> = [
+            ("MapiContext", &self.cookie),
+            ("MapiSequence", &self.sequence),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| format!("{name}={v}")))
+        .collect();
+        if !jar.is_empty() {
+            req = req.header("cookie", jar.join("; "));
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -71,11 +85,21 @@ impl Client {
             .unwrap()
             .parse()
             .unwrap();
-        if let Some(set) = r.headers().get("set-cookie") {
+        let expiration = r
+            .headers()
+            .get("x-expirationinfo")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let mut set_cookies = Vec::new();
+        for set in r.headers().get_all("set-cookie") {
             let v = set.to_str().unwrap();
-            if let Some(rest) = v.strip_prefix("MapiContext=") {
-                let id = rest.split(';').next().unwrap();
-                self.cookie = (!id.is_empty()).then(|| id.to_owned());
+            let (name, rest) = v.split_once('=').unwrap();
+            set_cookies.push(name.to_owned());
+            let value = rest.split(';').next().unwrap();
+            let value = (!value.is_empty()).then(|| value.to_owned());
+            match name {
+                "MapiContext" => self.cookie = value,
+                "MapiSequence" => self.sequence = value,
+                other => panic!("an unexpected cookie {other}"),
             }
         }
         let raw = r.bytes().await.unwrap().to_vec();
@@ -91,6 +115,8 @@ impl Client {
             response_code,
             stream,
             raw,
+            set_cookies,
+            expiration,
         }
     }
 
