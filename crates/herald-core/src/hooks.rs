@@ -208,6 +208,10 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for HookError<E> {}
 /// The default cap on retries of one operation.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 
+/// `WN_CANCEL` (`ERROR_CANCELLED`, 1223): what the caller of an operation a *before* hook
+/// cancelled is told (P37), where its protocol has a numeric status (MAPI's ErrorCode).
+pub const WN_CANCEL: u32 = 1223;
+
 /// The registered hooks, in registration order.
 pub struct Hooks {
     list: Mutex<Vec<Arc<dyn ConnectionHook>>>,

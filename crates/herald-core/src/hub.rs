@@ -23,6 +23,12 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 
 /// MAPI's `NOTIFY_SYNC` subscribe flag (provider-internal use only).
 pub const NOTIFY_SYNC: u32 = 0x4000_0000;
+/// The next connection id, for every hub of the process: an id one hub gave out never names
+/// another hub's registration, so unsubscribing from the wrong hub is `NotFound`, never
+/// someone else's subscription (P1). A plain atomic even under shuttle: only uniqueness
+/// depends on it, not any interleaving.
+static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// MAPI's `NOTIFY_CANCELED` out-flag: a synchronous sink discontinued the notify.
 pub const NOTIFY_CANCELED: u32 = 0x8000_0000;
 /// MAPI's `MAPI_E_NOT_FOUND`, for an unknown connection.
@@ -331,7 +337,6 @@ impl Registry {
 
 pub(crate) struct HubInner {
     registry: Mutex<Registry>,
-    next_id: AtomicU64,
     pool: Pool,
     options: HubOptions,
     closed: AtomicBool,
@@ -403,7 +408,6 @@ impl Hub {
         Hub {
             inner: Arc::new(HubInner {
                 registry: Mutex::new(Registry::default()),
-                next_id: AtomicU64::new(1),
                 pool,
                 options,
                 closed: AtomicBool::new(false),
@@ -504,7 +508,7 @@ impl Hub {
     }
 
     fn next_id(&self) -> ConnectionId {
-        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The counter starts at 1 and 2^64 registrations will not happen; the fallback keeps
         // the type honest without a panic.
         ConnectionId::new(n).unwrap_or(ConnectionId::new(u64::MAX).expect("non-zero"))

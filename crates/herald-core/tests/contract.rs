@@ -62,6 +62,48 @@ fn p01_connection_ids_are_nonzero_unique_and_never_reused() {
     assert_eq!(seen.len(), 1000);
 }
 
+/// P1 across hubs: ids are unique in the process, so an id from one hub is not found in
+/// another, and unsubscribing it there leaves the other hub's registration alone.
+#[test]
+fn p01_connection_ids_are_unique_across_hubs_and_a_wrong_hub_unsubscribe_is_not_found() {
+    let (a, b) = (hub(), hub());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let in_b = b
+        .subscribe(
+            exact("k"),
+            any(),
+            move |_: Delivery<'_>| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Flow::Continue
+            },
+            SubscribeOptions::sync(),
+        )
+        .unwrap();
+    let in_a = a
+        .subscribe(
+            exact("k"),
+            any(),
+            |_: Delivery<'_>| Flow::Continue,
+            async_opts(),
+        )
+        .unwrap();
+    assert_ne!(in_a, in_b, "two hubs gave out the same id");
+    assert_eq!(
+        a.unsubscribe(in_b),
+        Err(herald_core::UnsubscribeError::NotFound(in_b.get()))
+    );
+    b.notify(Notification::new("k", Event::Extended(Extended::default())))
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "b's registration still works"
+    );
+    a.unsubscribe(in_a).unwrap();
+    b.unsubscribe(in_b).unwrap();
+}
+
 #[test]
 fn p02_missing_key_is_rejected_and_keys_are_raw_bytes() {
     let hub = hub();

@@ -864,11 +864,7 @@ fn lz77_refuses_what_points_outside_or_overflows_and_never_grows_past_its_size()
 #[test]
 fn a_compressed_and_obfuscated_rop_buffer_reads_as_the_plain_one() {
     let plain = RopBuffer {
-        rops: [
-            hex("29 00 00 01 04 00 01"),
-            [0x01, 0x00, 0x01].repeat(20),
-        ]
-        .concat(),
+        rops: [hex("29 00 00 01 04 00 01"), [0x01, 0x00, 0x01].repeat(20)].concat(),
         handles: vec![7, 0xFFFF_FFFF],
     };
     let body = plain.encode().unwrap();

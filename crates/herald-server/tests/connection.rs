@@ -1157,6 +1157,33 @@ async fn an_unsubscribe_is_a_cancel_a_hook_may_refuse() {
     );
 }
 
+/// P37 for MAPI: a *before* hook that cancels a Disconnect leaves the session as it was and
+/// the client is told WN_CANCEL (1223) as the Disconnect's ErrorCode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_mapi_disconnect_answers_wn_cancel_and_the_session_goes_on() {
+    let hooks = HookServer::start(|_, c| {
+        if c["operation"] == "cancel" && c["transport"] == "mapi" && c["phase"] == "before" {
+            json!({"decision": "cancel", "reason": "sessions stay"})
+        } else {
+            json!({})
+        }
+    })
+    .await;
+    let (server, _t) = start(&format!("{EXCHANGE_USERS}{}", hooks.config(&["h"])));
+    let mut c = common::mapi::Client::new(&server, common::mapi::ALICE);
+    c.connect().await;
+    c.logon().await;
+    let a = c.post("Disconnect", vec![]).await;
+    assert_eq!(a.response_code, 0);
+    let body = a.stream.unwrap().body;
+    assert_eq!(
+        u32::from_le_bytes(body[4..8].try_into().unwrap()),
+        herald_core::hooks::WN_CANCEL
+    );
+    assert!(c.cookie.is_some(), "the session cookie stays");
+    assert!(c.execute(&[]).await.is_empty(), "the session goes on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_list_refuses_by_owner_and_prefix_over_every_protocol() {
     let (server, _t) = start(&format!(
@@ -1199,7 +1226,7 @@ async fn the_access_list_refuses_by_owner_and_prefix_over_every_protocol() {
         .await
         .unwrap();
     assert!(alice.contains("NoError"), "{alice}");
-    // MAPI: Connect answers ecAccessDenied.
+    // MAPI: a cancelled Connect answers WN_CANCEL (1223), as P37 says the caller is told.
     let connect = |user: &'static str, pw: &'static str| {
         let body = herald_rop::mapihttp::ConnectRequest {
             user_dn: "/o=Herald/cn=Recipients/cn=x".into(),
@@ -1234,7 +1261,7 @@ async fn the_access_list_refuses_by_owner_and_prefix_over_every_protocol() {
         .bytes()
         .await
         .unwrap();
-    assert_eq!(error_code(&bob), 0x8007_0005);
+    assert_eq!(error_code(&bob), herald_core::hooks::WN_CANCEL);
     let alice = connect("alice@example.test", "alice-pw")
         .await
         .unwrap()

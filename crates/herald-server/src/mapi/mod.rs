@@ -405,7 +405,7 @@ pub async fn handle(
                         Err(e) => {
                             tracing::info!(reason = %refusal(e), "a hook refused a MAPI Disconnect");
                             echo.done(
-                                &mapihttp::status_error_body(ec::ACCESS_DENIED),
+                                &mapihttp::status_error_body(herald_core::hooks::WN_CANCEL),
                                 started,
                                 None,
                             )
@@ -513,7 +513,7 @@ async fn connect(
         Ok(made) => made,
         Err(e @ ConnectError::Refused { .. }) => {
             tracing::info!(reason = %refusal(e), %mailbox, "a hook refused a MAPI Connect");
-            return refuse(ec::ACCESS_DENIED);
+            return refuse(herald_core::hooks::WN_CANCEL);
         }
         Err(ConnectError::Busy) => return refuse(ec::SERVER_MEMORY),
         Err(e) => {
