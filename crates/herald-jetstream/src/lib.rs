@@ -31,7 +31,7 @@ use herald_core::{Hub, Notification, Watermark};
 use herald_log::prepare::prepare;
 use herald_log::{
     AppendError, AppendOptions, Appended, EventLog, LogBounds, LogError, ReadError, Retention,
-    SubscriptionRecord, SubscriptionStore,
+    Sequence, SubscriptionRecord, SubscriptionStore,
 };
 use tokio::sync::watch;
 
@@ -711,8 +711,9 @@ async fn ensure_bucket(
     }
 }
 
-impl EventLog for JetStreamLog {
-    async fn append(
+impl JetStreamLog {
+    /// [`EventLog::append`] without the sequence guard.
+    async fn append_now(
         &self,
         batch: Vec<Notification>,
         options: AppendOptions,
@@ -759,6 +760,16 @@ impl EventLog for JetStreamLog {
             count: count as u32,
             replayed,
         })
+    }
+}
+
+impl EventLog for JetStreamLog {
+    async fn append(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> Result<Appended, AppendError> {
+        Sequence::guard(options.sequence.clone(), self.append_now(batch, options)).await
     }
 
     async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {

@@ -14,7 +14,7 @@ use crate::prepare::{Digest, Prepared, prepare};
 use crate::record;
 use crate::{
     AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, ReadError,
-    SubscriptionStore,
+    Sequence, SubscriptionStore,
 };
 
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
@@ -110,6 +110,8 @@ struct AppendJob {
     records: Vec<Vec<u8>>,
     idempotency: Option<(String, Digest)>,
     durability: Durability,
+    /// The producer's sequence: skipped (aborted) once broken, broken when this fails.
+    sequence: Option<Sequence>,
     reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
@@ -294,20 +296,34 @@ impl EmbeddedLog {
         batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<oneshot::Receiver<Result<Appended, AppendError>>, AppendError> {
-        let Prepared {
-            batch,
-            records,
-            digest,
-        } = prepare(batch, options.idempotency_key.is_some())?;
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Append(AppendJob {
-            batch,
-            records,
-            idempotency: options.idempotency_key.zip(digest),
-            durability: options.durability,
-            reply,
-        }))?;
-        Ok(rx)
+        let sequence = options.sequence;
+        if sequence.as_ref().is_some_and(Sequence::is_broken) {
+            return Err(AppendError::Aborted);
+        }
+        let submitted = prepare(batch, options.idempotency_key.is_some()).and_then(
+            |Prepared {
+                 batch,
+                 records,
+                 digest,
+             }| {
+                let (reply, rx) = oneshot::channel();
+                self.send(Command::Append(AppendJob {
+                    batch,
+                    records,
+                    idempotency: options.idempotency_key.zip(digest),
+                    durability: options.durability,
+                    sequence: sequence.clone(),
+                    reply,
+                }))?;
+                Ok(rx)
+            },
+        );
+        if submitted.is_err() {
+            if let Some(s) = &sequence {
+                s.break_off();
+            }
+        }
+        submitted
     }
 
     /// [`EventLog::append`] for threads outside an async runtime.
@@ -430,14 +446,24 @@ impl EmbeddedLog {
 }
 
 impl EventLog for EmbeddedLog {
-    async fn append(
+    /// The batch takes its place in the writer's queue when this is called, before the
+    /// future is polled: appends made one after another are stored in that order, however
+    /// their futures are awaited (a producer may keep many in flight).
+    fn append(
         &self,
         batch: Vec<Notification>,
         options: AppendOptions,
-    ) -> Result<Appended, AppendError> {
-        self.submit(batch, options)?
-            .await
-            .map_err(|_| AppendError::Log(LogError::Closed))?
+    ) -> impl Future<Output = Result<Appended, AppendError>> + Send {
+        let submitted = self.submit(batch, options);
+        async move {
+            submitted?
+                .await
+                .map_err(|_| AppendError::Log(LogError::Closed))?
+        }
+    }
+
+    fn pipelines_sequences(&self) -> bool {
+        true
     }
 
     async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {
@@ -646,6 +672,8 @@ struct Writer {
 enum Outcome {
     Appended(Appended),
     Conflict(String),
+    /// An earlier batch of its sequence failed.
+    Aborted,
     Done,
     Found(bool),
 }
@@ -723,6 +751,9 @@ impl Writer {
                     let msg = e.to_string();
                     match cmd {
                         Command::Append(job) => {
+                            if let Some(s) = &job.sequence {
+                                s.break_off();
+                            }
                             let _ = job
                                 .reply
                                 .send(Err(AppendError::Log(LogError::Storage(msg))));
@@ -759,6 +790,9 @@ impl Writer {
                     let _ = job
                         .reply
                         .send(Err(AppendError::IdempotencyConflict { key }));
+                }
+                (Command::Append(job), Outcome::Aborted) => {
+                    let _ = job.reply.send(Err(AppendError::Aborted));
                 }
                 (Command::PutSubscription { reply, .. } | Command::Flush { reply }, _) => {
                     let _ = reply.send(Ok(()));
@@ -807,6 +841,11 @@ impl Writer {
             let now = Timestamp::now().0;
             for cmd in group {
                 let outcome = match cmd {
+                    Command::Append(job)
+                        if job.sequence.as_ref().is_some_and(Sequence::is_broken) =>
+                    {
+                        Outcome::Aborted
+                    }
                     Command::Append(job) => {
                         let count = job.records.len() as u32;
                         let seen = match &job.idempotency {
@@ -825,6 +864,9 @@ impl Writer {
                                         replayed: true,
                                     })
                                 } else {
+                                    if let Some(s) = &job.sequence {
+                                        s.break_off();
+                                    }
                                     Outcome::Conflict(key.clone())
                                 }
                             }

@@ -69,7 +69,59 @@ pub struct AppendOptions {
     pub idempotency_key: Option<String>,
     /// When the append is acknowledged.
     pub durability: Durability,
+    /// The producer's ordered sequence this batch belongs to, if any (see [`Sequence`]).
+    pub sequence: Option<Sequence>,
 }
+
+/// One producer's ordered sequence of appends (a publishing connection). Its batches are
+/// stored in the order they were handed to [`EventLog::append`]; once one fails, it is
+/// broken: every later batch of it fails with [`AppendError::Aborted`] and is not stored, so
+/// a failure never lets a later batch land before the failed one. A producer that saw the
+/// failure starts a new sequence to go on.
+#[derive(Clone, Debug, Default)]
+pub struct Sequence(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Sequence {
+    /// A new, unbroken sequence.
+    pub fn new() -> Sequence {
+        Sequence::default()
+    }
+
+    /// Marks it broken: later batches of it are aborted.
+    pub fn break_off(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a batch of it failed.
+    pub fn is_broken(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs `append` as a batch of `sequence`, for a backend whose appends of one producer
+    /// are awaited one after another: aborted without running once the sequence is broken,
+    /// and breaking it when it fails.
+    pub async fn guard(
+        sequence: Option<Sequence>,
+        append: impl Future<Output = Result<Appended, AppendError>>,
+    ) -> Result<Appended, AppendError> {
+        if sequence.as_ref().is_some_and(Sequence::is_broken) {
+            return Err(AppendError::Aborted);
+        }
+        let result = append.await;
+        if let (Err(_), Some(s)) = (&result, &sequence) {
+            s.break_off();
+        }
+        result
+    }
+}
+
+impl PartialEq for Sequence {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Sequence {}
 
 /// What an append did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +194,9 @@ pub enum AppendError {
     /// The log could not store the batch.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// An earlier batch of the same [`Sequence`] failed; this one was not stored.
+    #[error("an earlier batch of this sequence failed; this one was not appended")]
+    Aborted,
 }
 
 /// Why a read returned nothing.
@@ -217,6 +272,8 @@ pub enum LogError {
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `batch`; resolves once it is stored as `options.durability` asks, with the
     /// watermarks given to its events. The batch is then published to [`EventLog::hub`].
+    /// A batch of a broken [`Sequence`] fails with [`AppendError::Aborted`]; a failure breaks
+    /// the batch's sequence.
     fn append(
         &self,
         batch: Vec<Notification>,
@@ -229,6 +286,14 @@ pub trait EventLog: Send + Sync + 'static {
         after: Watermark,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Notification>, ReadError>> + Send;
+
+    /// Whether [`EventLog::append`] takes a batch's place when it is called, so that one
+    /// producer may keep many batches of a [`Sequence`] in flight and have them stored in
+    /// the order it made them. When `false`, a producer that needs order awaits each append
+    /// before the next.
+    fn pipelines_sequences(&self) -> bool {
+        false
+    }
 
     /// The watermarks the log holds now.
     fn bounds(&self) -> Result<LogBounds, LogError>;

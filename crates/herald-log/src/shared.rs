@@ -28,6 +28,7 @@ trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Notification>, ReadError>>;
     fn bounds(&self) -> Result<LogBounds, LogError>;
+    fn pipelines_sequences(&self) -> bool;
     fn hub(&self) -> &Hub;
     fn shutdown(&self) -> BoxFuture<'_, Result<(), LogError>>;
     fn put_subscription<'a>(
@@ -62,6 +63,9 @@ impl<T: EventLog + SubscriptionStore> Backend for T {
     }
     fn bounds(&self) -> Result<LogBounds, LogError> {
         EventLog::bounds(self)
+    }
+    fn pipelines_sequences(&self) -> bool {
+        EventLog::pipelines_sequences(self)
     }
     fn hub(&self) -> &Hub {
         EventLog::hub(self)
@@ -141,6 +145,10 @@ impl EventLog for SharedLog {
 
     fn bounds(&self) -> Result<LogBounds, LogError> {
         self.0.bounds()
+    }
+
+    fn pipelines_sequences(&self) -> bool {
+        self.0.pipelines_sequences()
     }
 
     fn hub(&self) -> &Hub {

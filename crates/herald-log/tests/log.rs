@@ -770,3 +770,121 @@ fn a_log_killed_while_being_created_opens_afresh() {
     let log = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
     assert_eq!(log.bounds().unwrap().first, Watermark(1));
 }
+
+/// A producer keeps many batches in flight: each takes its place when `append` is called,
+/// so they are stored in call order however their futures are awaited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_are_stored_in_the_order_they_were_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), unlimited());
+    assert!(log.pipelines_sequences());
+    let sequence = Sequence::new();
+    let in_flight: Vec<_> = (0..200u32)
+        .map(|i| {
+            log.append(
+                vec![event("k", i), event("k", i + 1000)],
+                AppendOptions {
+                    sequence: Some(sequence.clone()),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    // Awaited last to first: the order was fixed when they were made.
+    let mut firsts = Vec::new();
+    for f in in_flight.into_iter().rev() {
+        firsts.push(f.await.unwrap().first.0);
+    }
+    firsts.reverse();
+    assert_eq!(firsts, (0..200).map(|i| 1 + 2 * i).collect::<Vec<u64>>());
+    let stored: Vec<u32> = log
+        .read(Watermark(0), 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(number)
+        .collect();
+    let want: Vec<u32> = (0..200).flat_map(|i| [i, i + 1000]).collect();
+    assert_eq!(stored, want);
+}
+
+/// A failed batch breaks its sequence: the batches made after it, already in flight, are
+/// aborted and not stored, whether the failure is found before the writer (an invalid
+/// event) or by it (an idempotency conflict); a new sequence goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_lets_no_later_batch_of_its_sequence_be_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), unlimited());
+    let keyed = |k: &str, s: &Sequence| AppendOptions {
+        idempotency_key: Some(k.into()),
+        sequence: Some(s.clone()),
+        ..Default::default()
+    };
+    log.append(vec![event("k", 1)], keyed("taken", &Sequence::new()))
+        .await
+        .unwrap();
+    for fail_at in [2usize, 0] {
+        let s = Sequence::new();
+        let before = log.bounds().unwrap().last.0;
+        let mut in_flight = Vec::new();
+        for i in 0..6u32 {
+            let options = if i as usize == fail_at {
+                keyed("taken", &s) // the same key, another batch: a conflict in the writer
+            } else {
+                AppendOptions {
+                    sequence: Some(s.clone()),
+                    ..Default::default()
+                }
+            };
+            in_flight.push(log.append(vec![event("k", 100 + i)], options));
+        }
+        let mut outcomes = Vec::new();
+        for f in in_flight {
+            outcomes.push(f.await);
+        }
+        assert!(s.is_broken());
+        for (i, o) in outcomes.iter().enumerate() {
+            match i.cmp(&fail_at) {
+                std::cmp::Ordering::Less => assert!(o.is_ok(), "{i}: {o:?}"),
+                std::cmp::Ordering::Equal => {
+                    assert!(matches!(o, Err(AppendError::IdempotencyConflict { .. })))
+                }
+                std::cmp::Ordering::Greater => {
+                    assert!(matches!(o, Err(AppendError::Aborted)), "{i}: {o:?}")
+                }
+            }
+        }
+        assert_eq!(log.bounds().unwrap().last.0, before + fail_at as u64);
+    }
+    // Found before the writer: an invalid event.
+    let s = Sequence::new();
+    let bad = log.append(
+        vec![Notification::new(Key::new(Vec::<u8>::new()), Event::Extended(Extended::default()))],
+        AppendOptions {
+            sequence: Some(s.clone()),
+            ..Default::default()
+        },
+    );
+    let after = log.append(
+        vec![event("k", 7)],
+        AppendOptions {
+            sequence: Some(s.clone()),
+            ..Default::default()
+        },
+    );
+    assert!(matches!(bad.await, Err(AppendError::InvalidEvent { .. })));
+    assert!(matches!(after.await, Err(AppendError::Aborted)));
+    // A new sequence goes on.
+    let last = log.bounds().unwrap().last.0;
+    let a = log
+        .append(
+            vec![event("k", 8)],
+            AppendOptions {
+                sequence: Some(Sequence::new()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.first.0, last + 1);
+}

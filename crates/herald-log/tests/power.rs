@@ -465,6 +465,7 @@ fn check(
             let options = AppendOptions {
                 idempotency_key: Some(key),
                 durability: Durability::Durable,
+                ..Default::default()
             };
             (id, log.append(events, options).await)
         }
@@ -571,6 +572,7 @@ async fn producer(phase: Arc<Phase>, id: u32, mut rng: SplitMix64) -> Vec<((u32,
                 } else {
                     Durability::Buffered
                 },
+                ..Default::default()
             };
             match phase.log.append(events, options).await {
                 Ok(a) => {
@@ -617,6 +619,7 @@ async fn producer(phase: Arc<Phase>, id: u32, mut rng: SplitMix64) -> Vec<((u32,
                 } else {
                     Durability::Buffered
                 },
+                ..Default::default()
             };
             batches.push((
                 (id, seq),

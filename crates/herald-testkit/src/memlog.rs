@@ -256,8 +256,9 @@ impl MemoryLog {
     }
 }
 
-impl EventLog for MemoryLog {
-    async fn append(
+impl MemoryLog {
+    /// [`EventLog::append`] without the sequence guard.
+    async fn append_now(
         &self,
         batch: Vec<Notification>,
         options: AppendOptions,
@@ -280,6 +281,16 @@ impl EventLog for MemoryLog {
             let _ = self.inner.hub.notify(batch);
         }
         Ok(appended)
+    }
+}
+
+impl EventLog for MemoryLog {
+    async fn append(
+        &self,
+        batch: Vec<Notification>,
+        options: AppendOptions,
+    ) -> Result<Appended, AppendError> {
+        herald_log::Sequence::guard(options.sequence.clone(), self.append_now(batch, options)).await
     }
 
     async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {
