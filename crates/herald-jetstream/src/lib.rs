@@ -30,8 +30,8 @@ use base64::Engine as _;
 use herald_core::{Hub, Notification, Watermark};
 use herald_log::prepare::prepare;
 use herald_log::{
-    AppendError, AppendOptions, Appended, EventLog, LogBounds, LogError, ReadError, Retention,
-    Sequence, SubscriptionRecord, SubscriptionStore,
+    AppendError, AppendOptions, Appended, EventLog, LogBounds, LogError, Place, ReadError,
+    Retention, SubscriptionRecord, SubscriptionStore,
 };
 use tokio::sync::watch;
 
@@ -769,7 +769,7 @@ impl EventLog for JetStreamLog {
         batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<Appended, AppendError> {
-        Sequence::guard(options.sequence.clone(), self.append_now(batch, options)).await
+        Place::guard(options.place.clone(), self.append_now(batch, options)).await
     }
 
     async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {

@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use crate::prepare::{Digest, Prepared, prepare};
 use crate::record;
 use crate::{
-    AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, ReadError,
-    Sequence, SubscriptionStore,
+    AppendError, AppendOptions, Appended, Durability, EventLog, LogBounds, LogError, Place,
+    ReadError, SubscriptionStore,
 };
 
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
@@ -110,8 +110,9 @@ struct AppendJob {
     records: Vec<Vec<u8>>,
     idempotency: Option<(String, Digest)>,
     durability: Durability,
-    /// The producer's sequence: skipped (aborted) once broken, broken when this fails.
-    sequence: Option<Sequence>,
+    /// Its place in the producer's sequence: aborted after an earlier failure, failed when
+    /// this fails.
+    place: Option<Place>,
     reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
@@ -296,8 +297,8 @@ impl EmbeddedLog {
         batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<oneshot::Receiver<Result<Appended, AppendError>>, AppendError> {
-        let sequence = options.sequence;
-        if sequence.as_ref().is_some_and(Sequence::is_broken) {
+        let place = options.place;
+        if place.as_ref().is_some_and(Place::is_aborted) {
             return Err(AppendError::Aborted);
         }
         let submitted = prepare(batch, options.idempotency_key.is_some()).and_then(
@@ -312,15 +313,15 @@ impl EmbeddedLog {
                     records,
                     idempotency: options.idempotency_key.zip(digest),
                     durability: options.durability,
-                    sequence: sequence.clone(),
+                    place: place.clone(),
                     reply,
                 }))?;
                 Ok(rx)
             },
         );
         if submitted.is_err() {
-            if let Some(s) = &sequence {
-                s.break_off();
+            if let Some(p) = &place {
+                p.fail();
             }
         }
         submitted
@@ -751,8 +752,8 @@ impl Writer {
                     let msg = e.to_string();
                     match cmd {
                         Command::Append(job) => {
-                            if let Some(s) = &job.sequence {
-                                s.break_off();
+                            if let Some(p) = &job.place {
+                                p.fail();
                             }
                             let _ = job
                                 .reply
@@ -841,9 +842,7 @@ impl Writer {
             let now = Timestamp::now().0;
             for cmd in group {
                 let outcome = match cmd {
-                    Command::Append(job)
-                        if job.sequence.as_ref().is_some_and(Sequence::is_broken) =>
-                    {
+                    Command::Append(job) if job.place.as_ref().is_some_and(Place::is_aborted) => {
                         Outcome::Aborted
                     }
                     Command::Append(job) => {
@@ -864,8 +863,8 @@ impl Writer {
                                         replayed: true,
                                     })
                                 } else {
-                                    if let Some(s) = &job.sequence {
-                                        s.break_off();
+                                    if let Some(p) = &job.place {
+                                        p.fail();
                                     }
                                     Outcome::Conflict(key.clone())
                                 }

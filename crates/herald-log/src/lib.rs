@@ -69,49 +69,58 @@ pub struct AppendOptions {
     pub idempotency_key: Option<String>,
     /// When the append is acknowledged.
     pub durability: Durability,
-    /// The producer's ordered sequence this batch belongs to, if any (see [`Sequence`]).
-    pub sequence: Option<Sequence>,
+    /// The batch's place in its producer's ordered sequence, if it has one (see
+    /// [`Sequence`]).
+    pub place: Option<Place>,
 }
 
-/// One producer's ordered sequence of appends (a publishing connection). Its batches are
-/// stored in the order they were handed to [`EventLog::append`]; once one fails, it is
-/// broken: every later batch of it fails with [`AppendError::Aborted`] and is not stored, so
-/// a failure never lets a later batch land before the failed one. A producer that saw the
-/// failure starts a new sequence to go on.
-#[derive(Clone, Debug, Default)]
-pub struct Sequence(std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// One producer's ordered sequence of appends (a publishing connection). Each batch takes
+/// a [`Place`] in it, in the order the producer made them; the log stores them in the order
+/// they were handed to [`EventLog::append`]. Once a batch fails, every batch at a later place
+/// fails with [`AppendError::Aborted`] and is not stored, so a failure never lets a later
+/// batch land before the failed one; the batches before it are not affected. A producer
+/// that saw the failure starts a new sequence to go on.
+#[derive(Clone, Debug)]
+pub struct Sequence(std::sync::Arc<SequenceState>);
+
+#[derive(Debug)]
+struct SequenceState {
+    /// The next place to give out.
+    next: std::sync::atomic::AtomicU64,
+    /// The first place that failed (`u64::MAX`: none).
+    failed_at: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Sequence {
+    fn default() -> Self {
+        Sequence(std::sync::Arc::new(SequenceState {
+            next: std::sync::atomic::AtomicU64::new(0),
+            failed_at: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }))
+    }
+}
 
 impl Sequence {
-    /// A new, unbroken sequence.
+    /// A new sequence, nothing failed.
     pub fn new() -> Sequence {
         Sequence::default()
     }
 
-    /// Marks it broken: later batches of it are aborted.
-    pub fn break_off(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// The next place: take it when the producer makes the batch, in its order.
+    pub fn place(&self) -> Place {
+        let index = self
+            .0
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Place {
+            sequence: self.clone(),
+            index,
+        }
     }
 
     /// Whether a batch of it failed.
     pub fn is_broken(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Runs `append` as a batch of `sequence`, for a backend whose appends of one producer
-    /// are awaited one after another: aborted without running once the sequence is broken,
-    /// and breaking it when it fails.
-    pub async fn guard(
-        sequence: Option<Sequence>,
-        append: impl Future<Output = Result<Appended, AppendError>>,
-    ) -> Result<Appended, AppendError> {
-        if sequence.as_ref().is_some_and(Sequence::is_broken) {
-            return Err(AppendError::Aborted);
-        }
-        let result = append.await;
-        if let (Err(_), Some(s)) = (&result, &sequence) {
-            s.break_off();
-        }
-        result
+        self.0.failed_at.load(std::sync::atomic::Ordering::SeqCst) != u64::MAX
     }
 }
 
@@ -122,6 +131,50 @@ impl PartialEq for Sequence {
 }
 
 impl Eq for Sequence {}
+
+/// A batch's place in its producer's [`Sequence`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    sequence: Sequence,
+    index: u64,
+}
+
+impl Place {
+    /// Whether a batch at an earlier place failed: this one must not be stored.
+    pub fn is_aborted(&self) -> bool {
+        self.index
+            > self
+                .sequence
+                .0
+                .failed_at
+                .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records that the batch at this place failed: every later place is aborted.
+    pub fn fail(&self) {
+        self.sequence
+            .0
+            .failed_at
+            .fetch_min(self.index, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Runs `append` at `place`, for a backend whose appends of one producer are awaited
+    /// one after another: aborted without running after an earlier failure, and failing the
+    /// place when it fails.
+    pub async fn guard(
+        place: Option<Place>,
+        append: impl Future<Output = Result<Appended, AppendError>>,
+    ) -> Result<Appended, AppendError> {
+        if place.as_ref().is_some_and(Place::is_aborted) {
+            return Err(AppendError::Aborted);
+        }
+        let result = append.await;
+        if let (Err(_), Some(p)) = (&result, &place) {
+            p.fail();
+        }
+        result
+    }
+}
 
 /// What an append did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +247,7 @@ pub enum AppendError {
     /// The log could not store the batch.
     #[error(transparent)]
     Log(#[from] LogError),
-    /// An earlier batch of the same [`Sequence`] failed; this one was not stored.
+    /// A batch at an earlier place of the same [`Sequence`] failed; this one was not stored.
     #[error("an earlier batch of this sequence failed; this one was not appended")]
     Aborted,
 }
@@ -272,8 +325,8 @@ pub enum LogError {
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `batch`; resolves once it is stored as `options.durability` asks, with the
     /// watermarks given to its events. The batch is then published to [`EventLog::hub`].
-    /// A batch of a broken [`Sequence`] fails with [`AppendError::Aborted`]; a failure breaks
-    /// the batch's sequence.
+    /// A batch whose [`Place`] comes after a failed one fails with [`AppendError::Aborted`];
+    /// a failure fails the batch's place.
     fn append(
         &self,
         batch: Vec<Notification>,
@@ -287,7 +340,7 @@ pub trait EventLog: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Notification>, ReadError>> + Send;
 
-    /// Whether [`EventLog::append`] takes a batch's place when it is called, so that one
+    /// Whether [`EventLog::append`] takes a batch's turn when it is called, so that one
     /// producer may keep many batches of a [`Sequence`] in flight and have them stored in
     /// the order it made them. When `false`, a producer that needs order awaits each append
     /// before the next.

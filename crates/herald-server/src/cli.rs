@@ -313,3 +313,127 @@ pub fn event_from_fields(key: &str, kind: &str, fields: &[String]) -> anyhow::Re
     serde_json::from_value(serde_json::Value::Object(obj))
         .context("the fields do not make an event")
 }
+
+/// How many batches `herald publish --stdin` keeps in flight.
+const PUBLISH_WINDOW: usize = 64;
+
+impl Client {
+    /// Publishes one batch per input line (an event object, or an array of events) over one
+    /// WebSocket with many in flight: appended in line order, answered per line. Stops at
+    /// the first line that fails (unreadable, refused, or not appended): the lines after it
+    /// are not appended, and the error names the line to start again from. With
+    /// `idempotency_prefix`, line `n` carries key `<prefix>-<n>`, so feeding the same input
+    /// again after a failure appends only what is missing. Returns how many lines were
+    /// published.
+    pub async fn publish_lines(
+        &self,
+        input: impl tokio::io::AsyncBufRead + Unpin,
+        idempotency_prefix: Option<&str>,
+        json: bool,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<u64> {
+        use futures_util::SinkExt;
+        use tokio::io::AsyncBufReadExt;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+        let url = match self.server.split_once("://") {
+            Some(("http", rest)) => format!("ws://{rest}/v1/ws"),
+            Some(("https", rest)) => format!("wss://{rest}/v1/ws"),
+            _ => bail!("the server URL must start with http:// or https://"),
+        };
+        let mut request = url.as_str().into_client_request()?;
+        if let Some(t) = &self.token {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse()?);
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .with_context(|| format!("cannot open a WebSocket to {url}"))?;
+        let mut lines = input.lines();
+        let mut line_no = 0u64;
+        let mut in_flight = 0usize;
+        let mut published = 0u64;
+        let mut reading = true;
+        // The first failure: its line and why. Nothing after it is sent or counted.
+        let mut failure: Option<(u64, String)> = None;
+        while (reading && failure.is_none()) || in_flight > 0 {
+            tokio::select! {
+                line = lines.next_line(), if reading && failure.is_none() && in_flight < PUBLISH_WINDOW => {
+                    let Some(line) = line.context("reading standard input")? else {
+                        reading = false;
+                        continue;
+                    };
+                    line_no += 1;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let events = match serde_json::from_str::<serde_json::Value>(&line) {
+                        Ok(serde_json::Value::Array(events)) => events,
+                        Ok(event @ serde_json::Value::Object(_)) => vec![event],
+                        Ok(_) => {
+                            failure = Some((line_no, "not an event object or an array of events".into()));
+                            continue;
+                        }
+                        Err(e) => {
+                            failure = Some((line_no, format!("not JSON: {e}")));
+                            continue;
+                        }
+                    };
+                    let mut frame = serde_json::json!({
+                        "op": "publish",
+                        "id": line_no.to_string(),
+                        "events": events,
+                    });
+                    if let Some(p) = idempotency_prefix {
+                        frame["idempotency_key"] = format!("{p}-{line_no}").into();
+                    }
+                    ws.send(Message::Text(frame.to_string().into())).await?;
+                    in_flight += 1;
+                }
+                msg = ws.next() => {
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(_))) | None => bail!(
+                            "the server closed the connection with {in_flight} lines unanswered (they may or may not be appended)"
+                        ),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(e.into()),
+                    };
+                    let v: serde_json::Value = serde_json::from_str(&text)?;
+                    let Some(n) = v["id"].as_str().and_then(|s| s.parse::<u64>().ok()) else {
+                        if v["type"] == "error" {
+                            bail!("the server refused: {}", v["message"]);
+                        }
+                        continue;
+                    };
+                    in_flight -= 1;
+                    if v["type"] == "published" {
+                        published += 1;
+                        if json {
+                            writeln!(out, "{}", serde_json::json!({"line": n, "watermarks": v["watermarks"], "replayed": v["replayed"]}))?;
+                        } else {
+                            let w = &v["watermarks"];
+                            let first = w[0].as_u64().unwrap_or(0);
+                            let last = w.as_array().and_then(|a| a.last()).and_then(|l| l.as_u64()).unwrap_or(first);
+                            let range = if first == last { first.to_string() } else { format!("{first}-{last}") };
+                            writeln!(out, "line {n}: watermark {range}{}", if v["replayed"] == true { " (replayed)" } else { "" })?;
+                        }
+                    } else if failure.as_ref().is_none_or(|(f, _)| n < *f) {
+                        // The earliest failure is the one to start again from; the later
+                        // lines were aborted because of it.
+                        failure = Some((n, format!("{}: {}", v["code"].as_str().unwrap_or("error"), v["message"].as_str().unwrap_or(""))));
+                    }
+                }
+            }
+        }
+        let _ = ws.close(None).await;
+        if let Some((n, why)) = failure {
+            bail!(
+                "line {n} was not published ({why}); {published} lines before it were, none after it: start again from line {n}"
+            );
+        }
+        Ok(published)
+    }
+}

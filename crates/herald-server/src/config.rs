@@ -188,6 +188,10 @@ pub struct Limits {
     pub keepalive: Duration,
     /// Most subscriptions on one WebSocket connection.
     pub max_ws_subscriptions: usize,
+    /// Most `publish` batches one WebSocket connection may have unanswered (each frame is at
+    /// most 64 KiB, so at most 4 MiB at the default); at the bound the server reads no more
+    /// frames from it until one is answered.
+    pub max_ws_publishes_in_flight: usize,
     /// How long a client has to send a request's headers; slower ones are disconnected.
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
@@ -204,6 +208,7 @@ impl Default for Limits {
             max_page: 1000,
             keepalive: Duration::from_secs(15),
             max_ws_subscriptions: 256,
+            max_ws_publishes_in_flight: 64,
             header_timeout: crate::serve::HEADER_READ_TIMEOUT,
         }
     }

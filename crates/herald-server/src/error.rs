@@ -152,6 +152,11 @@ impl From<herald_log::AppendError> for ApiError {
                 "idempotency_conflict",
                 format!("Idempotency-Key {key:?} was already used with a different batch"),
             ),
+            herald_log::AppendError::Aborted => ApiError::new(
+                StatusCode::CONFLICT,
+                "aborted",
+                "an earlier batch of this connection failed; this one was not appended",
+            ),
             other => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "log_unavailable",

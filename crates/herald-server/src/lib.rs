@@ -18,6 +18,7 @@ pub mod json;
 pub mod keys;
 pub mod mapi;
 pub mod metrics;
+pub mod publisher;
 pub mod serve;
 pub mod subscriptions;
 pub mod webhook;

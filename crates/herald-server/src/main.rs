@@ -58,12 +58,23 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         jetstream_servers: Vec<String>,
     },
-    /// Publish one event: `herald publish alice/inbox/m1 new_mail -f message_class=IPM.Note`.
+    /// Publish one event: `herald publish alice/inbox/m1 new_mail -f message_class=IPM.Note`;
+    /// or, with `--stdin`, one batch per input line (an event as JSON, or an array of them),
+    /// many in flight over one WebSocket and appended in line order.
     Publish {
         /// The object's key.
-        key: String,
+        #[arg(required_unless_present = "stdin")]
+        key: Option<String>,
         /// The kind (new_mail, object_created, object_moved, …).
-        kind: String,
+        #[arg(required_unless_present = "stdin")]
+        kind: Option<String>,
+        /// Read batches from standard input, one per line.
+        #[arg(long, conflicts_with_all = ["key", "kind", "fields", "idempotency_key"])]
+        stdin: bool,
+        /// With --stdin: line n carries idempotency key `<prefix>-<n>`, so the same input
+        /// fed again after a failure appends only what is missing.
+        #[arg(long, requires = "stdin")]
+        idempotency_prefix: Option<String>,
         /// A field of the event, name=value (repeatable).
         #[arg(short, long = "field")]
         fields: Vec<String>,
@@ -469,11 +480,32 @@ async fn wait_for_signal() {
 async fn client_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Publish {
-            key,
-            kind,
+            stdin: true,
+            idempotency_prefix,
+            client,
+            ..
+        } => {
+            let c = Client::new(&client.server, client.token)?;
+            let input = tokio::io::BufReader::new(tokio::io::stdin());
+            let n = c
+                .publish_lines(
+                    input,
+                    idempotency_prefix.as_deref(),
+                    client.json,
+                    &mut std::io::stdout(),
+                )
+                .await?;
+            if !client.json {
+                eprintln!("published {n} lines");
+            }
+        }
+        Command::Publish {
+            key: Some(key),
+            kind: Some(kind),
             fields,
             idempotency_key,
             client,
+            ..
         } => {
             let c = Client::new(&client.server, client.token)?;
             let event = event_from_fields(&key, &kind, &fields)?;
@@ -488,6 +520,7 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Publish { .. } => anyhow::bail!("give a key and a kind, or --stdin"),
         Command::Tail {
             key,
             subtree,

@@ -245,3 +245,86 @@ fn exchange_passwords_are_stored_hashed_and_plain_text_is_refused_at_start() {
     );
     assert!(!line.contains("alice-pw"));
 }
+
+/// `herald publish --stdin` with `input` on standard input.
+fn publish_stdin(server: &Server, extra: &[&str], input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = herald()
+        .args(["publish", "--stdin", "--json"])
+        .args(extra)
+        .env("HERALD_SERVER", server.base())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn line(key: &str) -> String {
+    format!("{{\"key\":\"{key}\",\"kind\":\"object_created\"}}\n")
+}
+
+/// Many lines in flight over one WebSocket: each line's batch appended in line order; a
+/// line that fails stops the run with nothing after it appended, and the same input fed
+/// again with an idempotency prefix appends only what is missing.
+#[test]
+fn publish_stdin_pipelines_lines_in_order_and_resumes_after_a_failure() {
+    let server = Server::start();
+    let mut input: String = (1..=300).map(|i| line(&format!("p/{i}"))).collect();
+    // An array is one batch of two.
+    input.push_str(
+        "[{\"key\":\"p/301a\",\"kind\":\"object_created\"},{\"key\":\"p/301b\",\"kind\":\"object_created\"}]\n",
+    );
+    let (ok, out, err) = publish_stdin(&server, &[], &input);
+    assert!(ok, "{err}");
+    let answers: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 301);
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["line"], i as u64 + 1);
+        assert_eq!(a["watermarks"][0], i as u64 + 1, "{a}");
+    }
+    assert_eq!(answers[300]["watermarks"], serde_json::json!([301, 302]));
+
+    // Line 3 is refused: lines 1 and 2 are appended, 4 and 5 are not.
+    let bad: String = [
+        line("q/1"),
+        line("q/2"),
+        "{\"key\":\"q/3\",\"kind\":\"no_such_kind\"}\n".into(),
+        line("q/4"),
+        line("q/5"),
+    ]
+    .concat();
+    let (ok, _, err) = publish_stdin(&server, &["--idempotency-prefix", "run"], &bad);
+    assert!(!ok);
+    assert!(err.contains("start again from line 3"), "{err}");
+    let (_, status, _) = run(&server, &["status", "--json"]);
+    let status: Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["log_last"], 304, "q/1 and q/2 only");
+    // Fixed and fed again: 1 and 2 replay, 3 to 5 are appended.
+    let fixed = bad.replace("no_such_kind", "object_created");
+    let (ok, out, err) = publish_stdin(&server, &["--idempotency-prefix", "run"], &fixed);
+    assert!(ok, "{err}");
+    let replayed: Vec<bool> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["replayed"] == true)
+        .collect();
+    assert_eq!(replayed, [true, true, false, false, false]);
+    let (_, status, _) = run(&server, &["status", "--json"]);
+    let status: Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["log_last"], 307);
+}

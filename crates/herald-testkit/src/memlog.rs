@@ -290,7 +290,7 @@ impl EventLog for MemoryLog {
         batch: Vec<Notification>,
         options: AppendOptions,
     ) -> Result<Appended, AppendError> {
-        herald_log::Sequence::guard(options.sequence.clone(), self.append_now(batch, options)).await
+        herald_log::Place::guard(options.place.clone(), self.append_now(batch, options)).await
     }
 
     async fn read(&self, after: Watermark, limit: usize) -> Result<Vec<Notification>, ReadError> {

@@ -64,6 +64,7 @@ pub(super) async fn publish(
     body: Result<Json<PublishRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    // Before the body is read: a token that may not publish learns that first.
     state.auth().require_producer(&principal)?;
     let result = append(&state, &principal, &headers, body).await;
     let outcome = match &result {
@@ -107,33 +108,65 @@ async fn append(
         ),
         other => ApiError::field("body", other.body_text()),
     })?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::field(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+            )
+        })?),
+    };
+    let (batch, options) = prepare(state, principal, &req.events, key, "Idempotency-Key")?;
+    let appended = state.log().append(batch, options).await;
+    count(&appended);
+    let appended = appended?;
+    Ok((
+        PublishResponse {
+            watermarks: appended.watermarks().map(|w| w.0).collect(),
+            replayed: appended.replayed,
+        },
+        appended.replayed,
+    ))
+}
+
+/// Checks a batch a producer sent, as every publishing path does: its size, its idempotency
+/// key (`key_field` names where it came from), each event, and the producer's right to
+/// publish it. Returns the engine's batch and its append options.
+pub(crate) fn prepare(
+    state: &AppState,
+    principal: &Principal,
+    events: &[EventJson],
+    key: Option<&str>,
+    key_field: &str,
+) -> Result<(Vec<herald_core::Notification>, AppendOptions), ApiError> {
+    state.auth().require_producer(principal)?;
     let limits = &state.config().limits;
-    if req.events.is_empty() {
+    if events.is_empty() {
         return Err(ApiError::field("events", "must hold at least one event"));
     }
-    if req.events.len() > limits.max_batch_events {
+    if events.len() > limits.max_batch_events {
         return Err(ApiError::field(
             "events",
             format!(
                 "{} events is more than limits.max_batch_events ({})",
-                req.events.len(),
+                events.len(),
                 limits.max_batch_events
             ),
         ));
     }
-    let idempotency_key = match headers.get("idempotency-key") {
+    let idempotency_key = match key {
         None => None,
-        Some(v) => {
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "Idempotency-Key",
-                        format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
-                    )
-                })?;
+        Some(k) => {
+            if k.is_empty()
+                || k.len() > MAX_IDEMPOTENCY_KEY
+                || !k.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            {
+                return Err(ApiError::field(
+                    key_field,
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+                ));
+            }
             // Scoped to the producer: one API key can neither replay nor block another's.
             Some(format!("{}\u{1f}{k}", principal.idempotency_scope()))
         }
@@ -142,8 +175,7 @@ async fn append(
     // retry of the same batch is recognised as the same, while a producer's own timestamps
     // are part of what makes a batch the same).
     let now = Timestamp(0);
-    let batch = req
-        .events
+    let batch = events
         .iter()
         .enumerate()
         .map(|(i, e)| {
@@ -152,25 +184,20 @@ async fn append(
         })
         .collect::<Result<Vec<_>, _>>()?;
     state.auth().check_publish(principal, &batch)?;
-    let n = batch.len() as u64;
-    let appended = state
-        .log()
-        .append(
-            batch,
-            AppendOptions {
-                idempotency_key,
-                ..Default::default()
-            },
-        )
-        .await?;
-    if !appended.replayed {
-        metrics::counter!(names::EVENTS_APPENDED).increment(n);
-    }
     Ok((
-        PublishResponse {
-            watermarks: appended.watermarks().map(|w| w.0).collect(),
-            replayed: appended.replayed,
+        batch,
+        AppendOptions {
+            idempotency_key,
+            ..Default::default()
         },
-        appended.replayed,
     ))
+}
+
+/// Counts what an append stored.
+pub(crate) fn count(appended: &Result<herald_log::Appended, herald_log::AppendError>) {
+    if let Ok(a) = appended {
+        if !a.replayed {
+            metrics::counter!(names::EVENTS_APPENDED).increment(u64::from(a.count));
+        }
+    }
 }

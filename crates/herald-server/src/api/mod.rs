@@ -1,6 +1,6 @@
 //! The HTTP API: routes, auth, body limits, and the OpenAPI document generated from them.
 
-mod events;
+pub(crate) mod events;
 mod ops;
 mod state;
 mod stream;

@@ -24,6 +24,7 @@ use crate::auth::{ConnectionPermit, Principal};
 use crate::frames::{StateAdvise, told};
 use crate::json::EventJson;
 use crate::metrics::{ConnectionGauge, delivered};
+use crate::publisher::{Answer, Publisher};
 use crate::subscriptions::{DurableRef, FilterJson, owner_name, target_of};
 
 /// A frame the client sends.
@@ -67,6 +68,23 @@ pub enum ClientFrame {
         /// The client's name for it.
         id: String,
     },
+    /// Publishes a batch (a producer's credentials): appended after every batch this
+    /// connection published before it, answered `published` or `error` in the order the
+    /// batches were sent, without waiting for one answer before sending the next. After a
+    /// failed batch, later ones are answered `aborted` and not appended until one comes with
+    /// `restart`.
+    Publish {
+        /// The producer's name for the batch, echoed in its answer.
+        id: String,
+        /// The events, appended atomically, in order.
+        events: Vec<EventJson>,
+        /// Makes a retry safe, as the `Idempotency-Key` header does.
+        #[serde(default)]
+        idempotency_key: Option<String>,
+        /// Begins a new sequence (after a failure, to go on).
+        #[serde(default)]
+        restart: bool,
+    },
     /// Acknowledges everything up to `watermark` on subscription `id`.
     Ack {
         /// The client's name for it.
@@ -93,6 +111,15 @@ pub enum ServerFrame {
         id: String,
         /// The event, with its watermark.
         event: Box<EventJson>,
+    },
+    /// A published batch is durable: its watermarks.
+    Published {
+        /// The producer's name for the batch.
+        id: String,
+        /// One watermark per event, in order.
+        watermarks: Vec<u64>,
+        /// A retry of an earlier batch with the same idempotency key: nothing new appended.
+        replayed: bool,
     },
     /// The subscription is gone.
     Unsubscribed {
@@ -205,12 +232,45 @@ async fn connection(
     let mut ping = tokio::time::interval(state.config().limits.keepalive);
     ping.reset();
     let shutdown = state.shutdown().clone();
+    // Made at the first `publish`: most connections only subscribe.
+    let mut publisher: Option<Publisher> = None;
     loop {
+        let reading = !publisher.as_ref().is_some_and(Publisher::is_full);
+        let answering = publisher.as_ref().is_some_and(Publisher::is_busy);
         tokio::select! {
-            incoming = socket.recv() => match incoming {
+            incoming = socket.recv(), if reading => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     live.renew();
-                    let (reply, feed) = handle(&state, &principal, &conn_id, &mut subs, text.as_str()).await;
+                    let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                        Ok(ClientFrame::Publish { id, events, idempotency_key, restart }) => {
+                            let p = publisher.get_or_insert_with(|| {
+                                Publisher::new(
+                                    state.log().clone(),
+                                    state.config().limits.max_ws_publishes_in_flight,
+                                )
+                            });
+                            let batch = crate::api::events::prepare(
+                                &state,
+                                &principal,
+                                &events,
+                                idempotency_key.as_deref(),
+                                "idempotency_key",
+                            );
+                            if let Err(e) = p.push(id.clone(), batch, restart) {
+                                let frame = error(Some(id), e.code(), e.message().to_owned());
+                                if send(&mut socket, &frame).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        Ok(frame) => Ok(frame),
+                        Err(e) => Err(error(None, "invalid_frame", e.to_string())),
+                    };
+                    let (reply, feed) = match frame {
+                        Ok(frame) => handle(&state, &principal, &conn_id, &mut subs, frame).await,
+                        Err(reply) => (Some(reply), None),
+                    };
                     if let Some(frame) = reply {
                         if send(&mut socket, &frame).await.is_err() {
                             break;
@@ -240,6 +300,19 @@ async fn connection(
                 // Pongs and pings: the client is alive.
                 Some(Ok(_)) => live.renew(),
             },
+            Some(answer) = next_answer(&mut publisher), if answering => {
+                let frame = match answer.result {
+                    Ok(a) => ServerFrame::Published {
+                        id: answer.id,
+                        watermarks: a.watermarks().map(|w| w.0).collect(),
+                        replayed: a.replayed,
+                    },
+                    Err(e) => error(Some(answer.id), e.code(), e.message().to_owned()),
+                };
+                if send(&mut socket, &frame).await.is_err() {
+                    break;
+                }
+            }
             Some((id, item)) = feeds.next(), if !feeds.is_empty() => {
                 let advise = subs.get(&id).and_then(|s| s.advise);
                 if write(&state, &mut socket, &id, advise, item).await.is_err() {
@@ -366,6 +439,14 @@ fn error(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFr
     }
 }
 
+/// The next answer of the connection's publisher (pending without one).
+async fn next_answer(publisher: &mut Option<Publisher>) -> Option<Answer> {
+    match publisher {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a client frame changes in the merged feeds.
 enum Change {
     Add(String, FeedStream),
@@ -379,12 +460,8 @@ async fn handle(
     principal: &Principal,
     conn_id: &str,
     subs: &mut HashMap<String, Sub>,
-    text: &str,
+    frame: ClientFrame,
 ) -> (Option<ServerFrame>, Option<Change>) {
-    let frame: ClientFrame = match serde_json::from_str(text) {
-        Ok(f) => f,
-        Err(e) => return (Some(error(None, "invalid_frame", e.to_string())), None),
-    };
     match frame {
         ClientFrame::Subscribe {
             id,
@@ -449,6 +526,15 @@ async fn handle(
                 Err(e) => (Some(refusal(id, e)), None),
             }
         }
+        // Taken by the connection's publisher before this is called.
+        ClientFrame::Publish { id, .. } => (
+            Some(error(
+                Some(id),
+                "internal",
+                "a publish frame reached the wrong handler",
+            )),
+            None,
+        ),
         ClientFrame::Ack { id, watermark } => {
             let frame = match subs.get(&id) {
                 None => error(
