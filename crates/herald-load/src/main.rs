@@ -362,6 +362,41 @@ fn outcome(tally: &Tally, expected: u64, a: ProcSample, b: ProcSample) -> Outcom
     }
 }
 
+/// A table of Herald against NATS core and JetStream, with Herald's ratio to each (higher
+/// is better for Herald: rates divided, latencies inverted).
+fn print_outcomes3(title: &str, how: &str, h: &Outcome, n: &Outcome, j: &Outcome) {
+    println!("\n### {title}\n\n{how}\n");
+    println!(
+        "| metric | Herald | NATS core | JetStream (fsync) | Herald ÷ core | Herald ÷ JetStream |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let row = |name: &str, a: f64, b: f64, c: f64, better_high: bool| {
+        let ratio = |x: f64| if better_high { a / x } else { x / a };
+        println!(
+            "| {name} | {a:.2} | {b:.2} | {c:.2} | {:.2}× | {:.2}× |",
+            ratio(b),
+            ratio(c)
+        );
+    };
+    row("deliveries/s", h.rate, n.rate, j.rate, true);
+    row("latency p50 (ms)", h.p50, n.p50, j.p50, false);
+    row("latency p99 (ms)", h.p99, n.p99, j.p99, false);
+    row("latency p99.9 (ms)", h.p999, n.p999, j.p999, false);
+    println!("| lost events | {} | {} | {} | | |", h.lost, n.lost, j.lost);
+    println!(
+        "| duplicated events | {} | {} | {} | | |",
+        h.dup, n.dup, j.dup
+    );
+    println!(
+        "| server CPU (% of a core) | {:.0} | {:.0} | {:.0} | | |",
+        h.cpu, n.cpu, j.cpu
+    );
+    println!(
+        "| server RSS after (MiB) | {:.1} | {:.1} | {:.1} | | |",
+        h.rss_mib, n.rss_mib, j.rss_mib
+    );
+}
+
 fn print_outcomes(title: &str, how: &str, h: &Outcome, n: &Outcome) {
     println!("\n### {title}\n\n{how}\n");
     println!("| metric | Herald | nats-server | Herald ÷ nats |");
@@ -408,7 +443,8 @@ impl Ctx {
 /// S1: one publisher, one subscriber, as fast as possible.
 async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     let total = ctx.scale(200_000);
-    // Herald: batches of 256 per POST, 4 in flight; the subscriber on SSE.
+    // Herald: one ordered producer on the WebSocket (batches of 128, up to 64 in flight, each
+    // appended after the one before and acknowledged when durable); the subscriber on SSE.
     let h = HeraldProc::start(&ctx.herald_bin)?;
     let tally = Tally::new();
     let ready = Arc::new(AtomicU64::new(0));
@@ -419,32 +455,12 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     ));
     wait_ready(&ready, 1).await;
     let a = sample(h.pid());
-    let http = reqwest::Client::new();
-    let data = Arc::new(payload_b64());
-    let next = Arc::new(AtomicU64::new(0));
-    let mut pubs = Vec::new();
-    for _ in 0..4 {
-        let (http, data, next) = (http.clone(), data.clone(), next.clone());
-        let url_h = h.url("");
-        pubs.push(tokio::spawn(async move {
-            let hp = HeraldProcUrl(url_h);
-            loop {
-                let start = next.fetch_add(256, Ordering::Relaxed);
-                if start >= total {
-                    break;
-                }
-                let end = (start + 256).min(total);
-                let ts = now_micros();
-                let events: Vec<_> = (start..end)
-                    .map(|s| herald_event("s1/k", s, ts, &data))
-                    .collect();
-                hp.post(&http, events).await.expect("publish");
-            }
-        }));
-    }
-    for p in pubs {
-        p.await?;
-    }
+    herald_ordered_publish(
+        &h.url("/v1/ws").replacen("http://", "ws://", 1),
+        "s1/k",
+        total,
+    )
+    .await?;
     wait_received(&tally, total, Duration::from_secs(120)).await;
     let b = sample(h.pid());
     sub.abort();
@@ -475,15 +491,124 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     let b = sample(n.pid());
     sub.abort();
     let nats = outcome(&tally, total, a, b);
-    print_outcomes(
+    drop(n);
+
+    // JetStream, the like-for-like durable peer: `sync_interval: always` (fsync before every
+    // acknowledgement), one publisher with up to 256 acknowledgements in flight, an ordered
+    // consumer reading the stream as it grows.
+    let js = s1_jetstream(total).await?;
+    print_outcomes3(
         "S1: 1 publisher → 1 subscriber, 128-byte events, as fast as possible",
         &format!(
-            "{total} events. Herald: POST /v1/events in batches of 256 (4 in flight), each acknowledged only when durable (fsync); subscriber on SSE. nats-server: core publish (fire and forget, nothing stored); subscriber on its own connection."
+            "{total} events. Herald: one ordered producer, WebSocket `publish` frames of 128 events with up to 64 in flight, each appended in order and acknowledged only when durable (fsync); subscriber on SSE. nats-server core: publish (fire and forget, nothing stored). JetStream ({}, `sync_interval: always`): one publisher with up to 256 acknowledgements in flight, an ordered consumer.",
+            js.1
         ),
         &herald,
         &nats,
+        &js.0,
     );
     Ok(())
+}
+
+/// One ordered producer: `total` events on `key` in WebSocket `publish` frames of 128, up to
+/// 64 unanswered; fails on any refused batch.
+async fn herald_ordered_publish(ws_url: &str, key: &str, total: u64) -> anyhow::Result<()> {
+    const BATCH: u64 = 128;
+    const WINDOW: usize = 64;
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
+    let (mut sink, mut stream) = ws.split();
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let batches = total.div_ceil(BATCH);
+    let answers = {
+        let window = window.clone();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while answered < batches {
+                let Some(msg) = stream.next().await else {
+                    bail!("the server closed the publishing connection");
+                };
+                let Message::Text(t) = msg? else { continue };
+                if t.contains("\"type\":\"published\"") {
+                    answered += 1;
+                    window.add_permits(1);
+                } else if t.contains("\"type\":\"error\"") {
+                    bail!("a batch was refused: {t}");
+                }
+            }
+            Ok(())
+        })
+    };
+    let data = payload_b64();
+    for b in 0..batches {
+        window.acquire().await?.forget();
+        let (start, end) = (b * BATCH, ((b + 1) * BATCH).min(total));
+        let ts = now_micros();
+        let events: Vec<_> = (start..end)
+            .map(|s| herald_event(key, s, ts, &data))
+            .collect();
+        let frame = serde_json::json!({"op": "publish", "id": b.to_string(), "events": events});
+        sink.send(Message::Text(frame.to_string().into())).await?;
+    }
+    answers.await??;
+    Ok(())
+}
+
+/// S1 against JetStream with `sync_interval: always`: the outcome and the server's version.
+async fn s1_jetstream(total: u64) -> anyhow::Result<(Outcome, String)> {
+    use async_nats::jetstream;
+    let n = NatsServer::start(&NatsConfig {
+        jetstream: true,
+        jetstream_extra: vec!["sync_interval: always".into()],
+    })?;
+    let version = n.version().to_owned();
+    let client = async_nats::connect(n.url()).await?;
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "S1".into(),
+            subjects: vec!["s1.>".into()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let tally = Tally::new();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let sub = {
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            let mut seen = Seen::new();
+            while let Some(Ok(m)) = messages.next().await {
+                let (seq, ts) = nats_fields(&m.payload);
+                if seen.note(seq, &tally) {
+                    tally.record(ts);
+                }
+            }
+        })
+    };
+    let a = sample(n.pid());
+    let mut acks = futures_util::stream::FuturesOrdered::new();
+    for seq in 0..total {
+        if acks.len() >= 256 {
+            if let Some(ack) = acks.next().await {
+                let _: async_nats::jetstream::publish::PublishAck = ack?;
+            }
+        }
+        let ack = js.publish("s1.k", nats_payload(seq, now_micros())).await?;
+        acks.push_back(ack.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    wait_received(&tally, total, Duration::from_secs(120)).await;
+    let b = sample(n.pid());
+    sub.abort();
+    Ok((outcome(&tally, total, a, b), version))
 }
 
 /// A Herald base URL for publishers in tasks.
