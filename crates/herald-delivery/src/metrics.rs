@@ -20,12 +20,24 @@ pub mod names {
 
 /// Records the delivery of `n` over `transport` (its label).
 pub fn delivered(transport: &'static str, n: &herald_core::Notification) {
-    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(1);
-    let lag = herald_core::Timestamp::now()
-        .0
-        .saturating_sub(n.timestamp.0) as f64
-        / 1e6;
-    metrics::histogram!(names::DELIVERY_LAG_SECONDS, "transport" => transport).record(lag);
+    delivered_all(transport, std::slice::from_ref(n));
+}
+
+/// Records the delivery of every event of `batch` over `transport`: a count and each
+/// event's lag. The metric handles are looked up once per batch, not per event (per event,
+/// the lookups showed in a profile of one fast producer and subscriber).
+pub fn delivered_all<'a>(
+    transport: &'static str,
+    batch: impl IntoIterator<Item = &'a herald_core::Notification>,
+) {
+    let lag = metrics::histogram!(names::DELIVERY_LAG_SECONDS, "transport" => transport);
+    let now = herald_core::Timestamp::now().0;
+    let mut count = 0u64;
+    for n in batch {
+        lag.record(now.saturating_sub(n.timestamp.0) as f64 / 1e6);
+        count += 1;
+    }
+    metrics::counter!(names::DELIVERIES, "transport" => transport).increment(count);
 }
 
 /// Records `n` deliveries over `transport` whose events are no longer at hand.

@@ -138,9 +138,12 @@ pub fn told(n: &Notification, advise: Option<StateAdvise>) -> Told<'_> {
 }
 
 fn serialize(n: &Notification) -> Bytes {
-    serde_json::to_vec(&EventJson::from_notification(n))
-        .map(Bytes::from)
-        .unwrap_or_default()
+    // Sized for a typical event at once: growing from serde_json's default showed in profiles.
+    let mut out = Vec::with_capacity(384);
+    match serde_json::to_writer(&mut out, &EventJson::from_notification(n)) {
+        Ok(()) => Bytes::from(out),
+        Err(_) => Bytes::new(),
+    }
 }
 
 /// An SSE frame of a named event with a JSON body.

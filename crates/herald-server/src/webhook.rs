@@ -320,9 +320,7 @@ async fn deliver_chunk(
     if !deliver(ctx, durables, sub, pusher, &msg_id, body).await {
         return false;
     }
-    for n in chunk {
-        crate::metrics::delivered("webhook", n);
-    }
+    crate::metrics::delivered_all("webhook", chunk);
     if let Err(e) = durables.ack(sub, last).await {
         tracing::warn!(id = %sub.id(), error = %e, "could not store a webhook acknowledgement");
     }

@@ -25,7 +25,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, JsonQuery};
 use crate::frames::{SSE_KEEPALIVE, StateAdvise, sse_named, told};
-use crate::metrics::{ConnectionGauge, delivered};
+use crate::metrics::{ConnectionGauge, delivered_all};
 use crate::subscriptions::FilterJson;
 use crate::subscriptions::{owner_name, target_of};
 use crate::{AppState, Log};
@@ -216,13 +216,13 @@ fn events(
             next = feed.next() => match next {
                 Ok(FeedItem::Events { batch, .. }) => {
                     let cache = s.state.frames();
-                    let mut out = BytesMut::new();
+                    let mut out = BytesMut::with_capacity(batch.len() * 384);
                     for n in batch.iter() {
                         for m in told(n, s.advise).as_slice() {
                             cache.sse_frame(m, &mut out);
                         }
-                        delivered("sse", n);
                     }
+                    delivered_all("sse", batch.iter());
                     out.freeze()
                 }
                 Ok(FeedItem::KeepAlive { .. }) => Bytes::from_static(SSE_KEEPALIVE),

@@ -544,9 +544,7 @@ pub(super) async fn events(
         .durables()
         .fetch(&d, q.after.map(Watermark), limit)
         .await?;
-    for n in &events {
-        crate::metrics::delivered("poll", n);
-    }
+    crate::metrics::delivered_all("poll", &events);
     let advise = d.advise();
     let mut page = Vec::with_capacity(events.len());
     for n in &events {
