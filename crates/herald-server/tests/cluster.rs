@@ -530,48 +530,19 @@ async fn a_mapi_client_is_told_of_events_from_the_other_node_and_registers_again
 /// A WebSocket client on node B gets, in order and once, what is published on node A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_websocket_client_on_one_node_gets_what_is_published_on_the_other() {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
     let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
     let (a, _ta) = node(&cluster, 0, "WS");
     let (b, _tb) = node(&cluster, 1, "WS");
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", b.port))
-        .await
-        .unwrap();
-    ws.send(Message::Text(
-        json!({"op": "subscribe", "id": "s1", "subtree": "alice"})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    // Wait for the subscription to be confirmed before publishing.
-    loop {
-        let m = tokio::time::timeout(common::WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "subscribed" {
-                break;
-            }
-        }
-    }
+    let mut ws = common::WsClient::connect(&b).await;
+    ws.subscribe(json!({"op": "subscribe", "id": "s1", "subtree": "alice"}))
+        .await;
     let mut published = Vec::new();
     for i in 0..30 {
         published.extend(publish_ok(&a, json!([created(&format!("alice/inbox/w{i}"))])).await);
     }
     let mut got = Vec::new();
     while got.len() < published.len() {
-        let m = tokio::time::timeout(common::WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let Message::Text(t) = m else { continue };
-        let v: Value = serde_json::from_str(&t).unwrap();
+        let v = ws.frame().await;
         if v["type"] == "event" {
             got.push(v["event"]["watermark"].as_u64().unwrap());
         }

@@ -6,10 +6,8 @@
 
 mod common;
 
-use common::{SseClient, WAIT, client, herald, publish_ok};
-use futures_util::{SinkExt, StreamExt};
+use common::{SseClient, WsClient, client, herald, publish_ok};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 const INBOX: &str = "alice/inbox";
 
@@ -54,31 +52,9 @@ async fn children_selects_what_is_directly_in_a_folder_on_sse_websocket_and_dura
 {
     let server = common::Server::start();
     let mut sse = SseClient::connect(&server, &format!("children={INBOX}"), None).await;
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", server.port))
-            .await
-            .unwrap();
-    ws.send(Message::Text(
-        json!({"op": "subscribe", "id": "s", "children": INBOX})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            assert_ne!(v["type"], "error", "{v}");
-            if v["type"] == "subscribed" {
-                break;
-            }
-        }
-    }
+    let mut ws = WsClient::connect(&server).await;
+    ws.subscribe(json!({"op": "subscribe", "id": "s", "children": INBOX}))
+        .await;
     let r = client()
         .post(server.url("/v1/subscriptions"))
         .json(&json!({"transport": "poll", "children": INBOX}))
@@ -109,13 +85,7 @@ async fn children_selects_what_is_directly_in_a_folder_on_sse_websocket_and_dura
 
     let mut by_ws = Vec::new();
     while by_ws.len() < wanted.len() {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let Message::Text(t) = m else { continue };
-        let v: Value = serde_json::from_str(&t).unwrap();
+        let v = ws.frame().await;
         if v["type"] == "event" {
             by_ws.push(v["event"]["watermark"].as_u64().unwrap());
         }
