@@ -224,10 +224,14 @@ struct Registry {
     subtree: Map<Vec<Arc<Subscription>>>,
     /// Children scopes, by folder.
     children: Map<Vec<Arc<Subscription>>>,
+    /// How many registrations are synchronous. While there are none, no notify has
+    /// synchronous sinks to run, so its batches need not be held until it ends (P9).
+    sync_count: usize,
 }
 
 impl Registry {
     fn insert(&mut self, sub: Arc<Subscription>) {
+        self.sync_count += usize::from(sub.is_sync());
         let map = match &sub.scope {
             Scope::Exact(_) => &mut self.exact,
             Scope::Subtree(_) => &mut self.subtree,
@@ -241,6 +245,7 @@ impl Registry {
 
     fn remove(&mut self, id: ConnectionId) -> Option<Arc<Subscription>> {
         let sub = self.by_id.remove(&id)?;
+        self.sync_count -= usize::from(sub.is_sync());
         let map = match &sub.scope {
             Scope::Exact(_) => &mut self.exact,
             Scope::Subtree(_) => &mut self.subtree,
@@ -546,6 +551,8 @@ impl Hub {
         let mut sync_calls: Vec<(Arc<Subscription>, Batch, u64)> = Vec::new();
         // Subscriptions this call queued for: their batches are released at its end.
         let mut queued: Vec<Arc<Subscription>> = Vec::new();
+        // Subscriptions to hand to their runners now (nothing held them).
+        let mut ready: Vec<Arc<Subscription>> = Vec::new();
         let this_notify = self.inner.next_notify.fetch_add(1, Ordering::Relaxed);
         // A reused buffer: most notifies schedule a few subscriptions, and allocating for them
         // every time shows in profiles.
@@ -561,14 +568,21 @@ impl Hub {
                     return Err(NotifyError::ReentrantSync);
                 }
             }
+            // Held until this notify ends only if it may have synchronous sinks to run first.
+            let hold = (registry.sync_count > 0).then_some(this_notify);
             registry.visit_batch(&batch, |sub, part| {
                 outcome.matched += 1;
                 match &sub.route {
                     Route::Inline(turns) => sync_calls.push((sub.clone(), part, turns.take())),
                     Route::Pool | Route::Owned { .. } => {
-                        let dropped = sub.push(part, this_notify);
-                        queued.push(sub.clone());
-                        if dropped > 0 {
+                        let pushed = sub.push(part, hold);
+                        if hold.is_some() {
+                            queued.push(sub.clone());
+                        } else if pushed.schedule {
+                            ready.push(sub.clone());
+                        }
+                        if pushed.dropped > 0 {
+                            let dropped = pushed.dropped;
                             outcome.dropped_events += dropped;
                             self.inner.overflows.fetch_add(1, Ordering::Relaxed);
                             self.inner
@@ -607,10 +621,13 @@ impl Hub {
         // above (in the total order) may be handed out (P9).
         for sub in queued {
             if sub.release(this_notify) {
-                match &sub.route {
-                    Route::Owned { signal, .. } => signal.ready(sub.clone()),
-                    _ => to_pool.push(sub),
-                }
+                ready.push(sub);
+            }
+        }
+        for sub in ready {
+            match &sub.route {
+                Route::Owned { signal, .. } => signal.ready(sub.clone()),
+                _ => to_pool.push(sub),
             }
         }
         self.inner.pool.schedule(&mut to_pool);

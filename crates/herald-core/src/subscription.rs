@@ -154,6 +154,14 @@ struct Queue {
     last_handed: Option<Watermark>,
 }
 
+/// What [`Subscription::push`] did.
+pub(crate) struct Pushed {
+    /// Events dropped by an overflow.
+    pub(crate) dropped: u64,
+    /// Whether the caller must hand the subscription to its runner.
+    pub(crate) schedule: bool,
+}
+
 /// What [`Subscription::call_each`] did.
 #[derive(Default)]
 pub(crate) struct Called {
@@ -229,7 +237,7 @@ impl Subscription {
     /// Appends a batch to the queue; on overflow drops the backlog and records the gap.
     /// Returns whether the caller must schedule the subscription, and how many events were
     /// dropped.
-    pub(crate) fn push(&self, batch: Batch, notify: u64) -> u64 {
+    pub(crate) fn push(&self, batch: Batch, held_by: Option<u64>) -> Pushed {
         let mut q = lock(&self.queue);
         let mut dropped = 0;
         if q.events + batch.len() > self.capacity {
@@ -256,19 +264,26 @@ impl Subscription {
             o.missed_through = missed_through.or(o.missed_through);
             if keep_incoming {
                 q.events = batch.len();
-                q.batches.push_back(Queued {
-                    batch,
-                    held_by: Some(notify),
-                });
+                q.batches.push_back(Queued { batch, held_by });
             }
         } else {
             q.events += batch.len();
-            q.batches.push_back(Queued {
-                batch,
-                held_by: Some(notify),
-            });
+            q.batches.push_back(Queued { batch, held_by });
         }
-        dropped
+        // Not held: it may be handed out at once, by a runner this caller wakes if none has it.
+        let schedule = held_by.is_none() && Self::claim_if_ready(&mut q);
+        Pushed { dropped, schedule }
+    }
+
+    /// Marks the subscription scheduled if something can be taken and no runner has it;
+    /// whether the caller must hand it to one.
+    fn claim_if_ready(q: &mut Queue) -> bool {
+        let ready = q.overflow.is_some() || q.batches.front().is_some_and(|b| b.held_by.is_none());
+        if ready && !q.scheduled {
+            q.scheduled = true;
+            return true;
+        }
+        false
     }
 
     /// Notify `notify` is done with its synchronous sinks: what it queued here may be handed
@@ -285,12 +300,7 @@ impl Subscription {
         {
             b.held_by = None;
         }
-        let ready = q.overflow.is_some() || q.batches.front().is_some_and(|b| b.held_by.is_none());
-        if ready && !q.scheduled {
-            q.scheduled = true;
-            return true;
-        }
-        false
+        Self::claim_if_ready(&mut q)
     }
 
     /// Takes the next delivery, or marks the subscription unscheduled when there is none.
