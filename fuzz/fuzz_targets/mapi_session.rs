@@ -490,12 +490,8 @@ impl Run<'_> {
         };
         // The session cookie, and the sequence value this client was given last (a foreign
         // session's Execute is then refused as out of sequence, as it would be).
-        let jar: Vec<String> = [("MapiContext", cookie), ("MapiSequence", own.sequence.clone())]
-            .into_iter()
-            .filter_map(|(name, v)| v.map(|v| format!("{name}={v}")))
-            .collect();
-        if !jar.is_empty() {
-            req = req.header(header::COOKIE, jar.join("; "));
+        if let Some(h) = mapihttp::cookie_header(cookie.as_deref(), own.sequence.as_deref()) {
+            req = req.header(header::COOKIE, h);
         }
         (request_type, req.body(Body::from(body)).unwrap())
     }
@@ -573,17 +569,15 @@ impl Run<'_> {
         let client = &mut self.clients[who as usize];
         for set in headers.get_all(header::SET_COOKIE) {
             let v = set.to_str().expect("a cookie in ASCII");
-            let (name, rest) = v
-                .split_once('=')
-                .unwrap_or_else(|| panic!("{what}: Set-Cookie {v}"));
-            let value = rest.split(';').next().unwrap_or_default();
-            let value = (!value.is_empty()).then(|| value.to_owned());
+            let (name, value) =
+                mapihttp::parse_set_cookie(v).unwrap_or_else(|| panic!("{what}: Set-Cookie {v}"));
+            let value = value.map(str::to_owned);
             match name {
-                "MapiContext" => {
+                mapihttp::CONTEXT_COOKIE => {
                     client.cookie = value;
                     client.handles.clear();
                 }
-                "MapiSequence" => client.sequence = value,
+                mapihttp::SEQUENCE_COOKIE => client.sequence = value,
                 _ => panic!("{what}: Set-Cookie {v}"),
             }
         }

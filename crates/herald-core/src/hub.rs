@@ -553,10 +553,11 @@ impl Hub {
         let mut queued: Vec<Arc<Subscription>> = Vec::new();
         // Subscriptions to hand to their runners now (nothing held them).
         let mut ready: Vec<Arc<Subscription>> = Vec::new();
-        let this_notify = self.inner.next_notify.fetch_add(1, Ordering::Relaxed);
         // A reused buffer: most notifies schedule a few subscriptions, and allocating for them
         // every time shows in profiles.
         let mut to_pool = SCHEDULE_SCRATCH.with(std::cell::Cell::take);
+        // This notify's number, when it holds what it queues until its end (P9).
+        let hold;
         {
             // Enqueueing under the registry lock gives every notify one place in a total
             // order, so any two subscriptions see two batches in the same order.
@@ -568,8 +569,10 @@ impl Hub {
                     return Err(NotifyError::ReentrantSync);
                 }
             }
-            // Held until this notify ends only if it may have synchronous sinks to run first.
-            let hold = (registry.sync_count > 0).then_some(this_notify);
+            // Held until this notify ends only if it may have synchronous sinks to run first;
+            // only then does it need a number to release them by.
+            hold = (registry.sync_count > 0)
+                .then(|| self.inner.next_notify.fetch_add(1, Ordering::Relaxed));
             registry.visit_batch(&batch, |sub, part| {
                 outcome.matched += 1;
                 match &sub.route {
@@ -620,7 +623,7 @@ impl Hub {
         // Last, after every synchronous sink returned: the asynchronous deliveries queued
         // above (in the total order) may be handed out (P9).
         for sub in queued {
-            if sub.release(this_notify) {
+            if hold.is_some_and(|notify| sub.release(notify)) {
                 ready.push(sub);
             }
         }

@@ -18,11 +18,6 @@ pub mod names {
     pub const PUSH_FAILURES: &str = "herald_push_failures_total";
 }
 
-/// Records the delivery of `n` over `transport` (its label).
-pub fn delivered(transport: &'static str, n: &herald_core::Notification) {
-    delivered_all(transport, std::slice::from_ref(n));
-}
-
 /// Records the delivery of every event of `batch` over `transport`: a count and each
 /// event's lag. The metric handles are looked up once per batch, not per event (per event,
 /// the lookups showed in a profile of one fast producer and subscriber).

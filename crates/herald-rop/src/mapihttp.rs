@@ -272,6 +272,30 @@ impl NotificationWaitResponse {
     }
 }
 
+/// The cookie naming a session (MS-OXCMAPIHTTP leaves the name to the server; its 4.2 example
+/// uses this one).
+pub const CONTEXT_COOKIE: &str = "MapiContext";
+/// The cookie that orders a session's Executes: each must carry the value the last one (or
+/// Connect) set.
+pub const SEQUENCE_COOKIE: &str = "MapiSequence";
+
+/// The `Cookie` header a client sends for its session's cookies, if it holds any.
+pub fn cookie_header(context: Option<&str>, sequence: Option<&str>) -> Option<String> {
+    let jar: Vec<String> = [(CONTEXT_COOKIE, context), (SEQUENCE_COOKIE, sequence)]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| format!("{name}={v}")))
+        .collect();
+    (!jar.is_empty()).then(|| jar.join("; "))
+}
+
+/// One `Set-Cookie` value as its name and value (`None`: the cookie is cleared), or `None`
+/// when it is not `name=value…`.
+pub fn parse_set_cookie(set_cookie: &str) -> Option<(&str, Option<&str>)> {
+    let (name, rest) = set_cookie.split_once('=')?;
+    let value = rest.split(';').next().unwrap_or_default();
+    Some((name, (!value.is_empty()).then_some(value)))
+}
+
 /// Reads a NotificationWait request body (`Flags`, auxiliary buffer); returns the flags.
 pub fn decode_notification_wait_request(buf: &[u8]) -> Result<u32, DecodeError> {
     let mut r = Reader::new(buf);

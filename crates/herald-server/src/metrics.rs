@@ -139,4 +139,4 @@ impl Drop for ConnectionGauge {
     }
 }
 
-pub use herald_delivery::metrics::{delivered, delivered_all, delivered_count};
+pub use herald_delivery::metrics::{delivered_all, delivered_count};

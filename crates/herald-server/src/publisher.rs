@@ -20,7 +20,7 @@ use herald_log::{AppendError, AppendOptions, Appended, EventLog, Sequence};
 use tokio::sync::mpsc;
 
 use crate::Log;
-use crate::api::events::count;
+use crate::api::events::count_appended;
 use crate::error::ApiError;
 
 /// One batch, checked: what to append, or why it was refused before the log saw it.
@@ -159,7 +159,7 @@ async fn run(log: Log, mut jobs: mpsc::Receiver<Job>, answers: mpsc::Sender<Answ
                         let appended = log.append(events, options);
                         Box::pin(async move {
                             let result: Result<Appended, AppendError> = appended.await;
-                            count(&result);
+                            count_appended(&result);
                             Answer { id, result: result.map_err(ApiError::from) }
                         })
                     }

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use herald_ews::{
     EventKind, EventType, Request, RequestEnvelope, Subscribe, SubscriptionKind, Target,
 };
+use herald_rop::mapihttp;
 use herald_rop::mapihttp::{
     ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse, NotificationWaitResponse,
     ResponseStream,
@@ -363,15 +364,8 @@ impl Mapi {
             )
             .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
             .body(body);
-        let jar: Vec<String> = [
-            ("MapiContext", &self.cookie),
-            ("MapiSequence", &self.sequence),
-        ]
-        .into_iter()
-        .filter_map(|(name, v)| v.as_ref().map(|v| format!("{name}={v}")))
-        .collect();
-        if !jar.is_empty() {
-            req = req.header("cookie", jar.join("; "));
+        if let Some(h) = mapihttp::cookie_header(self.cookie.as_deref(), self.sequence.as_deref()) {
+            req = req.header("cookie", h);
         }
         let r = req.send().await?;
         if r.status() != 200 {
@@ -384,14 +378,13 @@ impl Mapi {
             .and_then(|v| v.parse().ok())
             .unwrap_or(u32::MAX);
         for set in r.headers().get_all("set-cookie") {
-            let Some((name, rest)) = set.to_str().ok().and_then(|v| v.split_once('=')) else {
+            let Some((name, value)) = set.to_str().ok().and_then(mapihttp::parse_set_cookie) else {
                 continue;
             };
-            let value = rest.split(';').next().unwrap_or_default();
-            let value = (!value.is_empty()).then(|| value.to_owned());
+            let value = value.map(str::to_owned);
             match name {
-                "MapiContext" => self.cookie = value,
-                "MapiSequence" => self.sequence = value,
+                mapihttp::CONTEXT_COOKIE => self.cookie = value,
+                mapihttp::SEQUENCE_COOKIE => self.sequence = value,
                 _ => {}
             }
         }

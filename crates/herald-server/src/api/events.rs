@@ -117,9 +117,9 @@ async fn append(
             )
         })?),
     };
-    let (batch, options) = prepare(state, principal, &req.events, key, "Idempotency-Key")?;
+    let (batch, options) = check_batch(state, principal, &req.events, key, "Idempotency-Key")?;
     let appended = state.log().append(batch, options).await;
-    count(&appended);
+    count_appended(&appended);
     let appended = appended?;
     Ok((
         PublishResponse {
@@ -133,7 +133,7 @@ async fn append(
 /// Checks a batch a producer sent, as every publishing path does: its size, its idempotency
 /// key (`key_field` names where it came from), each event, and the producer's right to
 /// publish it. Returns the engine's batch and its append options.
-pub(crate) fn prepare(
+pub(crate) fn check_batch(
     state: &AppState,
     principal: &Principal,
     events: &[EventJson],
@@ -194,7 +194,7 @@ pub(crate) fn prepare(
 }
 
 /// Counts what an append stored.
-pub(crate) fn count(appended: &Result<herald_log::Appended, herald_log::AppendError>) {
+pub(crate) fn count_appended(appended: &Result<herald_log::Appended, herald_log::AppendError>) {
     if let Ok(a) = appended {
         if !a.replayed {
             metrics::counter!(names::EVENTS_APPENDED).increment(u64::from(a.count));

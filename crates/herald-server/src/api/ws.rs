@@ -241,7 +241,7 @@ async fn connection(
             incoming = socket.recv(), if reading => match incoming {
                 Some(Ok(Message::Text(text))) => {
                     live.renew();
-                    let frame = match parse_frame(text.as_str()) {
+                    let (reply, feed) = match parse_frame(text.as_str()) {
                         Ok(ClientFrame::Publish { id, events, idempotency_key, restart }) => {
                             let p = publisher.get_or_insert_with(|| {
                                 Publisher::new(
@@ -249,27 +249,10 @@ async fn connection(
                                     state.config().limits.max_ws_publishes_in_flight,
                                 )
                             });
-                            let batch = crate::api::events::prepare(
-                                &state,
-                                &principal,
-                                &events,
-                                idempotency_key.as_deref(),
-                                "idempotency_key",
-                            );
-                            if let Err(e) = p.push(id.clone(), batch, restart) {
-                                let frame = error(Some(id), e.code(), e.message().to_owned());
-                                if send(&mut socket, &frame).await.is_err() {
-                                    break;
-                                }
-                            }
-                            continue;
+                            (publish(&state, &principal, p, id, &events, idempotency_key.as_deref(), restart), None)
                         }
-                        Ok(frame) => Ok(frame),
-                        Err(e) => Err(error(None, "invalid_frame", e.to_string())),
-                    };
-                    let (reply, feed) = match frame {
                         Ok(frame) => handle(&state, &principal, &conn_id, &mut subs, frame).await,
-                        Err(reply) => (Some(reply), None),
+                        Err(e) => (Some(error(None, "invalid_frame", e.to_string())), None),
                     };
                     if let Some(frame) = reply {
                         if send(&mut socket, &frame).await.is_err() {
@@ -475,6 +458,32 @@ fn parse_frame(text: &str) -> Result<ClientFrame, serde_json::Error> {
         }),
         Err(_) => serde_json::from_str(text),
     }
+}
+
+/// Checks a `publish` frame's batch and hands it to the connection's publisher, which
+/// answers it later, in order; an answer now only if the publisher is gone.
+fn publish(
+    state: &AppState,
+    principal: &Principal,
+    publisher: &mut Publisher,
+    id: String,
+    events: &[EventJson],
+    idempotency_key: Option<&str>,
+    restart: bool,
+) -> Option<ServerFrame> {
+    let batch = crate::api::events::check_batch(
+        state,
+        principal,
+        events,
+        idempotency_key,
+        "idempotency_key",
+    );
+    let refused = publisher.push(id.clone(), batch, restart).err()?;
+    Some(error(
+        Some(id),
+        refused.code(),
+        refused.message().to_owned(),
+    ))
 }
 
 /// The next answer of the connection's publisher (pending without one).

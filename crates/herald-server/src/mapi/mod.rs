@@ -52,11 +52,7 @@ mod code {
     pub(super) const SHUTTING_DOWN: u32 = 18;
 }
 
-/// The cookie naming a session.
-const COOKIE: &str = "MapiContext";
-/// The cookie that orders a session's Executes: each Execute must carry the value the last
-/// one (or Connect) set, and gets a new one.
-const SEQUENCE: &str = "MapiSequence";
+use herald_rop::mapihttp::{CONTEXT_COOKIE as COOKIE, SEQUENCE_COOKIE as SEQUENCE};
 /// What Herald says it is.
 const SERVER_APPLICATION: &str = "Exchange/15.00.0847.4040";
 /// ecLoginPerm: Connect to a mailbox that is not the user's.

@@ -2,8 +2,8 @@
 //! table it carries between calls, speaking to a running `herald serve` over real sockets.
 
 use herald_rop::mapihttp::{
-    ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse, NotificationWaitResponse,
-    ResponseStream,
+    CONTEXT_COOKIE, ConnectRequest, ConnectResponse, ExecuteRequest, ExecuteResponse,
+    NotificationWaitResponse, ResponseStream, SEQUENCE_COOKIE, cookie_header, parse_set_cookie,
 };
 use herald_rop::{
     Fid, Logon, NotificationScope, NotificationType, RegisterNotification, RopBuffer, RopNotify,
@@ -67,15 +67,8 @@ impl Client {
             )
             .header("x-clientinfo", "{2F94A2BF-A2E6-4CCC-BF98-B5F22C542226}:1")
             .body(body);
-        let jar: Vec<String> = [
-            ("MapiContext", &self.cookie),
-            ("MapiSequence", &self.sequence),
-        ]
-        .into_iter()
-        .filter_map(|(name, v)| v.as_ref().map(|v| format!("{name}={v}")))
-        .collect();
-        if !jar.is_empty() {
-            req = req.header("cookie", jar.join("; "));
+        if let Some(h) = cookie_header(self.cookie.as_deref(), self.sequence.as_deref()) {
+            req = req.header("cookie", h);
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -91,14 +84,12 @@ impl Client {
             .map(|v| v.to_str().unwrap().to_owned());
         let mut set_cookies = Vec::new();
         for set in r.headers().get_all("set-cookie") {
-            let v = set.to_str().unwrap();
-            let (name, rest) = v.split_once('=').unwrap();
+            let (name, value) = parse_set_cookie(set.to_str().unwrap()).unwrap();
             set_cookies.push(name.to_owned());
-            let value = rest.split(';').next().unwrap();
-            let value = (!value.is_empty()).then(|| value.to_owned());
+            let value = value.map(str::to_owned);
             match name {
-                "MapiContext" => self.cookie = value,
-                "MapiSequence" => self.sequence = value,
+                CONTEXT_COOKIE => self.cookie = value,
+                SEQUENCE_COOKIE => self.sequence = value,
                 other => panic!("an unexpected cookie {other}"),
             }
         }
