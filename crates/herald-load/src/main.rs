@@ -45,6 +45,13 @@ struct Args {
     /// Scale every count and duration down (for a quick check, not for figures).
     #[arg(long)]
     quick: bool,
+    /// S1 with Herald alone, to compare two Herald builds (`--herald-bin`) in one session;
+    /// its figures are not the comparison with the peers.
+    #[arg(long)]
+    herald_only: bool,
+    /// Events in S1 (longer runs, e.g. to profile the server during one).
+    #[arg(long, default_value_t = 200_000)]
+    s1_events: u64,
 }
 
 /// Instead of the comparison scenarios.
@@ -432,6 +439,8 @@ fn print_outcomes(title: &str, how: &str, h: &Outcome, n: &Outcome) {
 struct Ctx {
     herald_bin: PathBuf,
     quick: bool,
+    herald_only: bool,
+    s1_events: u64,
 }
 
 impl Ctx {
@@ -442,7 +451,7 @@ impl Ctx {
 
 /// S1: one publisher, one subscriber, as fast as possible.
 async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
-    let total = ctx.scale(200_000);
+    let total = ctx.scale(ctx.s1_events);
     // Herald: one ordered producer on the WebSocket (batches of 128, up to 64 in flight, each
     // appended after the one before and acknowledged when durable); the subscriber on SSE.
     let h = HeraldProc::start(&ctx.herald_bin)?;
@@ -466,6 +475,19 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     sub.abort();
     let herald = outcome(&tally, total, a, b);
     drop(h);
+    if ctx.herald_only {
+        println!(
+            "S1, Herald only ({}): {:.0} deliveries/s, p50 {:.2} ms, p99 {:.2} ms, lost {}, duplicated {}, server CPU {:.0}%",
+            ctx.herald_bin.display(),
+            herald.rate,
+            herald.p50,
+            herald.p99,
+            herald.lost,
+            herald.dup,
+            herald.cpu
+        );
+        return Ok(());
+    }
 
     // nats-server: core publish as fast as the client goes.
     let n = NatsServer::start(&NatsConfig::default())?;
@@ -1023,6 +1045,8 @@ fn main() -> anyhow::Result<()> {
     let ctx = Ctx {
         herald_bin,
         quick: args.quick,
+        herald_only: args.herald_only,
+        s1_events: args.s1_events,
     };
     println!(
         "## herald-load — Herald vs nats-server ({} CPUs, {})",

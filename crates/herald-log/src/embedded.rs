@@ -32,7 +32,9 @@ const META_NEXT: &str = "next";
 const META_FIRST: &str = "first";
 const META_BYTES: &str = "bytes";
 const META_FORMAT: &str = "format";
-const FILE_FORMAT: u64 = 1;
+/// The file's format: 2 stores events in runs; files of format 1 (one event per entry) are
+/// read as they are and marked 2 when opened, since their entries read as runs of one.
+const FILE_FORMAT: u64 = 2;
 
 /// The log file's name inside the data directory.
 pub(crate) const LOG_FILE: &str = "events.redb";
@@ -350,16 +352,33 @@ impl EmbeddedLog {
         bounds.check(after)?;
         let events = txn.open_table(EVENTS).map_err(|e| rerr(storage(e)))?;
         let mut out = Vec::with_capacity(limit.min(1024));
-        for entry in events
-            .range(after.0 + 1..)
+        if limit == 0 {
+            return Ok(out);
+        }
+        let start = after.0 + 1;
+        // The run holding `start` begins at or before it.
+        let from = events
+            .range(..=start)
             .map_err(|e| rerr(storage(e)))?
-            .take(limit)
-        {
+            .next_back()
+            .transpose()
+            .map_err(|e| rerr(storage(e)))?
+            .map_or(start, |(k, _)| k.value());
+        'runs: for entry in events.range(from..).map_err(|e| rerr(storage(e)))? {
             let (k, v) = entry.map_err(|e| rerr(storage(e)))?;
-            let watermark = Watermark(k.value());
-            let n = record::decode(v.value(), watermark)
-                .map_err(|source| rerr(LogError::Record { watermark, source }))?;
-            out.push(n);
+            for (i, r) in record::records(v.value()).enumerate() {
+                let watermark = Watermark(k.value() + i as u64);
+                if watermark.0 < start {
+                    continue;
+                }
+                let n = r
+                    .and_then(|r| record::decode(r, watermark))
+                    .map_err(|source| rerr(LogError::Record { watermark, source }))?;
+                out.push(n);
+                if out.len() == limit {
+                    break 'runs;
+                }
+            }
         }
         Ok(out)
     }
@@ -631,6 +650,10 @@ impl WriterState {
                         .map_err(|e| corrupt(&e))?;
                 }
                 Some(FILE_FORMAT) => {}
+                Some(1) => {
+                    meta.insert(META_FORMAT, FILE_FORMAT)
+                        .map_err(|e| corrupt(&e))?;
+                }
                 Some(other) => {
                     return Err(corrupt(&format!(
                         "file format {other} is not one this version reads ({FILE_FORMAT})"
@@ -641,10 +664,9 @@ impl WriterState {
             let first = get(&meta, META_FIRST)?.unwrap_or(1).max(1);
             let bytes = get(&meta, META_BYTES)?.unwrap_or(0);
             // The counters and the table are written in one transaction; check they agree.
-            let last_key = events
-                .last()
-                .map_err(|e| corrupt(&e))?
-                .map(|(k, _)| k.value());
+            let last_key = events.last().map_err(|e| corrupt(&e))?.map(|(k, v)| {
+                k.value() + u64::from(record::records(v.value()).stated().saturating_sub(1))
+            });
             if let Some(last) = last_key {
                 if last >= next {
                     return Err(corrupt(&format!(
@@ -840,6 +862,10 @@ impl Writer {
             let mut acks = txn.open_table(ACKS).map_err(storage)?;
             let mut inflight = txn.open_table(INFLIGHT).map_err(storage)?;
             let now = Timestamp::now().0;
+            // The group's events go into runs (one insert for many events); batches appended
+            // one after the other have consecutive watermarks, so a run may span them.
+            let mut run = record::RunWriter::default();
+            let mut run_first = 0;
             for cmd in group {
                 let outcome = match cmd {
                     Command::Append(job) if job.place.as_ref().is_some_and(Place::is_aborted) => {
@@ -875,10 +901,16 @@ impl Writer {
                                 }
                                 let first = self.state.next;
                                 for (i, r) in job.records.iter().enumerate() {
-                                    events
-                                        .insert(first + i as u64, r.as_slice())
-                                        .map_err(storage)?;
+                                    if run.count() == 0 {
+                                        run_first = first + i as u64;
+                                    }
+                                    run.push(r);
                                     self.state.bytes += r.len() as u64;
+                                    if run.is_full() {
+                                        events
+                                            .insert(run_first, run.take().as_slice())
+                                            .map_err(storage)?;
+                                    }
                                 }
                                 self.state.next += u64::from(count);
                                 if let Some((key, digest)) = idempotency {
@@ -939,6 +971,11 @@ impl Writer {
                 };
                 outcomes.push(outcome);
             }
+            if run.count() > 0 {
+                events
+                    .insert(run_first, run.take().as_slice())
+                    .map_err(storage)?;
+            }
             meta.insert(META_NEXT, self.state.next).map_err(storage)?;
             meta.insert(META_BYTES, self.state.bytes).map_err(storage)?;
         }
@@ -984,27 +1021,66 @@ impl Writer {
             let mut events = txn.open_table(EVENTS).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             if !r.is_unlimited() {
-                while removed < RETENTION_PASS {
-                    let held = self.state.next - self.state.first;
-                    let over_size = r.max_bytes.is_some_and(|m| self.state.bytes > m)
-                        || r.max_events.is_some_and(|m| held > m);
+                // Oldest run first: its leading events that must go are removed; if some
+                // remain, they are written back as a run at the new first watermark.
+                'runs: while removed < RETENTION_PASS {
                     let Some((k, v)) = events.first().map_err(storage)? else {
                         break;
                     };
                     let w = k.value();
-                    let len = v.value().len() as u64;
-                    let too_old = match age_cutoff {
-                        Some(cut) => record::appended_at(v.value()).map_or(true, |t| t.0 < cut),
-                        None => false,
-                    };
+                    // How many leading events go, and the rest of the run if any stay.
+                    let mut gone = 0u64;
+                    let mut rest = record::RunWriter::default();
+                    let recs: Vec<_> = record::records(v.value()).collect();
+                    if recs.iter().any(Result::is_err) {
+                        // A run that cannot be read whole goes whole, when its time comes.
+                        tracing::error!(first = w, "log retention met an unreadable run");
+                        let held = self.state.next - self.state.first;
+                        let due = r.max_bytes.is_some_and(|m| self.state.bytes > m)
+                            || r.max_events.is_some_and(|m| held > m)
+                            || age_cutoff.is_some();
+                        if !due {
+                            break;
+                        }
+                        let stated = u64::from(record::records(v.value()).stated()).max(1);
+                        let len = v.value().len() as u64;
+                        drop((k, v));
+                        events.remove(w).map_err(storage)?;
+                        self.state.bytes = self.state.bytes.saturating_sub(len);
+                        self.state.first = (w + stated).min(self.state.next);
+                        removed += stated as usize;
+                        continue;
+                    }
+                    for rec in recs.into_iter().flatten() {
+                        if rest.count() == 0 && removed < RETENTION_PASS {
+                            let held = self.state.next - self.state.first;
+                            let over_size = r.max_bytes.is_some_and(|m| self.state.bytes > m)
+                                || r.max_events.is_some_and(|m| held > m);
+                            let too_old = age_cutoff.is_some_and(|cut| {
+                                record::appended_at(rec).map_or(true, |t| t.0 < cut)
+                            });
+                            if over_size || too_old {
+                                self.state.bytes =
+                                    self.state.bytes.saturating_sub(rec.len() as u64);
+                                self.state.first = w + gone + 1;
+                                gone += 1;
+                                removed += 1;
+                                continue;
+                            }
+                        }
+                        rest.push(rec);
+                    }
                     drop((k, v));
-                    if !over_size && !too_old {
+                    if gone == 0 {
                         break;
                     }
                     events.remove(w).map_err(storage)?;
-                    self.state.bytes = self.state.bytes.saturating_sub(len);
-                    self.state.first = w + 1;
-                    removed += 1;
+                    if rest.count() > 0 {
+                        events
+                            .insert(w + gone, rest.take().as_slice())
+                            .map_err(storage)?;
+                        break 'runs;
+                    }
                 }
                 if removed > 0 {
                     meta.insert(META_FIRST, self.state.first).map_err(storage)?;
@@ -1098,5 +1174,92 @@ impl IdempotencyEntry {
                 Some(sha) => *sha == digest.sha256,
                 None => self.crc == digest.crc,
             }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{Event, Extended};
+    use redb::ReadableTableMetadata;
+
+    fn event(n: u32) -> Notification {
+        Notification::new(
+            "k",
+            Event::Extended(Extended {
+                event: n,
+                data: bytes::Bytes::from(vec![n as u8; 16]),
+            }),
+        )
+    }
+
+    /// A file written before runs (format 1: one record per entry, keyed by its watermark)
+    /// opens, reads as it was, takes new appends after it, and is marked format 2.
+    #[test]
+    fn a_file_of_single_records_reads_on_and_takes_runs_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        {
+            let db = database_builder().create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                let mut bytes = 0;
+                for w in 1..=5u64 {
+                    let r = record::encode(&event(w as u32), Timestamp::now()).unwrap();
+                    bytes += r.len() as u64;
+                    events.insert(w, r.as_slice()).unwrap();
+                }
+                meta.insert(META_FORMAT, 1).unwrap();
+                meta.insert(META_NEXT, 6).unwrap();
+                meta.insert(META_FIRST, 1).unwrap();
+                meta.insert(META_BYTES, bytes).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap();
+        let a = log
+            .append_blocking(vec![event(6), event(7), event(8)], AppendOptions::default())
+            .unwrap();
+        assert_eq!(a.first, Watermark(6));
+        for after in 0..8u64 {
+            let got: Vec<u64> = log
+                .read_blocking(Watermark(after), 100)
+                .unwrap()
+                .iter()
+                .map(|n| n.watermark.unwrap().0)
+                .collect();
+            assert_eq!(got, (after + 1..=8).collect::<Vec<_>>(), "after {after}");
+        }
+        log.close().unwrap();
+        drop(log);
+        let db = database_builder().create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get(META_FORMAT).unwrap().unwrap().value(), 2);
+        // The new events are one entry: a run of three at watermark 6.
+        let events = txn.open_table(EVENTS).unwrap();
+        assert_eq!(events.len().unwrap(), 6);
+        let run = events.get(6).unwrap().unwrap();
+        assert_eq!(record::records(run.value()).stated(), 3);
+    }
+
+    /// A file from a newer version is refused by name, not misread.
+    #[test]
+    fn a_file_format_from_the_future_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        {
+            let db = database_builder().create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_FORMAT, 3)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = EmbeddedLog::open(dir.path(), LogOptions::default(), Hub::default()).unwrap_err();
+        assert!(err.to_string().contains("file format 3"), "{err}");
     }
 }

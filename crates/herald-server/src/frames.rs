@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use bytes::{BufMut, Bytes, BytesMut};
 use herald_core::{ConnectionStateChange, Event, Notification, StateChangePhase};
 
-use crate::json::EventJson;
+use crate::json::EventOut;
 
 /// Slots in the cache: events older than this many watermarks are serialized again if a
 /// straggler asks (correct, just slower).
@@ -29,7 +29,7 @@ impl Default for EventCache {
 }
 
 impl EventCache {
-    /// The event's JSON (as the API's `EventJson`), serialized at most once per watermark.
+    /// The event's JSON (the API's `EventJson` form, written by `EventOut`), serialized at most once per watermark.
     /// A presence change told with a subscriber's own client token is not the stored event:
     /// it is serialized each time, never cached.
     pub fn json(&self, n: &Notification) -> Bytes {
@@ -140,7 +140,7 @@ pub fn told(n: &Notification, advise: Option<StateAdvise>) -> Told<'_> {
 fn serialize(n: &Notification) -> Bytes {
     // Sized for a typical event at once: growing from serde_json's default showed in profiles.
     let mut out = Vec::with_capacity(384);
-    match serde_json::to_writer(&mut out, &EventJson::from_notification(n)) {
+    match serde_json::to_writer(&mut out, &EventOut(n)) {
         Ok(()) => Bytes::from(out),
         Err(_) => Bytes::new(),
     }

@@ -23,6 +23,7 @@ use crate::subscriptions::{
 };
 use axum::Extension;
 use herald_delivery::{Connect, PushState};
+use serde_json::value::RawValue;
 
 /// A new durable subscription.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -145,12 +146,20 @@ pub struct WaitResponse {
 /// A page of events.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 pub struct EventsPage {
-    /// Matching events after `after`, in order.
-    pub events: Vec<EventJson>,
+    /// Matching events after `after`, in order (each as the frames of every transport carry
+    /// it: serialized once, shared).
+    #[schema(value_type = Vec<EventJson>)]
+    pub events: Vec<Box<RawValue>>,
     /// Where to continue: pass it as `after` next time (which also acknowledges it).
     pub next_after: u64,
     /// Whether more events are already waiting.
     pub more: bool,
+}
+
+/// An event's shared JSON as a raw value of a page (its bytes are JSON the server wrote).
+fn raw(json: bytes::Bytes) -> Option<Box<RawValue>> {
+    let text = String::from_utf8(json.to_vec()).ok()?;
+    RawValue::from_string(text).ok()
 }
 
 fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
@@ -552,7 +561,7 @@ pub(super) async fn events(
             told(n, advise)
                 .as_slice()
                 .iter()
-                .map(EventJson::from_notification),
+                .filter_map(|m| raw(state.frames().json(m))),
         );
     }
     Ok(Json(EventsPage {
