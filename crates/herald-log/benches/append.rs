@@ -45,8 +45,29 @@ fn open_log(dir: &std::path::Path) -> EmbeddedLog {
 
 /// Appends per second (events) from `producers` tasks appending `batch`-event batches.
 async fn herald_append(producers: usize, batch: usize, durability: Durability) -> f64 {
+    herald_append_after(0, producers, batch, durability).await
+}
+
+/// [`herald_append`] into a log that already holds `held` events (appended unmeasured first).
+async fn herald_append_after(
+    held: u64,
+    producers: usize,
+    batch: usize,
+    durability: Durability,
+) -> f64 {
     let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
     let log = open_log(dir.path());
+    let fill: Vec<Notification> = (0..1024).map(event).collect();
+    let buffered = AppendOptions {
+        durability: Durability::Buffered,
+        ..Default::default()
+    };
+    for _ in 0..held.div_ceil(1024) {
+        log.append(fill.clone(), buffered.clone()).await.unwrap();
+    }
+    log.append(vec![event(0)], AppendOptions::default())
+        .await
+        .unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + budget();
     let start = Instant::now();
@@ -217,6 +238,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("HERALD_BENCH_PART").as_deref() == Ok("growth") {
+        growth(&rt);
+        return;
+    }
     let server = NatsServer::start(&NatsConfig {
         jetstream: true,
         ..Default::default()
@@ -247,4 +272,25 @@ fn main() {
     let h = rt.block_on(herald_replay(200_000));
     let j = rt.block_on(jetstream_replay(&url, 200_000));
     row("read everything in order", h, j);
+}
+
+/// Whether an append costs more as the log grows: the same producers appending to an empty log
+/// and to logs already holding millions of events, as a ratio to the empty log.
+fn growth(rt: &tokio::runtime::Runtime) {
+    println!("## Appends as the log grows (events/s; ratio to the empty log)\n");
+    println!("| held before | 1 × 256 durable | ratio | 64 × 1 durable | ratio | 1 × 256 buffered | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut base = None;
+    for held in [0u64, 1_000_000, 4_000_000] {
+        let a = rt.block_on(herald_append_after(held, 1, 256, Durability::Durable));
+        let b = rt.block_on(herald_append_after(held, 64, 1, Durability::Durable));
+        let c = rt.block_on(herald_append_after(held, 1, 256, Durability::Buffered));
+        let (a0, b0, c0) = *base.get_or_insert((a, b, c));
+        println!(
+            "| {held} | {a:.0} | {:.2}× | {b:.0} | {:.2}× | {c:.0} | {:.2}× |",
+            a / a0,
+            b / b0,
+            c / c0
+        );
+    }
 }
