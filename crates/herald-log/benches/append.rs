@@ -278,7 +278,9 @@ fn main() {
 /// and to logs already holding millions of events, as a ratio to the empty log.
 fn growth(rt: &tokio::runtime::Runtime) {
     println!("## Appends as the log grows (events/s; ratio to the empty log)\n");
-    println!("| held before | 1 × 256 durable | ratio | 64 × 1 durable | ratio | 1 × 256 buffered | ratio |");
+    println!(
+        "| held before | 1 × 256 durable | ratio | 64 × 1 durable | ratio | 1 × 256 buffered | ratio |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
     for held in [0u64, 1_000_000, 4_000_000] {

@@ -433,12 +433,30 @@ impl EventJson {
 /// The one writer of events as JSON: every frame and page comes from it.
 pub struct EventOut<'a>(pub &'a Notification);
 
-/// A value written through its `Display` (keys, base64) without an intermediate `String`.
-struct Shown<T>(T);
+/// A key: its text as it is (the common case, without the formatting machinery a `Display`
+/// goes through), or its `Display` form when it is not UTF-8.
+struct KeyOut<'a>(&'a Key);
 
-impl<T: std::fmt::Display> Serialize for Shown<T> {
+impl Serialize for KeyOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        match self.0.as_str() {
+            Some(text) => s.serialize_str(text),
+            None => s.collect_str(self.0),
+        }
+    }
+}
+
+/// Bytes as base64, encoded on the stack when short (event payloads usually are).
+struct Base64Out<'a>(&'a [u8]);
+
+impl Serialize for Base64Out<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 1024];
+        match B64.encode_slice(self.0, &mut buf) {
+            // Base64's alphabet is ASCII.
+            Ok(n) => s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or_default()),
+            Err(_) => s.collect_str(&base64::display::Base64Display::new(self.0, &B64)),
+        }
     }
 }
 
@@ -447,7 +465,7 @@ impl Serialize for EventOut<'_> {
         use serde::ser::SerializeMap;
         let n = self.0;
         let mut m = s.serialize_map(None)?;
-        m.serialize_entry("key", &Shown(&n.key))?;
+        m.serialize_entry("key", &KeyOut(&n.key))?;
         m.serialize_entry("kind", n.kind().name())?;
         if let Some(w) = n.watermark {
             m.serialize_entry("watermark", &w.0)?;
@@ -465,7 +483,7 @@ impl Serialize for EventOut<'_> {
                 },
             )?,
             Event::NewMail(nm) => {
-                m.serialize_entry("parent", &Shown(&nm.parent))?;
+                m.serialize_entry("parent", &KeyOut(&nm.parent))?;
                 m.serialize_entry("message_class", &nm.message_class)?;
                 m.serialize_entry("message_flags", &nm.message_flags)?;
             }
@@ -486,10 +504,7 @@ impl Serialize for EventOut<'_> {
             }
             Event::Extended(e) => {
                 m.serialize_entry("extended_event", &e.event)?;
-                m.serialize_entry(
-                    "data",
-                    &Shown(base64::display::Base64Display::new(&e.data, &B64)),
-                )?;
+                m.serialize_entry("data", &Base64Out(&e.data))?;
             }
         }
         m.end()
@@ -506,12 +521,12 @@ fn object_fields<M: serde::ser::SerializeMap>(
         m.serialize_entry("object_type", name_of(&OBJECT_TYPES, o.object_type))?;
     }
     if let Some(p) = &o.parent {
-        m.serialize_entry("parent", &Shown(p))?;
+        m.serialize_entry("parent", &KeyOut(p))?;
     }
     if let Some((old_key, old_parent)) = old {
-        m.serialize_entry("old_key", &Shown(old_key))?;
+        m.serialize_entry("old_key", &KeyOut(old_key))?;
         if let Some(p) = old_parent {
-            m.serialize_entry("old_parent", &Shown(p))?;
+            m.serialize_entry("old_parent", &KeyOut(p))?;
         }
     }
     if !o.changed_props.is_empty() {
@@ -920,6 +935,28 @@ mod tests {
         let Event::NewMail(m) = n.event else { panic!() };
         assert_eq!(m.parent, Key::from("a/inbox"));
         assert_eq!(m.message_class, "IPM.Note");
+    }
+
+    #[test]
+    fn payloads_too_long_for_the_stack_and_keys_that_are_not_text_are_written_too() {
+        for len in [0, 1, 767, 768, 769, 5000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let n = Notification::new(
+                "a/b",
+                Event::Extended(Extended {
+                    event: 1,
+                    data: data.clone().into(),
+                }),
+            );
+            let v: serde_json::Value = serde_json::to_value(EventOut(&n)).unwrap();
+            assert_eq!(B64.decode(v["data"].as_str().unwrap()).unwrap(), data);
+        }
+        let n = Notification::new(
+            Key::new(vec![0xff, 0x01]),
+            Event::ObjectCreated(ObjectChange::default()),
+        );
+        let v: serde_json::Value = serde_json::to_value(EventOut(&n)).unwrap();
+        assert_eq!(v["key"], "0xff01");
     }
 
     proptest::proptest! {
