@@ -258,9 +258,18 @@ fn event(e: &Element) -> Result<Option<EwsEvent>, ParseError> {
             None => return Ok(None),
         },
     };
+    let watermark = e.child("Watermark").map(|w| w.text.clone());
+    if kind == EventKind::Status {
+        // A StatusEvent is `BaseNotificationEventType`: a watermark and nothing else. Anything
+        // else inside one is not part of the schema and is ignored, as the writer never sends it.
+        return Ok(Some(EwsEvent {
+            watermark,
+            ..EwsEvent::status(String::new())
+        }));
+    }
     Ok(Some(EwsEvent {
         kind,
-        watermark: e.child("Watermark").map(|w| w.text.clone()),
+        watermark,
         timestamp: e.child("TimeStamp").map(|t| t.text.clone()),
         target: target(e, "FolderId", "ItemId"),
         parent_folder_id: e.child("ParentFolderId").map(id),

@@ -434,6 +434,19 @@ mod tests {
         assert!(!e.contains("Fault"));
     }
 
+    /// Found by the fuzzer: a StatusEvent carrying a timestamp and a folder (not in the schema)
+    /// read them, the writer leaves them out, and the round trip changed the notification.
+    #[test]
+    fn a_status_event_is_read_as_its_watermark_only() {
+        let xml = include_str!(
+            "../../../fuzz/corpus/ews_notification/regression-status-event-extra-fields"
+        );
+        let read = parse_notification(xml).unwrap();
+        assert_eq!(read[0].events[0], EwsEvent::status("HWC"));
+        let again = parse_notification(&send_notification(&read[0])).unwrap();
+        assert_eq!(again, read);
+    }
+
     #[test]
     fn push_replies_are_read_tolerantly() {
         assert_eq!(
