@@ -351,6 +351,8 @@ struct Outcome {
     lost: u64,
     dup: u64,
     cpu: f64,
+    /// Server CPU time between the samples per event received, in microseconds.
+    cpu_us_per_delivery: f64,
     rss_mib: f64,
 }
 
@@ -365,6 +367,8 @@ fn outcome(tally: &Tally, expected: u64, a: ProcSample, b: ProcSample) -> Outcom
         lost: expected.saturating_sub(got),
         dup: tally.duplicates.load(Ordering::Relaxed),
         cpu: cpu_percent(a, b),
+        cpu_us_per_delivery: b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 * 10_000.0
+            / got.max(1) as f64,
         rss_mib: b.rss_kib as f64 / 1024.0,
     }
 }
@@ -389,6 +393,14 @@ fn print_outcomes3(title: &str, how: &str, h: &Outcome, n: &Outcome, j: &Outcome
     row("latency p50 (ms)", h.p50, n.p50, j.p50, false);
     row("latency p99 (ms)", h.p99, n.p99, j.p99, false);
     row("latency p99.9 (ms)", h.p999, n.p999, j.p999, false);
+    row("latency max (ms)", h.max, n.max, j.max, false);
+    row(
+        "server CPU per delivery (µs)",
+        h.cpu_us_per_delivery,
+        n.cpu_us_per_delivery,
+        j.cpu_us_per_delivery,
+        false,
+    );
     println!("| lost events | {} | {} | {} | | |", h.lost, n.lost, j.lost);
     println!(
         "| duplicated events | {} | {} | {} | | |",
@@ -401,38 +413,6 @@ fn print_outcomes3(title: &str, how: &str, h: &Outcome, n: &Outcome, j: &Outcome
     println!(
         "| server RSS after (MiB) | {:.1} | {:.1} | {:.1} | | |",
         h.rss_mib, n.rss_mib, j.rss_mib
-    );
-}
-
-fn print_outcomes(title: &str, how: &str, h: &Outcome, n: &Outcome) {
-    println!("\n### {title}\n\n{how}\n");
-    println!("| metric | Herald | nats-server | Herald ÷ nats |");
-    println!("|---|---:|---:|---:|");
-    let row = |name: &str, a: f64, b: f64, better_high: bool| {
-        let ratio = if better_high { a / b } else { b / a };
-        println!(
-            "| {name} | {a:.2} | {b:.2} | {ratio:.2}× {} |",
-            if better_high {
-                ""
-            } else {
-                "(inverse: nats ÷ Herald)"
-            }
-        );
-    };
-    row("deliveries/s", h.rate, n.rate, true);
-    row("latency p50 (ms)", h.p50, n.p50, false);
-    row("latency p99 (ms)", h.p99, n.p99, false);
-    row("latency p99.9 (ms)", h.p999, n.p999, false);
-    row("latency max (ms)", h.max, n.max, false);
-    println!("| lost events | {} | {} | |", h.lost, n.lost);
-    println!("| duplicated events | {} | {} | |", h.dup, n.dup);
-    println!(
-        "| server CPU (% of a core) | {:.0} | {:.0} | |",
-        h.cpu, n.cpu
-    );
-    println!(
-        "| server RSS after (MiB) | {:.1} | {:.1} | |",
-        h.rss_mib, n.rss_mib
     );
 }
 
@@ -573,6 +553,120 @@ async fn herald_ordered_publish(ws_url: &str, key: &str, total: u64) -> anyhow::
     }
     answers.await??;
     Ok(())
+}
+
+/// A JetStream server with `sync_interval: always` (fsync before every acknowledgement, the
+/// like-for-like durable peer) and one file-backed stream over `subjects`.
+async fn js_start(
+    name: &str,
+    subjects: &str,
+) -> anyhow::Result<(
+    NatsServer,
+    async_nats::jetstream::Context,
+    async_nats::jetstream::stream::Stream,
+)> {
+    use async_nats::jetstream;
+    let n = NatsServer::start(&NatsConfig {
+        jetstream: true,
+        jetstream_extra: vec!["sync_interval: always".into()],
+    })?;
+    let client = async_nats::connect(n.url()).await?;
+    let js = jetstream::new(client);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subjects.into()],
+            storage: jetstream::stream::StorageType::File,
+            // nats-server 2.15 limits a stream to 1,000 consumers unless it sets its own.
+            max_consumers: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    Ok((n, js, stream))
+}
+
+/// A JetStream subscriber: an ordered consumer on its own connection's view of `stream`,
+/// filtered to `subject`, from the next message on; counted ready once created.
+async fn js_sub(
+    stream: async_nats::jetstream::stream::Stream,
+    subject: String,
+    tally: Arc<Tally>,
+    ready: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let r = js_sub_inner(stream, subject, tally, ready).await;
+    if let Err(e) = &r {
+        eprintln!("a JetStream subscriber failed: {e:#}");
+    }
+    r
+}
+
+async fn js_sub_inner(
+    stream: async_nats::jetstream::stream::Stream,
+    subject: String,
+    tally: Arc<Tally>,
+    ready: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            filter_subject: subject,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    ready.fetch_add(1, Ordering::Relaxed);
+    let mut seen = Seen::new();
+    while let Some(Ok(m)) = messages.next().await {
+        let (seq, ts) = nats_fields(&m.payload);
+        if seen.note(seq, &tally) {
+            tally.record(ts);
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `count` reaches `n`; fails after 30 s (a subscriber that failed says why on
+/// standard error).
+async fn wait_count(count: &AtomicU64, n: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count.load(Ordering::Relaxed) < n {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "only {} of {n} subscribers became ready",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// Publishes `total` messages at `rate` per second to JetStream, each acknowledged (durable)
+/// before the next, as Herald's paced producer waits for each durable acknowledgement.
+async fn js_paced(
+    js: &async_nats::jetstream::Context,
+    total: u64,
+    rate: u64,
+    subject_of: impl Fn(u64) -> String,
+) -> anyhow::Result<()> {
+    let start = tokio::time::Instant::now();
+    for seq in 0..total {
+        tokio::time::sleep_until(start + Duration::from_micros(seq * 1_000_000 / rate)).await;
+        js.publish(subject_of(seq), nats_payload(seq, now_micros()))
+            .await?
+            .await?;
+    }
+    Ok(())
+}
+
+/// The stream of a JetStream server as seen from a new connection of its own.
+async fn js_stream_on_new_connection(
+    n: &NatsServer,
+    name: &str,
+) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let client = async_nats::connect(n.url()).await?;
+    Ok(async_nats::jetstream::new(client).get_stream(name).await?)
 }
 
 /// S1 against JetStream with `sync_interval: always`: the outcome and the server's version.
@@ -756,13 +850,38 @@ async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
     let b = sample(n.pid());
     tasks.iter().for_each(|t| t.abort());
     let nats = outcome(&tally, total * subs, a, b);
-    print_outcomes(
+    drop(n);
+
+    // JetStream: one ordered consumer per subscriber, each on its own connection.
+    let (n, js, _) = js_start("S2", "s2.>").await?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..subs {
+        let stream = js_stream_on_new_connection(&n, "S2").await?;
+        tasks.push(tokio::spawn(js_sub(
+            stream,
+            "s2.k".into(),
+            tally.clone(),
+            ready.clone(),
+        )));
+    }
+    wait_ready(&ready, subs).await;
+    let a = sample(n.pid());
+    js_paced(&js, total, 100, |_| "s2.k".into()).await?;
+    wait_received(&tally, total * subs, Duration::from_secs(60)).await;
+    let b = sample(n.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let jet = outcome(&tally, total * subs, a, b);
+    print_outcomes3(
         "S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s",
         &format!(
-            "{subs} subscribers, each on its own connection (Herald: SSE), {total} events at 100/s; latency from publish to receipt. Herald acknowledges each publish only when durable."
+            "{subs} subscribers, each on its own connection (Herald: SSE; JetStream ({}, `sync_interval: always`): an ordered consumer each), {total} events at 100/s; latency from publish to receipt. Herald and JetStream acknowledge each publish only when durable.",
+            n.version()
         ),
         &herald,
         &nats,
+        &jet,
     );
     Ok(())
 }
@@ -845,13 +964,44 @@ async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
     let b = sample(n.pid());
     tasks.iter().for_each(|t| t.abort());
     let nats = outcome(&tally, total, a, b);
-    print_outcomes(
+    drop(n);
+
+    // JetStream: an ordered consumer per key (filtered), ten per connection.
+    let (n, js, _) = js_start("S3", "s3.>").await?;
+    let tally = Tally::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let stream = js_stream_on_new_connection(&n, "S3").await?;
+        for k in 0..per_conn {
+            let key = c * per_conn + k;
+            tasks.push(tokio::spawn(js_sub(
+                stream.clone(),
+                format!("s3.k{key}"),
+                tally.clone(),
+                ready.clone(),
+            )));
+        }
+        // Consumers are created a connection at a time, so the server is not asked for
+        // ten thousand at once.
+        wait_count(&ready, (c + 1) * per_conn).await?;
+    }
+    wait_ready(&ready, keys).await;
+    let a = sample(n.pid());
+    js_paced(&js, total, 1000, |seq| format!("s3.k{}", seq % keys)).await?;
+    wait_received(&tally, total, Duration::from_secs(60)).await;
+    let b = sample(n.pid());
+    tasks.iter().for_each(|t| t.abort());
+    let jet = outcome(&tally, total, a, b);
+    print_outcomes3(
         "S3: 10,000 subscriptions over 1,000 connections, each on its own key, 1,000 events/s",
         &format!(
-            "{conns} connections × {per_conn} subscriptions (Herald: WebSocket, one subscribe frame per key); {total} events at 1,000/s, each to one key in turn."
+            "{conns} connections × {per_conn} subscriptions (Herald: WebSocket, one subscribe frame per key; JetStream ({}, `sync_interval: always`): an ordered consumer per key); {total} events at 1,000/s, each to one key in turn.",
+            n.version()
         ),
         &herald,
         &nats,
+        &jet,
     );
     Ok(())
 }
@@ -907,18 +1057,45 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sample(n.pid());
     let nats_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
+    let nats_up = clients.len();
+    drop(clients);
+    drop(n);
+
+    // JetStream: each connection with an ordered consumer on its own subject.
+    let (n, _js, _) = js_start("S4", "s4.>").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sample(n.pid());
+    let ready = Arc::new(AtomicU64::new(0));
+    let tally = Tally::new();
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let stream = js_stream_on_new_connection(&n, "S4").await?;
+        tasks.push(tokio::spawn(js_sub(
+            stream,
+            format!("s4.k{i}"),
+            tally.clone(),
+            ready.clone(),
+        )));
+        wait_count(&ready, i + 1).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sample(n.pid());
+    let js_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
+    let js_up = ready.load(Ordering::Relaxed);
+    tasks.iter().for_each(|t| t.abort());
     println!("\n### S4: {conns} idle connections, one subscription each\n");
     println!(
-        "Server resident memory growth divided by connections (Herald: SSE connections; nats-server: client connections with one subscription).\n"
+        "Server resident memory growth divided by connections (Herald: SSE connections; NATS core: client connections with one subscription; JetStream ({}, `sync_interval: always`): client connections with an ordered consumer each).\n",
+        n.version()
     );
-    println!("| metric | Herald | nats-server | nats ÷ Herald |");
-    println!("|---|---:|---:|---:|");
-    println!("| connections held | {herald_up} | {} | |", clients.len());
+    println!("| metric | Herald | NATS core | JetStream | Herald ÷ core | Herald ÷ JetStream |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| connections held | {herald_up} | {nats_up} | {js_up} | | |");
     println!(
-        "| RSS per connection (bytes) | {herald_per:.0} | {nats_per:.0} | {:.2}× |",
-        nats_per / herald_per
+        "| RSS per connection (bytes) | {herald_per:.0} | {nats_per:.0} | {js_per:.0} | {:.2}× | {:.2}× |",
+        herald_per / nats_per,
+        herald_per / js_per
     );
-    drop(clients);
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::response::Response;
-use futures_util::{SinkExt, Stream};
+use futures_util::{FutureExt, SinkExt, Stream};
 use herald_core::{Filter, Watermark};
 use herald_delivery::{Connect, ConnectError, EndReason, FeedItem, Lease, Live, Transport};
 use herald_log::{FollowError, ReadError};
@@ -297,8 +297,22 @@ async fn connection(
                 }
             }
             Some((id, item)) = feeds.next(), if !feeds.is_empty() => {
-                let advise = subs.get(&id).and_then(|s| s.advise);
-                if write(&state, &mut socket, &id, advise, item).await.is_err() {
+                // What else the feeds already hold goes out in the same socket write.
+                let mut next = Some((id, item));
+                let mut written = 0;
+                let mut failed = false;
+                while let Some((id, item)) = next.take() {
+                    let advise = subs.get(&id).and_then(|s| s.advise);
+                    if write(&state, &mut socket, &id, advise, item).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                    written += 1;
+                    if written < WRITE_BATCHES {
+                        next = feeds.next().now_or_never().flatten();
+                    }
+                }
+                if failed || socket.flush().await.is_err() {
                     break;
                 }
             }
@@ -338,7 +352,10 @@ async fn connection(
     }
 }
 
-/// Writes what a feed yielded: a batch as one flush of its frames.
+/// How many batches the feeds already hold are written before one flush.
+const WRITE_BATCHES: usize = 16;
+
+/// Writes what a feed yielded, unflushed: the caller flushes once for what it wrote.
 async fn write(
     state: &AppState,
     socket: &mut WebSocket,
@@ -355,7 +372,7 @@ async fn write(
                     socket.feed(Message::Text(text.into())).await?;
                 }
             }
-            socket.flush().await
+            Ok(())
         }
         Ok(FeedItem::KeepAlive { .. }) => Ok(()),
         Err(FollowError::Position(ReadError::Expired {
@@ -365,10 +382,10 @@ async fn write(
                 id: id.to_owned(),
                 oldest_available: oldest_available.0,
             };
-            send(socket, &frame).await
+            feed(socket, &frame).await
         }
         Err(e) => {
-            send(
+            feed(
                 socket,
                 &error(Some(id.to_owned()), "stream_ended", e.to_string()),
             )
@@ -407,6 +424,12 @@ fn is_too_big(e: &axum::Error) -> bool {
     // axum hides its WebSocket library's error type; its message names the capacity limit.
     let text = e.to_string();
     text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
+
+/// Queues a frame without flushing it.
+async fn feed(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(frame).unwrap_or_default();
+    socket.feed(Message::Text(text.into())).await
 }
 
 async fn send(socket: &mut WebSocket, frame: &ServerFrame) -> Result<(), axum::Error> {
