@@ -14,6 +14,9 @@ use bytes::Bytes;
 /// The separator between segments of a key in path form.
 pub const PATH_SEPARATOR: u8 = b'/';
 
+/// Keys under this prefix are the server's own (presence); producers may not publish there.
+pub const RESERVED_PREFIX: &str = "$herald";
+
 /// An opaque, cheaply cloneable notification key.
 ///
 /// Equality and hashing are over the raw bytes; nothing else about a key is interpreted except

@@ -67,7 +67,7 @@ pub use hub::{
     NOTIFY_SYNC, NotifyError, NotifyOutcome, ShutdownReport, SinkRef, SubscribeError,
     SubscribeOptions, UnsubscribeError,
 };
-pub use key::{Filter, Key, PATH_SEPARATOR, Scope};
+pub use key::{Filter, Key, PATH_SEPARATOR, RESERVED_PREFIX, Scope};
 pub use sink::{Batch, CALLBACK_DISCONTINUE, Delivery, Flow, Overflow, OwnedDelivery, Sink};
 pub use subscription::ConnectionId;
 pub use wait::{AsyncWait, Wait, WaitOutcome, WaitRejected};

@@ -32,8 +32,7 @@ use crate::state::state_name;
 
 /// Where presence events go: `$herald/presence/<owner>/<connection id>`.
 pub const PRESENCE_PREFIX: &str = "$herald/presence";
-/// Keys under this prefix are the server's own; producers may not publish there.
-pub const RESERVED_PREFIX: &str = "$herald";
+pub use herald_core::RESERVED_PREFIX;
 /// The most events one presence append carries.
 const WRITE_BATCH: usize = 1024;
 

@@ -179,85 +179,64 @@ impl Client {
             .await
     }
 
+    /// A WebSocket client for the same server and credentials: resumable subscriptions and
+    /// ordered publishing.
+    fn herald_client(
+        &self,
+        give_up_after: Option<Duration>,
+    ) -> anyhow::Result<herald_client::Client> {
+        let mut b = herald_client::Client::builder()
+            .server(&self.server)
+            .give_up_after(give_up_after);
+        if let Some(t) = &self.token {
+            b = b.token(t.clone());
+        }
+        Ok(b.build()?)
+    }
+
     /// Streams events to `out` until interrupted, reconnecting after errors and resuming after
-    /// the last watermark printed. Returns when the server says the position expired.
+    /// the last watermark printed. Returns an error when the server says the position expired
+    /// or is ahead of its log.
     pub async fn tail(
         &self,
         query: &TailQuery,
         json: bool,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<()> {
-        let mut last = query.after;
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            let mut params: Vec<(&str, String)> = Vec::new();
-            if query.subtree {
-                params.push(("subtree", query.key.clone()));
-            } else if query.children {
-                params.push(("children", query.key.clone()));
-            } else {
-                params.push(("key", query.key.clone()));
-            }
-            if let Some(k) = &query.kinds {
-                params.push(("kinds", k.clone()));
-            }
-            let mut r = self
-                .request(reqwest::Method::GET, "/v1/stream")
-                .query(&params);
-            if let Some(w) = last {
-                r = r.header("Last-Event-ID", w.to_string());
-            }
-            let resp = match r.send().await {
-                Ok(resp) if resp.status().is_success() => resp,
-                Ok(resp) => {
-                    let status = resp.status();
-                    let text = resp.text().await.unwrap_or_default();
-                    bail!("the server answered {status}: {text}");
-                }
-                Err(e) => {
-                    eprintln!("herald tail: {e}; reconnecting in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(250);
-            let mut events = eventsource_stream::EventStream::new(resp.bytes_stream());
-            while let Some(item) = events.next().await {
-                let ev = match item {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        eprintln!("herald tail: stream broke ({e}); resuming");
-                        break;
-                    }
-                };
-                match ev.event.as_str() {
-                    "expired" | "reset" => {
-                        bail!("the position can no longer be resumed: {}", ev.data);
-                    }
-                    "shutdown" | "error" => {
-                        eprintln!(
-                            "herald tail: server said {}: {}; resuming",
-                            ev.event, ev.data
-                        );
-                        break;
-                    }
-                    _ => {}
-                }
-                let event: EventJson = match serde_json::from_str(&ev.data) {
-                    Ok(e) => e,
-                    Err(_) => continue,
-                };
-                last = event.watermark.or(last);
-                if json {
-                    writeln!(out, "{}", ev.data)?;
-                } else {
-                    writeln!(out, "{}", human(&event))?;
-                }
-                out.flush()?;
-            }
-            tokio::time::sleep(backoff).await;
+        let client = self.herald_client(None)?;
+        let mut spec = if query.subtree {
+            herald_client::Subscribe::subtree(&query.key)
+        } else if query.children {
+            herald_client::Subscribe::children(&query.key)
+        } else {
+            herald_client::Subscribe::key(&query.key)
+        };
+        if let Some(k) = &query.kinds {
+            spec = spec.kinds(k.clone());
         }
+        if let Some(w) = query.after {
+            spec = spec.after(w);
+        }
+        let subscriber = client.subscriber();
+        let mut events = subscriber.subscribe(spec).await?;
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(
+                    e @ (herald_client::Error::Expired { .. } | herald_client::Error::Reset { .. }),
+                ) => {
+                    bail!("the position can no longer be resumed: {e}")
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&event.json)?)?;
+            } else {
+                writeln!(out, "{}", human(&event.json))?;
+            }
+            out.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -314,9 +293,6 @@ pub fn event_from_fields(key: &str, kind: &str, fields: &[String]) -> anyhow::Re
         .context("the fields do not make an event")
 }
 
-/// How many batches `herald publish --stdin` keeps in flight.
-const PUBLISH_WINDOW: usize = 64;
-
 impl Client {
     /// Publishes one batch per input line (an event object, or an array of events) over one
     /// WebSocket with many in flight: appended in line order, answered per line. Stops at
@@ -332,35 +308,22 @@ impl Client {
         json: bool,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<u64> {
-        use futures_util::SinkExt;
+        use futures_util::stream::FuturesOrdered;
         use tokio::io::AsyncBufReadExt;
-        use tokio_tungstenite::tungstenite::Message;
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-        let url = match self.server.split_once("://") {
-            Some(("http", rest)) => format!("ws://{rest}/v1/ws"),
-            Some(("https", rest)) => format!("wss://{rest}/v1/ws"),
-            _ => bail!("the server URL must start with http:// or https://"),
-        };
-        let mut request = url.as_str().into_client_request()?;
-        if let Some(t) = &self.token {
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {t}").parse()?);
-        }
-        let (mut ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .with_context(|| format!("cannot open a WebSocket to {url}"))?;
+        let publisher = self
+            .herald_client(Some(Duration::from_secs(60)))?
+            .publisher();
         let mut lines = input.lines();
         let mut line_no = 0u64;
-        let mut in_flight = 0usize;
+        let mut answers = FuturesOrdered::new();
         let mut published = 0u64;
         let mut reading = true;
         // The first failure: its line and why. Nothing after it is sent or counted.
         let mut failure: Option<(u64, String)> = None;
-        while (reading && failure.is_none()) || in_flight > 0 {
+        loop {
             tokio::select! {
-                line = lines.next_line(), if reading && failure.is_none() && in_flight < PUBLISH_WINDOW => {
+                line = lines.next_line(), if reading && failure.is_none() => {
                     let Some(line) = line.context("reading standard input")? else {
                         reading = false;
                         continue;
@@ -369,71 +332,64 @@ impl Client {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let events = match serde_json::from_str::<serde_json::Value>(&line) {
-                        Ok(serde_json::Value::Array(events)) => events,
-                        Ok(event @ serde_json::Value::Object(_)) => vec![event],
-                        Ok(_) => {
-                            failure = Some((line_no, "not an event object or an array of events".into()));
-                            continue;
-                        }
-                        Err(e) => {
-                            failure = Some((line_no, format!("not JSON: {e}")));
+                    let events = match batch_of_line(&line) {
+                        Ok(events) => events,
+                        Err(why) => {
+                            failure = Some((line_no, why));
                             continue;
                         }
                     };
-                    let mut frame = serde_json::json!({
-                        "op": "publish",
-                        "id": line_no.to_string(),
-                        "events": events,
-                    });
-                    if let Some(p) = idempotency_prefix {
-                        frame["idempotency_key"] = format!("{p}-{line_no}").into();
-                    }
-                    ws.send(Message::Text(frame.to_string().into())).await?;
-                    in_flight += 1;
+                    let pending = match idempotency_prefix {
+                        Some(p) => publisher.send_with_key(events, format!("{p}-{line_no}")).await?,
+                        None => publisher.send(events).await?,
+                    };
+                    let n = line_no;
+                    answers.push_back(async move { (n, pending.await) });
                 }
-                msg = ws.next() => {
-                    let text = match msg {
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(Message::Close(_))) | None => bail!(
-                            "the server closed the connection with {in_flight} lines unanswered (they may or may not be appended)"
-                        ),
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Err(e.into()),
-                    };
-                    let v: serde_json::Value = serde_json::from_str(&text)?;
-                    let Some(n) = v["id"].as_str().and_then(|s| s.parse::<u64>().ok()) else {
-                        if v["type"] == "error" {
-                            bail!("the server refused: {}", v["message"]);
-                        }
-                        continue;
-                    };
-                    in_flight -= 1;
-                    if v["type"] == "published" {
+                Some((n, answer)) = answers.next(), if !answers.is_empty() => match answer {
+                    Ok(p) => {
                         published += 1;
                         if json {
-                            writeln!(out, "{}", serde_json::json!({"line": n, "watermarks": v["watermarks"], "replayed": v["replayed"]}))?;
+                            writeln!(out, "{}", serde_json::json!({"line": n, "watermarks": p.watermarks, "replayed": p.replayed}))?;
                         } else {
-                            let w = &v["watermarks"];
-                            let first = w[0].as_u64().unwrap_or(0);
-                            let last = w.as_array().and_then(|a| a.last()).and_then(|l| l.as_u64()).unwrap_or(first);
+                            let first = p.watermarks.first().copied().unwrap_or(0);
+                            let last = p.watermarks.last().copied().unwrap_or(first);
                             let range = if first == last { first.to_string() } else { format!("{first}-{last}") };
-                            writeln!(out, "line {n}: watermark {range}{}", if v["replayed"] == true { " (replayed)" } else { "" })?;
+                            writeln!(out, "line {n}: watermark {range}{}", if p.replayed { " (replayed)" } else { "" })?;
                         }
-                    } else if failure.as_ref().is_none_or(|(f, _)| n < *f) {
+                    }
+                    Err(e) => {
                         // The earliest failure is the one to start again from; the later
                         // lines were aborted because of it.
-                        failure = Some((n, format!("{}: {}", v["code"].as_str().unwrap_or("error"), v["message"].as_str().unwrap_or(""))));
+                        if failure.as_ref().is_none_or(|(f, _)| n < *f) {
+                            failure = Some((n, e.to_string()));
+                        }
                     }
-                }
+                },
+                else => break,
             }
         }
-        let _ = ws.close(None).await;
         if let Some((n, why)) = failure {
             bail!(
                 "line {n} was not published ({why}); {published} lines before it were, none after it: start again from line {n}"
             );
         }
         Ok(published)
+    }
+}
+
+/// One input line of `herald publish --stdin`: an event, or an array of events.
+fn batch_of_line(line: &str) -> Result<Vec<EventJson>, String> {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Array(events)) => events
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("invalid_field: {e}")),
+        Ok(event @ serde_json::Value::Object(_)) => serde_json::from_value(event)
+            .map(|e| vec![e])
+            .map_err(|e| format!("invalid_field: {e}")),
+        Ok(_) => Err("not an event object or an array of events".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
     }
 }

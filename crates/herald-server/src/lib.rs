@@ -14,7 +14,8 @@ pub mod error;
 pub mod ews;
 pub mod frames;
 pub mod hooks;
-pub mod json;
+/// The JSON form of events lives in `herald-proto`, shared with the clients.
+pub use herald_proto::json;
 pub mod keys;
 pub mod mapi;
 pub mod metrics;

@@ -18,6 +18,8 @@ pub struct Proxy {
 struct Shared {
     target: SocketAddr,
     cut: AtomicBool,
+    /// Replies (target to client) are read and dropped, not forwarded.
+    drop_replies: AtomicBool,
     stop: AtomicBool,
     /// Both ends of every connection it carries, to shut down at a cut.
     open: Mutex<Vec<TcpStream>>,
@@ -31,6 +33,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             target,
             cut: AtomicBool::new(false),
+            drop_replies: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             open: Mutex::new(Vec::new()),
         });
@@ -52,9 +55,17 @@ impl Proxy {
         self.shared.close_all();
     }
 
-    /// Forwards again.
+    /// Forwards again (replies too).
     pub fn heal(&self) {
+        self.shared.drop_replies.store(false, Ordering::SeqCst);
         self.shared.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// From now on drops what the target answers instead of forwarding it (requests still
+    /// go through): work is done whose answers the client never sees. Cut afterwards, since
+    /// the byte stream the client sees is no longer whole.
+    pub fn drop_replies(&self) {
+        self.shared.drop_replies.store(true, Ordering::SeqCst);
     }
 
     /// Whether it is cut.
@@ -111,14 +122,29 @@ fn accept(listener: TcpListener, s: Arc<Shared>) {
             open.push(client);
             open.push(server);
         }
-        std::thread::spawn(move || pipe(c1, s1));
-        std::thread::spawn(move || pipe(s2, c2));
+        std::thread::spawn(move || pipe(c1, s1, None));
+        let replies = s.clone();
+        std::thread::spawn(move || pipe(s2, c2, Some(&replies.drop_replies)));
     }
 }
 
-/// Copies one direction until either side closes, then closes both.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
+/// Copies one direction until either side closes, then closes both; drops what it reads
+/// while `dropping` is set.
+fn pipe(mut from: TcpStream, mut to: TcpStream, dropping: Option<&AtomicBool>) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if dropping.is_some_and(|d| d.load(Ordering::SeqCst)) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }

@@ -11,31 +11,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use herald_core::Timestamp;
 use herald_log::{AppendOptions, EventLog};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::ApiError;
 use crate::json::EventJson;
 use crate::metrics::names;
 
-/// A batch of events to append, in order.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PublishRequest {
-    /// The events; the batch is appended atomically and delivered in this order.
-    pub events: Vec<EventJson>,
-}
-
-/// The watermarks the batch got, once it is durable.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-pub struct PublishResponse {
-    /// One watermark per event, in order.
-    pub watermarks: Vec<u64>,
-    /// Whether this answers a retry of an earlier request with the same `Idempotency-Key`
-    /// (nothing new was appended).
-    pub replayed: bool,
-}
+pub use herald_proto::http::{PublishRequest, PublishResponse};
 
 /// The most bytes an `Idempotency-Key` may have.
 const MAX_IDEMPOTENCY_KEY: usize = 255;

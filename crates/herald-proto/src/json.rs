@@ -253,6 +253,14 @@ fn allowed_fields(kind: EventKind) -> &'static [&'static str] {
     }
 }
 
+/// Who made the JSON being read: a producer (checked strictly, never the server's own
+/// events) or the server (a delivered event, read by a client).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Producer,
+    Server,
+}
+
 impl EventJson {
     /// The per-kind fields that are present.
     fn present_fields(&self) -> Vec<&'static str> {
@@ -287,7 +295,28 @@ impl EventJson {
         now: Timestamp,
         max_key: usize,
     ) -> Result<Notification, FieldError> {
-        let key = producer_key("key", &self.key, max_key)?;
+        self.convert(now, max_key, Origin::Producer)
+    }
+
+    /// Turns an event as the server delivers it into the engine's: its watermark kept, and
+    /// the server's own events (connection state, keys under `$herald/`) accepted. This is
+    /// how a client reads what it receives.
+    pub fn to_delivered(&self) -> Result<Notification, FieldError> {
+        let stamp = Timestamp(self.timestamp.unwrap_or(0));
+        self.convert(stamp, usize::MAX, Origin::Server)
+    }
+
+    fn convert(
+        &self,
+        now: Timestamp,
+        max_key: usize,
+        origin: Origin,
+    ) -> Result<Notification, FieldError> {
+        let any_key = |field: &str, s: &str| match origin {
+            Origin::Producer => producer_key(field, s, max_key),
+            Origin::Server => parse_key(field, s, max_key),
+        };
+        let key = any_key("key", &self.key)?;
         let kind = EventKind::from_name(&self.kind).ok_or_else(|| {
             let names: Vec<&str> = EventKind::ALL
                 .iter()
@@ -299,7 +328,7 @@ impl EventJson {
                 format!("unknown kind {:?}; one of {}", self.kind, names.join(", ")),
             )
         })?;
-        if kind == EventKind::ConnectionState {
+        if kind == EventKind::ConnectionState && origin == Origin::Producer {
             return Err(field_err(
                 "kind",
                 "connection_state events come from the server itself",
@@ -321,9 +350,7 @@ impl EventJson {
             ));
         }
         let opt_key = |field: &str, v: &Option<String>| -> Result<Option<Key>, FieldError> {
-            v.as_deref()
-                .map(|s| producer_key(field, s, max_key))
-                .transpose()
+            v.as_deref().map(|s| any_key(field, s)).transpose()
         };
         let object = || -> Result<ObjectChange, FieldError> {
             Ok(ObjectChange {
@@ -406,12 +433,30 @@ impl EventJson {
                     None => bytes::Bytes::new(),
                 },
             }),
-            EventKind::ConnectionState => unreachable_kind()?,
+            EventKind::ConnectionState => match (origin, &self.connection_state) {
+                (Origin::Server, Some(c)) => Event::ConnectionState(ConnectionStateChange {
+                    phase: parse_name(&PHASES, "connection_state.phase", &c.phase)?,
+                    client_token: c.client_token,
+                    changed_mask: c.changed_mask,
+                    old_state: c.old_state,
+                    new_state: c.new_state,
+                }),
+                (Origin::Server, None) => {
+                    return Err(field_err(
+                        "connection_state",
+                        "required for connection_state",
+                    ));
+                }
+                (Origin::Producer, _) => unreachable_kind()?,
+            },
         };
         let n = Notification {
             key,
             timestamp: self.timestamp.map_or(now, Timestamp),
-            watermark: None,
+            watermark: match origin {
+                Origin::Producer => None,
+                Origin::Server => self.watermark.map(Watermark),
+            },
             event,
         };
         n.validate().map_err(|e| {
@@ -591,7 +636,7 @@ fn parse_key(field: &str, s: &str, max: usize) -> Result<Key, FieldError> {
 /// whichever field names it: moves are matched on their old key too.
 fn producer_key(field: &str, s: &str, max: usize) -> Result<Key, FieldError> {
     let key = parse_key(field, s, max)?;
-    let reserved = Key::from(herald_delivery::presence::RESERVED_PREFIX);
+    let reserved = Key::from(herald_core::RESERVED_PREFIX);
     if key.is_within(&reserved) {
         return Err(field_err(
             field,
@@ -969,6 +1014,19 @@ mod tests {
             let back: EventJson = serde_json::from_str(&text).unwrap();
             let m = back.to_notification(Timestamp(0), 1 << 20).unwrap();
             // Floats go through f64 and text; compare the JSON forms.
+            proptest::prop_assert_eq!(serde_json::to_string(&EventOut(&m)).unwrap(), text);
+        }
+
+        /// What a client receives reads back as the event the server sent, watermark and the
+        /// server's own connection-state events included.
+        #[test]
+        fn every_delivered_event_reads_back_as_the_model(n in herald_testkit::arb::logged_notification()) {
+            proptest::prop_assume!(n.key.as_str().is_some());
+            let text = serde_json::to_string(&EventOut(&n)).unwrap();
+            let back: EventJson = serde_json::from_str(&text).unwrap();
+            let m = back.to_delivered().unwrap();
+            proptest::prop_assert_eq!(m.watermark, n.watermark);
+            proptest::prop_assert_eq!(m.kind(), n.kind());
             proptest::prop_assert_eq!(serde_json::to_string(&EventOut(&m)).unwrap(), text);
         }
     }
