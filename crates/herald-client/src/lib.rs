@@ -216,6 +216,37 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Creates a durable subscription on the server (`POST /v1/subscriptions`, transport
+    /// `poll`) with `spec`'s filter and start; returns its id for [`Subscribe::durable`].
+    pub async fn create_subscription(&self, spec: &Subscribe) -> Result<String, Error> {
+        let server = &self.config.servers[0];
+        let mut request = self
+            .config
+            .http
+            .post(format!("{server}/v1/subscriptions"))
+            .json(&spec.create_body());
+        if let Some(t) = &self.config.token {
+            request = request.bearer_auth(t);
+        }
+        let response = request.send().await.map_err(|e| Error::Unreachable {
+            waited: Duration::ZERO,
+            last: e.to_string(),
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(connection::refusal(status.as_u16(), &text));
+        }
+        let view: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
+        view["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Protocol("the answer has no id".into()))
+    }
+}
+
 impl ClientBuilder {
     /// Adds a server (a node of a cluster); they are tried in the order added.
     pub fn server(mut self, url: &str) -> Self {

@@ -84,6 +84,24 @@ impl Subscribe {
         self
     }
 
+    /// The body that creates a durable subscription with this filter and start.
+    pub(crate) fn create_body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({"transport": "poll"});
+        match &self.target {
+            Target::Key(k) => body["key"] = k.as_str().into(),
+            Target::Subtree(k) => body["subtree"] = k.as_str().into(),
+            Target::Children(k) => body["children"] = k.as_str().into(),
+            Target::Durable(_) => {}
+        }
+        if let Some(k) = &self.kinds {
+            body["kinds"] = k.as_str().into();
+        }
+        if let Some(a) = self.after {
+            body["after"] = a.into();
+        }
+        body
+    }
+
     fn frame(&self, id: &str, after: Option<u64>) -> ClientFrame {
         let (mut key, mut subtree, mut children, mut subscription) = (None, None, None, None);
         match &self.target {
@@ -149,6 +167,7 @@ enum Command {
     Ack {
         id: String,
         watermark: u64,
+        stored: Option<oneshot::Sender<()>>,
     },
 }
 
@@ -202,8 +221,23 @@ impl Subscription {
             .send(Command::Ack {
                 id: self.id.clone(),
                 watermark,
+                stored: None,
             })
             .map_err(|_| Error::Closed)
+    }
+
+    /// As [`ack`](Self::ack), and waits until the server has confirmed it (stored, for a
+    /// durable subscription): what a worker does before it exits.
+    pub async fn ack_stored(&self, watermark: u64) -> Result<(), Error> {
+        let (stored, confirmed) = oneshot::channel();
+        self.commands
+            .send(Command::Ack {
+                id: self.id.clone(),
+                watermark,
+                stored: Some(stored),
+            })
+            .map_err(|_| Error::Closed)?;
+        confirmed.await.map_err(|_| Error::Closed)
     }
 
     /// The watermark the subscription started after, as the server confirmed it.
@@ -231,6 +265,8 @@ struct Sub {
     /// The highest acknowledgement asked for, and the highest the server confirmed.
     acked: Option<u64>,
     ack_confirmed: Option<u64>,
+    /// Callers of `ack_stored`, until the server confirms their watermark.
+    ack_waiters: Vec<(u64, oneshot::Sender<()>)>,
 }
 
 impl Sub {
@@ -351,6 +387,7 @@ async fn command(subs: &mut HashMap<String, Sub>, ws: Option<&mut Ws>, c: Comman
                     last: None,
                     acked: None,
                     ack_confirmed: None,
+                    ack_waiters: Vec::new(),
                 },
             );
             frame
@@ -361,11 +398,18 @@ async fn command(subs: &mut HashMap<String, Sub>, ws: Option<&mut Ws>, c: Comman
             }
             ClientFrame::Unsubscribe { id }
         }
-        Command::Ack { id, watermark } => {
+        Command::Ack {
+            id,
+            watermark,
+            stored,
+        } => {
             let Some(sub) = subs.get_mut(&id) else {
                 return true;
             };
             sub.acked = sub.acked.max(Some(watermark));
+            if let Some(s) = stored {
+                sub.ack_waiters.push((watermark, s));
+            }
             ClientFrame::Ack { id, watermark }
         }
     };
@@ -421,6 +465,13 @@ async fn frame_in(subs: &mut HashMap<String, Sub>, ws: &mut Ws, frame: ServerFra
         ServerFrame::Acked { id, watermark } => {
             if let Some(sub) = subs.get_mut(&id) {
                 sub.ack_confirmed = sub.ack_confirmed.max(Some(watermark));
+                let (done, waiting) = std::mem::take(&mut sub.ack_waiters)
+                    .into_iter()
+                    .partition(|(w, _)| *w <= watermark);
+                sub.ack_waiters = waiting;
+                for (_, d) in done {
+                    let _ = d.send(());
+                }
             }
         }
         ServerFrame::Error {
