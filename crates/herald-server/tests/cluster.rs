@@ -549,3 +549,84 @@ async fn a_websocket_client_on_one_node_gets_what_is_published_on_the_other() {
     }
     assert_eq!(got, published);
 }
+
+/// `herald-client` given both nodes: its publisher and its subscriber are on node B when B is
+/// SIGKILLed in the middle of a stream; both go on on node A. The subscriber sees every event
+/// once, in order; the publisher's unanswered batches, sent again to A with their idempotency
+/// keys, are appended once (the keys live in the cluster's bucket, not in a node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rust_client_rides_through_a_node_kill_with_every_event_once_in_order() {
+    use herald_client::{Backoff, Client, EventJson, Subscribe};
+
+    const BATCHES: u64 = 120;
+    const PER_BATCH: u64 = 3;
+    const TOTAL: u64 = BATCHES * PER_BATCH;
+    let cluster = NatsCluster::start(&ClusterOptions::default()).unwrap();
+    let (a, _ta) = node(&cluster, 0, "CLIENT");
+    let (mut b, _tb) = node(&cluster, 1, "CLIENT");
+    let client = Client::builder()
+        .server(&b.base())
+        .server(&a.base())
+        .backoff(Backoff {
+            first: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        })
+        .build()
+        .unwrap();
+    let subscriber = client.subscriber();
+    let mut all = subscriber
+        .subscribe(Subscribe::subtree("mail").after(0))
+        .await
+        .unwrap();
+    let publisher = client.publisher();
+    let producing = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for batch in 0..BATCHES {
+            let events = (0..PER_BATCH)
+                .map(|i| EventJson {
+                    key: format!("mail/box{}", (batch * PER_BATCH + i) % 4),
+                    kind: "extended".into(),
+                    extended_event: Some((batch * PER_BATCH + i) as u32),
+                    ..Default::default()
+                })
+                .collect();
+            answers.push(publisher.send(events).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut watermarks = Vec::new();
+        for a in answers {
+            watermarks.extend(a.await.expect("a batch failed").watermarks);
+        }
+        watermarks
+    });
+    let mut seen = Vec::new();
+    let mut last = 0;
+    while (seen.len() as u64) < TOTAL {
+        let e = tokio::time::timeout(Duration::from_secs(60), all.next())
+            .await
+            .expect("no event within a minute")
+            .expect("the subscription ended")
+            .expect("an error instead of an event");
+        assert!(e.watermark > last, "watermark {} after {last}", e.watermark);
+        last = e.watermark;
+        let herald_core::Event::Extended(x) = &e.notification.event else {
+            panic!("not ours: {:?}", e.notification);
+        };
+        seen.push(u64::from(x.event));
+        if seen.len() == 100 {
+            kill(&mut b);
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "lost, repeated or reordered"
+    );
+    let watermarks = producing.await.unwrap();
+    assert_eq!(watermarks.len() as u64, TOTAL);
+    assert!(
+        watermarks.windows(2).all(|w| w[0] < w[1]),
+        "appended twice or out of order"
+    );
+    drop(a);
+}
