@@ -85,7 +85,10 @@ pub use presence::{
     BusyGuard, Conn, ConnectionInfo, Connections, Lease, PresenceOptions, node_of, offline_event,
     presence_change,
 };
-pub use push::{Attempt, GiveUp, PushState, PushStatus, Pushed, Pusher, RetryPolicy};
+pub use push::{
+    ATTEMPT_HISTORY, Attempt, AttemptRecord, GiveUp, PushState, PushStatus, Pushed, Pusher,
+    RetryPolicy,
+};
 pub use quota::{Quota, QuotaPermit};
 pub use registry::{Registry, Session};
 pub use state::{Advice, AdviseStream, PushGuard, ServerState, state_name};

@@ -139,6 +139,22 @@ pub struct PushState {
     pub failing_since: Option<u64>,
 }
 
+/// How many attempts an endpoint's history keeps (the oldest go first).
+pub const ATTEMPT_HISTORY: usize = 32;
+
+/// One delivery attempt, as operators see it in an endpoint's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// When it started, microseconds since the Unix epoch.
+    pub at: u64,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// `delivered`, `failed` or `gone`.
+    pub outcome: &'static str,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
 /// How a push ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pushed<R> {
@@ -167,6 +183,17 @@ pub struct Pusher {
 struct Tracked {
     view: PushState,
     failing_at: Option<Instant>,
+    /// The last [`ATTEMPT_HISTORY`] attempts, oldest first.
+    history: std::collections::VecDeque<AttemptRecord>,
+}
+
+impl Tracked {
+    fn record(&mut self, r: AttemptRecord) {
+        if self.history.len() == ATTEMPT_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(r);
+    }
 }
 
 impl Pusher {
@@ -183,6 +210,11 @@ impl Pusher {
     /// The delivery state now (a copy).
     pub fn state(&self) -> PushState {
         self.tracked().view.clone()
+    }
+
+    /// The last attempts, newest first (at most [`ATTEMPT_HISTORY`]).
+    pub fn history(&self) -> Vec<AttemptRecord> {
+        self.tracked().history.iter().rev().cloned().collect()
     }
 
     fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
@@ -239,11 +271,23 @@ impl Pusher {
                 () = stop.cancelled() => return Pushed::Stopped,
             };
             metrics::counter!(names::PUSH_ATTEMPTS, "transport" => self.transport).increment(1);
+            let started = (Timestamp::now().0, Instant::now());
             let outcome = tokio::select! {
                 o = send() => o,
                 () = stop.cancelled() => return Pushed::Stopped,
             };
             drop(guard);
+            let (outcome_name, error) = match &outcome {
+                Attempt::Delivered(_) => ("delivered", None),
+                Attempt::Gone(why) => ("gone", Some(why.clone())),
+                Attempt::Failed { error, .. } => ("failed", Some(error.clone())),
+            };
+            self.tracked().record(AttemptRecord {
+                at: started.0,
+                duration_ms: started.1.elapsed().as_millis() as u64,
+                outcome: outcome_name,
+                error,
+            });
             let (error, retry_after) = match outcome {
                 Attempt::Delivered(r) => {
                     presence(true);

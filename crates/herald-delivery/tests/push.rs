@@ -294,3 +294,29 @@ async fn ews_push_retries_only_while_the_unjittered_wait_stays_within_the_cap() 
     let told = told.lock().unwrap();
     assert_eq!(*told, (1..=5).map(|n| (n, false)).collect::<Vec<_>>());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_history_keeps_the_newest_attempts_newest_first_within_its_bound() {
+    let pusher = Pusher::new(online_state(), "webhook", webhook());
+    let ep = Endpoint::new();
+    // Forty failures, then a success: more attempts than the history holds.
+    let send = ep.send(|n| {
+        if n <= 40 {
+            failed(None)
+        } else {
+            Attempt::Delivered(n)
+        }
+    });
+    let out = pusher.push(|_| {}, &CancellationToken::new(), send).await;
+    assert_eq!(out, Pushed::Delivered(41));
+    let history = pusher.history();
+    assert_eq!(history.len(), herald_delivery::ATTEMPT_HISTORY);
+    assert_eq!(history[0].outcome, "delivered");
+    assert_eq!(history[0].error, None);
+    assert!(history[1..].iter().all(|a| a.outcome == "failed"
+        && a.error.as_deref() == Some("503 Service Unavailable")));
+    assert!(
+        history.windows(2).all(|w| w[0].at >= w[1].at),
+        "not newest first"
+    );
+}

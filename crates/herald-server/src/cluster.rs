@@ -157,6 +157,11 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// This node's name in the cluster.
+    pub(crate) fn name(&self) -> &str {
+        &self.record.name
+    }
+
     /// Joins: speaks for this node's previous run if it ended without leaving (its
     /// connections never went offline), then beats.
     pub(crate) async fn join(cluster: Cluster, log: Log) -> Result<Node, LogError> {

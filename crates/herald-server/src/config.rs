@@ -43,6 +43,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Log output.
     pub logging: LoggingConfig,
+    /// The figures kept in memory for the console (`GET /v1/stats`).
+    pub stats: StatsConfig,
     /// How long a graceful shutdown waits for connections to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -66,6 +68,7 @@ impl Default for Config {
             state: StateConfig::default(),
             hooks: HooksConfig::default(),
             logging: LoggingConfig::default(),
+            stats: StatsConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -305,6 +308,28 @@ impl Default for WebhooksConfig {
             secret_grace: Duration::from_secs(24 * 3600),
             allowed_networks: Vec::new(),
             allow_loopback: None,
+        }
+    }
+}
+
+/// The figures the server keeps in memory for the console and `GET /v1/stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatsConfig {
+    /// How often a sample is taken (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub sample_every: Duration,
+    /// How far back samples are kept (default 1 hour; at most 3,600 samples are kept
+    /// whatever the two settings).
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            sample_every: Duration::from_secs(10),
+            keep: Duration::from_secs(3600),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod mapi;
 pub mod metrics;
 pub mod publisher;
 pub mod serve;
+pub mod stats;
 pub mod subscriptions;
 pub mod webhook;
 
@@ -57,6 +58,8 @@ struct StateInner {
     mapi: mapi::Mapi,
     /// This node in a cluster (the JetStream backend).
     node: Option<Arc<cluster::Node>>,
+    /// The last hour of figures, for the console.
+    stats: stats::History,
     started: Instant,
 }
 
@@ -147,6 +150,16 @@ impl AppState {
             }
             None => None,
         };
+        let stats = stats::History::new(config.stats.sample_every, config.stats.keep);
+        {
+            let (sampling, metrics, every, stop) = (
+                stats.clone(),
+                metrics.clone(),
+                config.stats.sample_every,
+                delivery.shutdown().clone(),
+            );
+            delivery.spawn(async move { sampling.run(metrics, every, stop).await });
+        }
         Ok(AppState {
             inner: Arc::new(StateInner {
                 config,
@@ -159,6 +172,7 @@ impl AppState {
                 ews,
                 mapi,
                 node,
+                stats,
                 started: Instant::now(),
             }),
         })
@@ -187,6 +201,16 @@ impl AppState {
     /// Metrics.
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.inner.metrics
+    }
+
+    /// This node's name, when it is one node of a cluster.
+    pub fn node_name(&self) -> Option<String> {
+        self.inner.node.as_ref().map(|n| n.name().to_owned())
+    }
+
+    /// The figures kept in memory for the console.
+    pub fn stats(&self) -> &stats::History {
+        &self.inner.stats
     }
 
     /// The shared serialization of recent events.

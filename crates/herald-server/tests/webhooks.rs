@@ -414,3 +414,69 @@ async fn a_delivery_cut_by_a_crash_comes_again_under_the_same_webhook_id() {
     }
     drop(server);
 }
+
+/// Polls `check` on the subscription's view every 50 ms until it holds (15 s at most).
+async fn until(server: &Server, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = sub_state(server, id).await;
+        if check(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn deliveries(server: &Server, id: &str) -> Vec<Value> {
+    client()
+        .get(server.url(&format!("/v1/subscriptions/{id}/deliveries")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lag_grows_while_the_receiver_is_down_and_the_attempts_say_why() {
+    let (server, _tmp) = server_with(&[]);
+    let mut receiver = Receiver::start().await;
+    let created = create_webhook(&server, &receiver.url(), "a").await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    publish_n(&server, 0, 1).await;
+    until(&server, &id, "first delivery", |v| {
+        v["lag"] == 0 && v["acked"] == 1
+    })
+    .await;
+    let first = deliveries(&server, &id).await;
+    assert_eq!(first[0]["outcome"], "delivered", "{first:?}");
+
+    receiver.down().await;
+    publish_n(&server, 1, 3).await;
+    let lagging = until(&server, &id, "lag while down", |v| {
+        v["lag"].as_u64() >= Some(3) && v["lag_seconds"].as_f64().unwrap_or(0.0) > 0.2
+    })
+    .await;
+    assert_eq!(lagging["acked"], 1);
+    let failing = deliveries(&server, &id).await;
+    assert_eq!(failing[0]["outcome"], "failed", "{failing:?}");
+    assert!(
+        failing[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "a failed attempt says why: {failing:?}"
+    );
+    assert!(
+        failing
+            .windows(2)
+            .all(|w| w[0]["at"].as_u64() >= w[1]["at"].as_u64()),
+        "newest first"
+    );
+
+    receiver.up().await;
+    // Caught up: every matching event acknowledged, nothing matching waits. (The lag in
+    // events counts every event of the log after the acknowledged one, matching or not.)
+    let caught_up = until(&server, &id, "caught up", |v| v["acked"] == 4).await;
+    assert_eq!(caught_up["lag_seconds"], 0.0);
+    assert_eq!(deliveries(&server, &id).await[0]["outcome"], "delivered");
+}

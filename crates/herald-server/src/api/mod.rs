@@ -20,9 +20,9 @@ use crate::AppState;
 use crate::error::ApiError;
 
 pub use events::{PublishRequest, PublishResponse};
-pub use ops::StatusResponse;
+pub use ops::{StatsQuery, StatsView, StatusResponse};
 pub use state::{ConnectionView, SetState, StateNotification, StateView};
-pub use subs::{CreateSubscription, EventsPage, SubscriptionView, WaitResponse};
+pub use subs::{CreateSubscription, DeliveryAttempt, EventsPage, SubscriptionView, WaitResponse};
 pub use ws::{ClientFrame, ServerFrame};
 
 /// The OpenAPI document of the HTTP API, generated from the handlers and types.
@@ -44,11 +44,13 @@ pub use ws::{ClientFrame, ServerFrame};
         subs::events,
         subs::enable,
         subs::rotate_secret,
+        subs::deliveries,
         ops::watch_page,
         ops::healthz,
         ops::readyz,
         ops::metrics,
         ops::status,
+        ops::stats,
         ops::openapi,
         state::get_state,
         state::put_state,
@@ -148,11 +150,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}/wait", get(subs::wait))
         .route("/v1/subscriptions/{id}/events", get(subs::events))
         .route("/v1/subscriptions/{id}/enable", post(subs::enable))
+        .route("/v1/subscriptions/{id}/deliveries", get(subs::deliveries))
         .route(
             "/v1/subscriptions/{id}/rotate-secret",
             post(subs::rotate_secret),
         )
         .route("/v1/status", get(ops::status))
+        .route("/v1/stats", get(ops::stats))
         .route("/v1/state", get(state::get_state).put(state::put_state))
         .route("/v1/state/advise", get(state::advise))
         .route("/v1/state/advise/{token}", delete(state::unadvise))

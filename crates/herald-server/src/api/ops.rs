@@ -104,6 +104,81 @@ pub(super) async fn status(
     }))
 }
 
+/// Query of `GET /v1/stats`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// Only the samples of the last this many seconds (default: every sample kept, up to an
+    /// hour).
+    pub seconds: Option<u64>,
+}
+
+/// The server at a glance, and its figures over the last hour: what the console shows.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatsView {
+    /// The server's version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// `online` or `offline`.
+    pub state: String,
+    /// This node's name in a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The oldest watermark the log holds.
+    pub log_first: u64,
+    /// The last watermark assigned.
+    pub log_last: u64,
+    /// Durable subscriptions.
+    pub durable_subscriptions: usize,
+    /// Client connections now, by transport.
+    pub connections: std::collections::BTreeMap<String, u64>,
+    /// Samples, oldest first, every `stats.sample_every`.
+    pub samples: Vec<crate::stats::Sample>,
+}
+
+/// The server at a glance and its figures over the last hour, kept in memory (no external
+/// Prometheus needed); the console draws its charts from it.
+#[utoipa::path(
+    get, path = "/v1/stats", tag = "operate", params(StatsQuery),
+    responses(
+        (status = 200, description = "Figures", body = StatsView),
+        (status = 403, description = "This needs an API key", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn stats(
+    State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+    crate::error::JsonQuery(q): crate::error::JsonQuery<StatsQuery>,
+) -> Result<Json<StatsView>, crate::error::ApiError> {
+    state.auth().require_admin(&principal)?;
+    let bounds = state.log().bounds().ok();
+    let mut connections = std::collections::BTreeMap::new();
+    for c in state.delivery().connections().list(None) {
+        *connections
+            .entry(crate::api::ConnectionView::from(c).transport)
+            .or_insert(0u64) += 1;
+    }
+    let since = q.seconds.map(|s| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(s)
+    });
+    let engine = state.delivery().state().engine();
+    Ok(Json(StatsView {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: state.uptime().as_secs(),
+        state: herald_delivery::state_name(engine.current_state()).to_owned(),
+        node: state.node_name(),
+        log_first: bounds.map_or(0, |b| b.first.0),
+        log_last: bounds.map_or(0, |b| b.last.0),
+        durable_subscriptions: state.durables().len(),
+        connections,
+        samples: state.stats().samples(since),
+    }))
+}
+
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operate", responses((status = 200, description = "The OpenAPI document", body = Object)))]
 pub(super) async fn openapi() -> impl IntoResponse {

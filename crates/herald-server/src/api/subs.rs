@@ -22,6 +22,7 @@ use crate::subscriptions::{
     WebhookState, hook_request, new_secret, owner_name, target_of,
 };
 use axum::Extension;
+use herald_core::Timestamp;
 use herald_delivery::{Connect, PushState};
 use serde_json::value::RawValue;
 
@@ -83,6 +84,9 @@ pub struct SubscriptionView {
     pub pending: bool,
     /// Lag: the log's last watermark minus the acknowledged one.
     pub lag: u64,
+    /// Lag in time: the age, in seconds, of the oldest matching event after the acknowledged
+    /// watermark, looked for among the next 256 events of the log (0 when none waits).
+    pub lag_seconds: f64,
     /// The token subject that owns it, if a token created it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -162,8 +166,28 @@ fn raw(json: bytes::Bytes) -> Option<Box<RawValue>> {
     RawValue::from_string(text).ok()
 }
 
-fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
+/// How many events after a subscription's acknowledged watermark are read to find the age of
+/// its oldest waiting one.
+const LAG_SCAN: usize = 256;
+
+async fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
     let last = state.log_last();
+    let pending = d.cursor().pending();
+    // The age of the oldest matching event after the acknowledged watermark, looked for in
+    // the next events of the log (a bounded read: beyond it, the lag in events says enough).
+    let lag_seconds = if last > d.acked().0 {
+        match herald_log::EventLog::read(state.log(), d.acked(), LAG_SCAN).await {
+            Ok(events) => events
+                .iter()
+                .find(|e| d.filter().matches(e))
+                .map_or(0.0, |e| {
+                    Timestamp::now().0.saturating_sub(e.timestamp.0) as f64 / 1e6
+                }),
+            Err(_) => 0.0,
+        }
+    } else {
+        0.0
+    };
     let spec = d.spec();
     let webhook = spec.webhook.as_ref();
     SubscriptionView {
@@ -173,8 +197,9 @@ fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
         created_at: spec.created_at,
         acked: d.acked().0,
         latest: d.cursor().latest().0,
-        pending: d.cursor().pending(),
+        pending,
         lag: last.saturating_sub(d.acked().0),
+        lag_seconds,
         owner: spec.owner.clone(),
         url: webhook.map(|w| w.url.clone()),
         udp: spec.udp.clone(),
@@ -355,7 +380,7 @@ pub(super) async fn create(
         .map_err(crate::hooks::api_error)?;
     metrics::gauge!(crate::metrics::names::DURABLE_SUBSCRIPTIONS)
         .set(state.durables().len() as f64);
-    let mut v = view(&state, &d);
+    let mut v = view(&state, &d).await;
     v.secret = secret;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
@@ -378,7 +403,7 @@ pub(super) async fn enable(
 ) -> Result<Json<SubscriptionView>, ApiError> {
     owned(&state, &principal, &id).await?;
     let d = state.durables().enable(&id).await?;
-    Ok(Json(view(&state, &d)))
+    Ok(Json(view(&state, &d).await))
 }
 
 /// Replaces a webhook subscription's signing secret. Deliveries carry signatures with both
@@ -402,7 +427,7 @@ pub(super) async fn rotate_secret(
         .durables()
         .rotate_secret(&id, state.config().webhooks.secret_grace)
         .await?;
-    let mut v = view(&state, &d);
+    let mut v = view(&state, &d).await;
     v.secret = Some(secret);
     Ok(Json(v))
 }
@@ -416,15 +441,16 @@ pub(super) async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Json<Vec<SubscriptionView>> {
-    Json(
-        state
-            .durables()
-            .list()
-            .iter()
-            .filter(|d| principal.may_manage(d.owner().as_deref()))
-            .map(|d| view(&state, d))
-            .collect(),
-    )
+    let mut views = Vec::new();
+    for d in state
+        .durables()
+        .list()
+        .iter()
+        .filter(|d| principal.may_manage(d.owner().as_deref()))
+    {
+        views.push(view(&state, d).await);
+    }
+    Json(views)
 }
 
 /// Shows one durable subscription.
@@ -442,7 +468,52 @@ pub(super) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let d = owned(&state, &principal, &id).await?;
-    Ok(Json(view(&state, &d)))
+    Ok(Json(view(&state, &d).await))
+}
+
+/// One webhook delivery attempt.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct DeliveryAttempt {
+    /// When it started, microseconds since the Unix epoch.
+    pub at: u64,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// `delivered`, `failed` or `gone`.
+    pub outcome: String,
+    /// Why it failed (the HTTP status or the connection error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A webhook subscription's last delivery attempts, newest first (at most 32, kept in memory
+/// by the node that delivers it).
+#[utoipa::path(
+    get, path = "/v1/subscriptions/{id}/deliveries", tag = "subscribe",
+    params(("id" = String, Path, description = "Subscription id")),
+    responses(
+        (status = 200, description = "The attempts, newest first; empty for other transports", body = Vec<DeliveryAttempt>),
+        (status = 403, description = "Not yours", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown", body = crate::error::ErrorBody),
+    )
+)]
+pub(super) async fn deliveries(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<DeliveryAttempt>>, ApiError> {
+    let d = owned(&state, &principal, &id).await?;
+    let history = d.pusher().map(|p| p.history()).unwrap_or_default();
+    Ok(Json(
+        history
+            .into_iter()
+            .map(|a| DeliveryAttempt {
+                at: a.at,
+                duration_ms: a.duration_ms,
+                outcome: a.outcome.to_owned(),
+                error: a.error,
+            })
+            .collect(),
+    ))
 }
 
 /// Ends a durable subscription.

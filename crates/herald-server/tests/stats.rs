@@ -1,0 +1,68 @@
+//! `GET /v1/stats`: the figures the console draws, sampled in memory from the same registry
+//! `/metrics` renders, against a real server with a fast sampling interval.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn stats_show_rates_latency_and_connections_over_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(
+        &tmp.path().join("d"),
+        &[],
+        &[("HERALD_STATS__SAMPLE_EVERY", "200ms")],
+    );
+    let mut sse = SseClient::connect(&server, "subtree=alice", None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    let stats: Value = loop {
+        publish_ok(&server, json!([created(&format!("alice/inbox/m{i}"))])).await;
+        i += 1;
+        while let Some(e) = sse.next().await {
+            if !e.id.is_empty() {
+                break;
+            }
+        }
+        let s: Value = client()
+            .get(server.url("/v1/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let samples = s["samples"].as_array().cloned().unwrap_or_default();
+        let busy = samples.iter().any(|x| {
+            x["events_in_per_second"].as_f64() > Some(0.0)
+                && x["deliveries_per_second"].as_f64() > Some(0.0)
+                && x["latency_p50_ms"].is_number()
+        });
+        if busy {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no busy sample: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["connections"]["sse"], 1, "{stats}");
+    assert_eq!(stats["state"], "online");
+    assert!(stats["log_last"].as_u64() >= Some(1));
+    let last = stats["samples"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["connections"]["sse"], 1, "{last}");
+    // `seconds` keeps only the recent samples.
+    let recent: Value = client()
+        .get(server.url("/v1/stats?seconds=0"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        recent["samples"].as_array().unwrap().len() < stats["samples"].as_array().unwrap().len()
+            || stats["samples"].as_array().unwrap().len() <= 1
+    );
+}
