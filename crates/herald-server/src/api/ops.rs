@@ -106,11 +106,13 @@ pub(super) async fn status(
 
 /// Query of `GET /v1/stats`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
     /// Only the samples of the last this many seconds (default: every sample kept, up to an
-    /// hour).
-    pub seconds: Option<u64>,
+    /// hour; at most a day).
+    #[param(minimum = 0, maximum = 86400)]
+    pub seconds: Option<u32>,
 }
 
 /// The server at a glance, and its figures over the last hour: what the console shows.
@@ -152,6 +154,12 @@ pub(super) async fn stats(
     crate::error::JsonQuery(q): crate::error::JsonQuery<StatsQuery>,
 ) -> Result<Json<StatsView>, crate::error::ApiError> {
     state.auth().require_admin(&principal)?;
+    if q.seconds.is_some_and(|s| s > 86_400) {
+        return Err(crate::error::ApiError::field(
+            "seconds",
+            "at most 86400 (a day)",
+        ));
+    }
     let bounds = state.log().bounds().ok();
     let mut connections = std::collections::BTreeMap::new();
     for c in state.delivery().connections().list(None) {
@@ -163,7 +171,7 @@ pub(super) async fn stats(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
-            .saturating_sub(s)
+            .saturating_sub(u64::from(s))
     });
     let engine = state.delivery().state().engine();
     Ok(Json(StatsView {
