@@ -66,3 +66,51 @@ async fn stats_show_rates_latency_and_connections_over_time() {
             || stats["samples"].as_array().unwrap().len() <= 1
     );
 }
+
+#[tokio::test]
+async fn the_grafana_dashboard_uses_only_metrics_herald_exports() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/ops/grafana-herald.json");
+    let dashboard: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("herald_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.len() >= 6, "{used:?}");
+    // A server at work: an event published, delivered to a subscriber.
+    let server = Server::start();
+    let mut sse = SseClient::connect(&server, "subtree=alice", None).await;
+    publish_ok(&server, json!([created("alice/inbox/m1")])).await;
+    while let Some(e) = sse.next().await {
+        if !e.id.is_empty() {
+            break;
+        }
+    }
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in &used {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(name.as_str())),
+            "the dashboard uses {name}, which /metrics does not export"
+        );
+    }
+}
