@@ -231,7 +231,7 @@ impl Drop for HeraldProc {
 }
 
 fn herald_event(key: &str, seq: u64, ts: u64, data: &str) -> serde_json::Value {
-    serde_json::json!({"key": key, "kind": "extended", "extended_event": seq, "timestamp": ts, "data": data})
+    serde_json::to_value(event_json(key, seq, ts, data)).unwrap_or_default()
 }
 
 fn payload_b64() -> String {
@@ -532,7 +532,7 @@ async fn herald_ordered_publish(base: &str, key: &str, total: u64) -> anyhow::Re
     Ok(())
 }
 
-/// [`herald_event`] as the client's type.
+/// Event number `seq`: an extended event carrying the number, its time and the payload.
 fn event_json(key: &str, seq: u64, ts: u64, data: &str) -> herald_client::EventJson {
     herald_client::EventJson {
         key: key.to_owned(),

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, WAIT, client as http};
+use common::{Server, WAIT};
 use herald_client::{Backoff, Client, Error, EventJson, Subscribe};
 use herald_core::Event as ModelEvent;
 
@@ -178,7 +178,7 @@ async fn a_refused_batch_aborts_those_sent_behind_it_and_the_next_one_starts_aga
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_subscription_resumes_after_its_acknowledgement_in_a_new_client() {
     let server = Server::start();
-    let created: serde_json::Value = http()
+    let created: serde_json::Value = common::client()
         .post(server.url("/v1/subscriptions"))
         .json(&serde_json::json!({"subtree": "mail", "transport": "poll", "after": 0}))
         .send()
@@ -208,14 +208,8 @@ async fn a_durable_subscription_resumes_after_its_acknowledgement_in_a_new_clien
         // The acknowledgement is stored before the client goes away.
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let view: serde_json::Value = http()
-                .get(server.url(&format!("/v1/subscriptions/{name}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let view: serde_json::Value =
+                common::get_json(&server.url(&format!("/v1/subscriptions/{name}"))).await;
             if view["acked"] == 6 {
                 break;
             }

@@ -27,14 +27,7 @@ async fn stats_show_rates_latency_and_connections_over_time() {
                 break;
             }
         }
-        let s: Value = client()
-            .get(server.url("/v1/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: Value = get_json(&server.url("/v1/stats")).await;
         let samples = s["samples"].as_array().cloned().unwrap_or_default();
         let busy = samples.iter().any(|x| {
             x["events_in_per_second"].as_f64() > Some(0.0)
@@ -53,14 +46,7 @@ async fn stats_show_rates_latency_and_connections_over_time() {
     let last = stats["samples"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["connections"]["sse"], 1, "{last}");
     // `seconds` keeps only the recent samples.
-    let recent: Value = client()
-        .get(server.url("/v1/stats?seconds=0"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let recent: Value = get_json(&server.url("/v1/stats?seconds=0")).await;
     assert!(
         recent["samples"].as_array().unwrap().len() < stats["samples"].as_array().unwrap().len()
             || stats["samples"].as_array().unwrap().len() <= 1

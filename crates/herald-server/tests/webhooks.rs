@@ -429,14 +429,7 @@ async fn until(server: &Server, id: &str, what: &str, check: impl Fn(&Value) -> 
 }
 
 async fn deliveries(server: &Server, id: &str) -> Vec<Value> {
-    client()
-        .get(server.url(&format!("/v1/subscriptions/{id}/deliveries")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&server.url(&format!("/v1/subscriptions/{id}/deliveries"))).await
 }
 
 #[tokio::test]

@@ -145,6 +145,18 @@ pub fn client() -> ::reqwest::Client {
 }
 
 /// Publishes events (given as JSON values) and returns the response.
+/// `GET url` as JSON (panics on a transport error or a body that is not JSON).
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn publish(server: &Server, events: serde_json::Value) -> ::reqwest::Response {
     client()
         .post(server.url("/v1/events"))
