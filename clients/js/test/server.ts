@@ -23,14 +23,18 @@ export async function freePort(): Promise<number> {
 export class Herald {
   child: ChildProcess | null = null;
   readonly dataDir = join(mkdtempSync(join(tmpdir(), "herald-js-")), "data");
-  constructor(readonly port: number) {}
+  constructor(
+    readonly port: number,
+    /** More environment for the server (configuration overrides, `HERALD_…`). */
+    readonly env: Record<string, string> = {},
+  ) {}
 
   get base(): string {
     return `http://127.0.0.1:${this.port}`;
   }
 
-  static async start(): Promise<Herald> {
-    const h = new Herald(await freePort());
+  static async start(env: Record<string, string> = {}): Promise<Herald> {
+    const h = new Herald(await freePort(), env);
     await h.spawn();
     return h;
   }
@@ -40,7 +44,7 @@ export class Herald {
       heraldBin,
       ["serve", "--listen", `127.0.0.1:${this.port}`, "--data-dir", this.dataDir],
       {
-        env: { ...process.env, HERALD_LOG: "warn", HERALD_CONNECTIONS__PRESENCE: "false" },
+        env: { ...process.env, HERALD_LOG: "warn", HERALD_CONNECTIONS__PRESENCE: "false", ...this.env },
         stdio: "ignore",
       },
     );

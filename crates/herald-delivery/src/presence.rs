@@ -111,6 +111,11 @@ pub struct ConnectionInfo {
     pub state_since: u64,
     /// How long since the client was last heard from (zero while it is being served).
     pub idle: Duration,
+    /// How it proves it is alive.
+    pub lease: Lease,
+    /// Time left before its lease expires; `None` when Herald is the one that calls
+    /// ([`Lease::None`]) or while it is being served.
+    pub lease_left: Option<Duration>,
 }
 
 /// How a connection proves it is alive.
@@ -124,6 +129,17 @@ pub enum Lease {
     Session,
     /// Herald is the one that calls (webhooks, EWS push): its state follows the calls' results.
     None,
+}
+
+impl Lease {
+    /// Its name in views: `stream`, `session` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lease::Stream => "stream",
+            Lease::Session => "session",
+            Lease::None => "none",
+        }
+    }
 }
 
 /// How presence is kept.
@@ -169,7 +185,12 @@ struct Entry {
 }
 
 impl Entry {
-    fn info(&self) -> ConnectionInfo {
+    fn info(&self, lease: Duration) -> ConnectionInfo {
+        let idle = if self.busy > 0 {
+            Duration::ZERO
+        } else {
+            self.seen.elapsed()
+        };
         ConnectionInfo {
             id: self.id.clone(),
             owner: self.owner.clone(),
@@ -179,11 +200,10 @@ impl Entry {
             presence_key: presence_key(&self.owner, &self.id),
             opened_at: self.opened_at,
             state_since: self.state_since,
-            idle: if self.busy > 0 {
-                Duration::ZERO
-            } else {
-                self.seen.elapsed()
-            },
+            idle,
+            lease: self.lease,
+            lease_left: (self.lease != Lease::None && self.busy == 0)
+                .then(|| lease.saturating_sub(idle)),
         }
     }
 
@@ -441,7 +461,7 @@ impl Connections {
         let mut v: Vec<ConnectionInfo> = entries
             .values()
             .filter(|e| owner.is_none_or(|o| e.owner == o))
-            .map(Entry::info)
+            .map(|e| e.info(self.inner.options.lease))
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -477,7 +497,8 @@ impl Connections {
 
     /// The connection `id`, if open.
     pub fn get(&self, id: &str) -> Option<ConnectionInfo> {
-        self.inner.entries().get(id).map(Entry::info)
+        let lease = self.inner.options.lease;
+        self.inner.entries().get(id).map(|e| e.info(lease))
     }
 
     /// Ends a stream or session (an operator's kick): it is told to close, and its end

@@ -436,8 +436,8 @@ async fn deliveries(server: &Server, id: &str) -> Vec<Value> {
 async fn lag_grows_while_the_receiver_is_down_and_the_attempts_say_why() {
     let (server, _tmp) = server_with(&[]);
     let mut receiver = Receiver::start().await;
-    let created = create_webhook(&server, &receiver.url(), "a").await;
-    let id = created["id"].as_str().unwrap().to_owned();
+    let sub = create_webhook(&server, &receiver.url(), "a").await;
+    let id = sub["id"].as_str().unwrap().to_owned();
     publish_n(&server, 0, 1).await;
     until(&server, &id, "first delivery", |v| {
         v["lag"] == 0 && v["acked"] == 1
@@ -447,12 +447,16 @@ async fn lag_grows_while_the_receiver_is_down_and_the_attempts_say_why() {
     assert_eq!(first[0]["outcome"], "delivered", "{first:?}");
 
     receiver.down().await;
-    publish_n(&server, 1, 3).await;
+    publish_n(&server, 1, 2).await;
+    // Events it does not follow do not count in its lag.
+    publish_ok(&server, json!([created("b/m0")])).await;
+    publish_n(&server, 3, 1).await;
     let lagging = until(&server, &id, "lag while down", |v| {
         v["lag"].as_u64() >= Some(3) && v["lag_seconds"].as_f64().unwrap_or(0.0) > 0.2
     })
     .await;
     assert_eq!(lagging["acked"], 1);
+    assert_eq!(lagging["lag"], 3, "{lagging}");
     let failing = deliveries(&server, &id).await;
     assert_eq!(failing[0]["outcome"], "failed", "{failing:?}");
     assert!(
@@ -467,9 +471,14 @@ async fn lag_grows_while_the_receiver_is_down_and_the_attempts_say_why() {
     );
 
     receiver.up().await;
-    // Caught up: every matching event acknowledged, nothing matching waits. (The lag in
-    // events counts every event of the log after the acknowledged one, matching or not.)
-    let caught_up = until(&server, &id, "caught up", |v| v["acked"] == 4).await;
+    // Caught up: every matching event acknowledged, nothing matching waits — even though
+    // events it does not follow came after its last one.
+    let caught_up = until(&server, &id, "caught up", |v| v["acked"] == 5).await;
     assert_eq!(caught_up["lag_seconds"], 0.0);
+    publish_ok(&server, json!([created("b/m1"), created("b/m2")])).await;
+    let after_others = sub_state(&server, &id).await;
+    assert_eq!(after_others["acked"], 5, "{after_others}");
+    assert_eq!(after_others["lag"], 0, "{after_others}");
+    assert_eq!(after_others["lag_seconds"], 0.0, "{after_others}");
     assert_eq!(deliveries(&server, &id).await[0]["outcome"], "delivered");
 }

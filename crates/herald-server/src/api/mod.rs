@@ -1,5 +1,6 @@
 //! The HTTP API: routes, auth, body limits, and the OpenAPI document generated from them.
 
+mod console;
 pub(crate) mod events;
 mod ops;
 mod state;
@@ -46,6 +47,9 @@ pub use ws::{ClientFrame, ServerFrame};
         subs::rotate_secret,
         subs::deliveries,
         ops::watch_page,
+        console::page,
+        console::script,
+        console::style,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -166,6 +170,10 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .route("/", get(ops::watch_page))
+        .route("/console", get(console::page))
+        .route("/console/", get(console::page))
+        .route("/console/app.js", get(console::script))
+        .route("/console/app.css", get(console::style))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -47,6 +47,13 @@ pub struct ConnectionView {
     pub state_since: u64,
     /// Milliseconds since the client was last heard from.
     pub idle_ms: u64,
+    /// How it proves it is alive: `stream` (closed when its lease runs out), `session`
+    /// (offline when it runs out, online again when heard from) or `none` (Herald calls it).
+    pub lease: String,
+    /// Milliseconds left before its lease runs out; absent for `none` and while it is being
+    /// served (a long-poll wait holds its lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_left_ms: Option<u64>,
 }
 
 impl From<ConnectionInfo> for ConnectionView {
@@ -61,6 +68,8 @@ impl From<ConnectionInfo> for ConnectionView {
             opened_at: c.opened_at,
             state_since: c.state_since,
             idle_ms: c.idle.as_millis() as u64,
+            lease: c.lease.as_str().to_owned(),
+            lease_left_ms: c.lease_left.map(|d| d.as_millis() as u64),
         }
     }
 }

@@ -78,11 +78,15 @@ pub struct SubscriptionView {
     pub created_at: u64,
     /// The last watermark the subscriber acknowledged.
     pub acked: u64,
-    /// The newest matching watermark seen.
+    /// The newest matching watermark seen (kept for poll and udp subscriptions; 0 for
+    /// webhooks, which follow the log directly).
     pub latest: u64,
+    /// The log's last watermark when this view was made: what the lag is measured to.
+    pub head: u64,
     /// Whether events are waiting after the acknowledged watermark.
     pub pending: bool,
-    /// Lag: the log's last watermark minus the acknowledged one.
+    /// Lag: the matching events after the acknowledged watermark, counted among the next 256
+    /// events of the log (each event beyond those counts too: an upper bound when far behind).
     pub lag: u64,
     /// Lag in time: the age, in seconds, of the oldest matching event after the acknowledged
     /// watermark, looked for among the next 256 events of the log (0 when none waits).
@@ -166,28 +170,41 @@ fn raw(json: bytes::Bytes) -> Option<Box<RawValue>> {
     RawValue::from_string(text).ok()
 }
 
-/// How many events after a subscription's acknowledged watermark are read to find the age of
-/// its oldest waiting one.
+/// How many events after a subscription's acknowledged watermark are read to count those it
+/// waits for and find the age of the oldest.
 const LAG_SCAN: usize = 256;
+
+/// A subscription's lag: the matching events after its acknowledged watermark (counted among
+/// the next [`LAG_SCAN`] events; every event beyond them counts, an upper bound), and the age
+/// in seconds of the oldest of them.
+async fn lag(state: &AppState, d: &DurableRef, last: u64) -> (u64, f64) {
+    let acked = d.acked();
+    if last <= acked.0 {
+        return (0, 0.0);
+    }
+    match herald_log::EventLog::read(state.log(), acked, LAG_SCAN).await {
+        Ok(events) => {
+            let beyond = match events.last() {
+                Some(e) if events.len() == LAG_SCAN => {
+                    last.saturating_sub(e.watermark.map_or(acked.0, |w| w.0))
+                }
+                _ => 0,
+            };
+            let waiting = events.iter().filter(|e| d.filter().matches(e));
+            let age = waiting.clone().next().map_or(0.0, |e| {
+                Timestamp::now().0.saturating_sub(e.timestamp.0) as f64 / 1e6
+            });
+            (waiting.count() as u64 + beyond, age)
+        }
+        // The log cannot be read now: every event after the acknowledged one may be waiting.
+        Err(_) => (last - acked.0, 0.0),
+    }
+}
 
 async fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
     let last = state.log_last();
     let pending = d.cursor().pending();
-    // The age of the oldest matching event after the acknowledged watermark, looked for in
-    // the next events of the log (a bounded read: beyond it, the lag in events says enough).
-    let lag_seconds = if last > d.acked().0 {
-        match herald_log::EventLog::read(state.log(), d.acked(), LAG_SCAN).await {
-            Ok(events) => events
-                .iter()
-                .find(|e| d.filter().matches(e))
-                .map_or(0.0, |e| {
-                    Timestamp::now().0.saturating_sub(e.timestamp.0) as f64 / 1e6
-                }),
-            Err(_) => 0.0,
-        }
-    } else {
-        0.0
-    };
+    let (lag, lag_seconds) = lag(state, d, last).await;
     let spec = d.spec();
     let webhook = spec.webhook.as_ref();
     SubscriptionView {
@@ -197,8 +214,9 @@ async fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
         created_at: spec.created_at,
         acked: d.acked().0,
         latest: d.cursor().latest().0,
+        head: last,
         pending,
-        lag: last.saturating_sub(d.acked().0),
+        lag,
         lag_seconds,
         owner: spec.owner.clone(),
         url: webhook.map(|w| w.url.clone()),
