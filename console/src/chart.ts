@@ -52,7 +52,7 @@ export class Chart {
         legend: { show: true },
         cursor: { drag: { x: false, y: false } },
         scales: { x: { time: true }, y: { range: (_u, min, max) => [Math.min(0, min), Math.max(1, max * 1.1)] } },
-        axes: [{}, { values: (_u, ticks) => ticks.map((t) => `${+t.toFixed(2)}${unit}`), size: 60 }],
+        axes: [{}, { values: (_u, ticks) => ticks.map((t) => `${compact(t)}${unit}`), size: 64 }],
         series: [
           {},
           ...names.map((label, i) => ({
@@ -60,7 +60,7 @@ export class Chart {
             stroke: COLORS[i % COLORS.length],
             width: 2,
             spanGaps: false,
-            value: (_u: uPlot, v: number | null) => (v === null ? "—" : `${+v.toFixed(2)}${unit}`),
+            value: (_u: uPlot, v: number | null) => (v === null ? "—" : `${compact(v)}${unit}`),
           })),
         ],
       },
@@ -74,4 +74,13 @@ export class Chart {
     this.resize.disconnect();
     this.plot?.destroy();
   }
+}
+
+/** 0.25, 12, 1.5k, 2.3M: short enough for an axis. */
+function compact(v: number): string {
+  const a = Math.abs(v);
+  if (a >= 1e6) return `${+(v / 1e6).toFixed(1)}M`;
+  if (a >= 1e4) return `${Math.round(v / 1e3)}k`;
+  if (a >= 1e3) return `${+(v / 1e3).toFixed(1)}k`;
+  return `${+v.toFixed(2)}`;
 }

@@ -2,7 +2,7 @@
 // seconds (presence changes show without a reload), with search, filters and a confirmed kick.
 import type { Ctx } from "./main.js";
 import type { Connection } from "./api.js";
-import { ago, confirmDialog, every, fill, h, span, toast } from "./dom.js";
+import { ago, confirmDialog, every, fill, h, shortId, span, toast } from "./dom.js";
 
 export function connections(ctx: Ctx, root: HTMLElement): () => void {
   const search = h("input", { type: "search", placeholder: "Search id, owner, target", "aria-label": "Search" });
@@ -22,7 +22,7 @@ export function connections(ctx: Ctx, root: HTMLElement): () => void {
     h(
       "thead",
       {},
-      h("tr", {}, ["Id", "Owner", "Transport", "Target", "State", "Since", "Lease", ""].map((c) => h("th", {}, c))),
+      h("tr", {}, ["Id", "State", "Transport", "Owner", "Target", "Since", "Lease", ""].map((c) => h("th", {}, c))),
     ),
     body,
   );
@@ -61,11 +61,11 @@ export function connections(ctx: Ctx, root: HTMLElement): () => void {
         h(
           "tr",
           { "data-id": r.id },
-          h("td", { class: "mono" }, r.id),
-          h("td", {}, r.owner),
-          h("td", {}, r.transport),
-          h("td", { class: "mono" }, r.target),
+          h("td", {}, shortId(r.id)),
           h("td", {}, h("span", { class: `badge ${r.state}` }, r.state)),
+          h("td", {}, r.transport),
+          h("td", {}, r.owner),
+          h("td", { class: "mono" }, r.target),
           h("td", { title: new Date(r.state_since / 1000).toISOString() }, ago(r.state_since)),
           h("td", {}, r.lease === "none" ? "—" : r.lease_left_ms === undefined ? `${r.lease} (held)` : `${r.lease}, ${span(r.lease_left_ms)} left`),
           h("td", {}, h("button", { class: "danger small", "data-action": "kick", onclick: () => void kick(r) }, "Kick")),

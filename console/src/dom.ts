@@ -123,3 +123,8 @@ export function every(ms: number, f: () => Promise<void> | void): () => void {
     clearTimeout(timer);
   };
 }
+
+/** A long id shown short (its first 8 characters), whole on hover. */
+export function shortId(id: string): HTMLElement {
+  return h("span", { title: id, class: "mono" }, id.length > 12 ? `${id.slice(0, 8)}…` : id);
+}

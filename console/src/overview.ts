@@ -9,7 +9,16 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
   const cards = h("div", { class: "cards" });
   const stateBox = h("section", { class: "panel state", "data-testid": "server-state" });
   const chart = new Chart("Events in and deliveries out (last 10 minutes)", "/s", 160);
-  fill(root, h("h1", {}, "Overview"), stateBox, cards, chart.el);
+  const quiet = h(
+    "p",
+    { class: "panel hint", hidden: true, "data-testid": "quiet" },
+    "Nothing has flowed yet. Publish a test event from ",
+    h("a", { href: "#events?subtree=alice@example.test&after=0" }, "Events"),
+    ", or from a terminal: ",
+    h("code", {}, "herald publish alice@example.test/inbox/m1 new_mail"),
+    ".",
+  );
+  fill(root, h("h1", {}, "Overview"), stateBox, quiet, cards, chart.el);
 
   let flipping = false;
   const stop = every(2000, async () => {
@@ -19,6 +28,7 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
     ]);
     ctx.setState(stats.state, stats.node ?? null);
     drawCards(cards, stats);
+    quiet.hidden = stats.log_last > 0;
     if (!flipping) drawState(state, stats);
     chart.set(
       stats.samples.map((s) => s.at),

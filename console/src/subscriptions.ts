@@ -5,7 +5,7 @@
 import type { Ctx } from "./main.js";
 import type { DeliveryAttempt, Subscription } from "./api.js";
 import { Chart } from "./chart.js";
-import { ago, confirmDialog, every, fill, h, num, span, toast, until } from "./dom.js";
+import { ago, confirmDialog, every, fill, h, num, shortId, span, toast, until } from "./dom.js";
 
 /** Lag samples kept per subscription (two hours at one every two seconds... capped). */
 const HISTORY = 1800;
@@ -77,7 +77,7 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
           h(
             "tr",
             {},
-            ["Id", "Filter", "Transport", "Acked", "Head", "Lag", "Lag time", "Delivery", "Last error", "Next retry", "Failures", ""].map((c) =>
+            ["Id", "Lag", "Lag time", "Delivery", "Filter", "Transport", "Acked", "Head", "Last error", "Next retry", "Failures", ""].map((c) =>
               h("th", {}, c),
             ),
           ),
@@ -111,14 +111,14 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
               void drawDetail();
             },
           },
-          h("td", { class: "mono" }, s.id),
+          h("td", {}, shortId(s.id)),
+          h("td", { "data-field": "lag", class: s.lag ? "warn" : "" }, num(s.lag)),
+          h("td", { "data-field": "lag-seconds" }, s.lag_seconds ? span(s.lag_seconds * 1000) : "0"),
+          h("td", { "data-field": "status" }, d ? h("span", { class: `badge ${d.status}` }, d.status) : s.pending ? "pending" : "—"),
           h("td", { class: "mono" }, filterText(s)),
           h("td", {}, s.transport),
           h("td", { "data-field": "acked" }, num(s.acked)),
           h("td", { "data-field": "head" }, num(s.head)),
-          h("td", { "data-field": "lag", class: s.lag ? "warn" : "" }, num(s.lag)),
-          h("td", { "data-field": "lag-seconds" }, s.lag_seconds ? span(s.lag_seconds * 1000) : "0"),
-          h("td", { "data-field": "status" }, d ? h("span", { class: `badge ${d.status}` }, d.status) : s.pending ? "pending" : "—"),
           h("td", { class: "error-text" }, d?.last_error ?? (s.reason || "")),
           h("td", {}, d ? until(d.next_attempt_at) : "—"),
           h("td", {}, d ? num(d.attempts) : "—"),

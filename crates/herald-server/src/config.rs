@@ -418,7 +418,7 @@ pub struct JetStreamOverride {
 
 /// The top-level keys the environment may set; other `HERALD_*` variables (such as
 /// `HERALD_LOG` or `HERALD_CONFIG`) are not configuration keys.
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 17] = [
     "log",
     "jetstream",
     "connections",
@@ -434,6 +434,7 @@ const ENV_KEYS: [&str; 16] = [
     "auth",
     "webhooks",
     "logging",
+    "stats",
     "shutdown_timeout",
 ];
 
@@ -602,6 +603,19 @@ impl Config {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_section_can_be_set_from_the_environment() {
+        let sections = serde_json::to_value(Config::default()).expect("the defaults serialize");
+        let sections = sections.as_object().expect("a table");
+        for name in sections.keys() {
+            assert!(
+                ENV_KEYS.contains(&name.as_str()),
+                "HERALD_{}__… would be ignored: add {name:?} to ENV_KEYS",
+                name.to_uppercase()
+            );
+        }
+    }
 
     #[test]
     fn defaults_need_no_file() {
