@@ -60,6 +60,8 @@ export class Chart {
             stroke: COLORS[i % COLORS.length],
             width: 2,
             spanGaps: false,
+            // Dots only while there are few samples: then each one is worth seeing.
+            points: { show: (u: uPlot) => u.data[0].length <= 20 },
             value: (_u: uPlot, v: number | null) => (v === null ? "—" : `${compact(v)}${unit}`),
           })),
         ],
