@@ -36,7 +36,7 @@ pub(crate) fn load(file: &Path) -> std::io::Result<Option<Epoch>> {
 /// Records `epoch` (written beside, then renamed: never half-written).
 pub(crate) fn store(file: &Path, epoch: &Epoch) -> std::io::Result<()> {
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)?;
+        herald_log::create_data_dir(dir)?;
     }
     let tmp = file.with_extension("json.tmp");
     std::fs::write(

@@ -7,7 +7,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use herald_core::{Batch, Hub, Notification, Timestamp, Watermark};
-use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, StorageBackend,
+    TableDefinition,
+};
 use tokio::sync::oneshot;
 
 use crate::prepare::{Digest, Prepared, prepare};
@@ -202,7 +205,7 @@ fn storage(e: impl std::fmt::Display) -> LogError {
 impl EmbeddedLog {
     /// Opens (or creates) the log in `dir`, publishing every durable batch to `hub`.
     pub fn open(dir: &Path, options: LogOptions, hub: Hub) -> Result<EmbeddedLog, LogError> {
-        std::fs::create_dir_all(dir).map_err(|source| LogError::Directory {
+        crate::create_data_dir(dir).map_err(|source| LogError::Directory {
             path: dir.to_owned(),
             source,
         })?;
@@ -546,6 +549,112 @@ impl SubscriptionStore for EmbeddedLog {
     }
 }
 
+/// What [`check`] found in a log file that passed the integrity check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogReport {
+    /// The watermarks it holds (`last < first` when it holds none).
+    pub bounds: LogBounds,
+    /// How many events it holds.
+    pub events: u64,
+    /// How many durable subscriptions are stored in it.
+    pub subscriptions: u64,
+    /// The file's size in bytes.
+    pub file_bytes: u64,
+}
+
+/// Verifies the log file at `path` offline: redb's integrity check (every page's checksum,
+/// the allocator state rebuilt), then Herald's own counters against the events table. It takes
+/// the file's lock as a server does, so a log in use fails with [`LogError::Locked`]; a file
+/// that is not a sound Herald log fails with [`LogError::Corrupt`]. Like opening the log after
+/// an unclean shutdown, the check may repair what redb can; it changes nothing else.
+pub fn check(path: &Path) -> Result<LogReport, LogError> {
+    // redb can panic on a page altered outside it even while it checks (seen with flipped
+    // bits in a tree page): that is a damaged file too, not a reason to abort the caller.
+    std::panic::catch_unwind(|| check_file(path)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(LogError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("the store failed reading it ({why})"),
+        })
+    })
+}
+
+fn check_file(path: &Path) -> Result<LogReport, LogError> {
+    let corrupt = |reason: String| LogError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    let file_bytes = std::fs::metadata(path)
+        .map_err(|source| LogError::Directory {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if file_bytes == 0 {
+        return Err(corrupt("the file is empty".to_owned()));
+    }
+    // Not `database_builder`: with the check on open redb calls the repair callback every
+    // time, and its warning would be wrong here.
+    let mut builder = Database::builder();
+    // Without it redb trusts the file's recorded state, and a file altered outside redb may
+    // make it panic instead of failing.
+    builder.set_check_integrity_on_open(true);
+    let db = builder.open(path).map_err(|e| open_error(e, path))?;
+    let txn = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
+    let missing = |table: &str, e: redb::TableError| {
+        corrupt(format!("no {table} table, not a Herald log ({e})"))
+    };
+    let meta = txn.open_table(META).map_err(|e| missing("meta", e))?;
+    match meta
+        .get(META_FORMAT)
+        .map_err(|e| corrupt(e.to_string()))?
+        .map(|v| v.value())
+    {
+        None | Some(1) | Some(FILE_FORMAT) => {}
+        Some(other) => {
+            return Err(corrupt(format!(
+                "file format {other} is not one this version reads ({FILE_FORMAT})"
+            )));
+        }
+    }
+    drop(meta);
+    let bounds = bounds_in(&txn)?;
+    let events = txn.open_table(EVENTS).map_err(|e| missing("events", e))?;
+    let next = bounds.last.0 + 1;
+    if let Some(last) = last_stored(&events).map_err(|e| corrupt(e.to_string()))? {
+        if last >= next {
+            return Err(corrupt(format!(
+                "event {last} is beyond the recorded next watermark {next}"
+            )));
+        }
+    }
+    let subscriptions = txn
+        .open_table(SUBSCRIPTIONS)
+        .map_err(|e| missing("subscriptions", e))?
+        .len()
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok(LogReport {
+        bounds,
+        events: next.saturating_sub(bounds.first.0),
+        subscriptions,
+        file_bytes,
+    })
+}
+
+/// The watermark of the last event stored in `events` (a key is its batch's first watermark).
+fn last_stored(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<Option<u64>, redb::StorageError> {
+    Ok(events
+        .last()?
+        .map(|(k, v)| k.value() + u64::from(record::records(v.value()).stated().saturating_sub(1))))
+}
+
 /// How every log database is opened: repairs after an unclean shutdown are reported.
 fn database_builder() -> redb::Builder {
     let mut builder = Database::builder();
@@ -664,10 +773,7 @@ impl WriterState {
             let first = get(&meta, META_FIRST)?.unwrap_or(1).max(1);
             let bytes = get(&meta, META_BYTES)?.unwrap_or(0);
             // The counters and the table are written in one transaction; check they agree.
-            let last_key = events.last().map_err(|e| corrupt(&e))?.map(|(k, v)| {
-                k.value() + u64::from(record::records(v.value()).stated().saturating_sub(1))
-            });
-            if let Some(last) = last_key {
+            if let Some(last) = last_stored(&events).map_err(|e| corrupt(&e))? {
                 if last >= next {
                     return Err(corrupt(&format!(
                         "event {last} is beyond the recorded next watermark {next}"

@@ -39,13 +39,23 @@ use std::future::Future;
 
 use herald_core::{Hub, InvalidEvent, Notification, Watermark};
 
-pub use embedded::{EmbeddedLog, LogOptions, Retention, SubscriptionRecord};
+pub use embedded::{EmbeddedLog, LogOptions, LogReport, Retention, SubscriptionRecord, check};
 /// The storage under an [`EmbeddedLog`] opened with [`EmbeddedLog::open_with_backend`]:
 /// redb's trait, re-exported so that a backend is written against the same redb as the log.
 pub use redb::StorageBackend;
 
 /// The log file's name inside the data directory.
 pub const LOG_FILE: &str = embedded::LOG_FILE;
+
+/// Creates the data directory and any missing parents, readable and writable by this user
+/// only: it holds the log, key hashes and revocations. An existing directory keeps its mode.
+pub fn create_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
 pub use follow::{FollowError, FollowOptions, Follower, Gate, GateSwitch};
 pub use record::RecordError;
 pub use shared::SharedLog;

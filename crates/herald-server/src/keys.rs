@@ -312,7 +312,7 @@ pub fn create(
 ) -> std::io::Result<String> {
     use base64::Engine;
     use rand::Rng;
-    std::fs::create_dir_all(data_dir)?;
+    herald_log::create_data_dir(data_dir)?;
     let bytes: [u8; 32] = rand::rng().random();
     let key = format!(
         "hk_{}",
@@ -365,7 +365,7 @@ pub fn unix_now() -> u64 {
 /// Appends a revocation to the data directory's revocation file.
 pub fn revoke_tokens(data_dir: &Path, r: &Revocation) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(data_dir)?;
+    herald_log::create_data_dir(data_dir)?;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

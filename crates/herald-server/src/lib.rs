@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod egress;
 pub mod error;
 pub mod ews;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -39,24 +40,16 @@ struct ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (defaults: 127.0.0.1:8470, data in ./herald-data) until SIGINT or SIGTERM.
-    Serve {
-        /// A TOML configuration file.
-        #[arg(long, env = "HERALD_CONFIG")]
-        config: Option<PathBuf>,
-        /// Address to listen on (wins over HERALD_LISTEN and the file).
+    Serve(ServeArgs),
+    /// Check a configuration and its data directory without starting the server, and say
+    /// what to fix: one line per finding (ok, warn, FAIL); exits 1 when anything FAILs.
+    /// Stop the server first for the log's integrity check.
+    Doctor {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Print one JSON object per finding.
         #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Data directory (wins over HERALD_DATA_DIR and the file).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Where the log lives: embedded or jetstream (wins over HERALD_LOG__BACKEND and the
-        /// file).
-        #[arg(long, value_parser = ["embedded", "jetstream"])]
-        log_backend: Option<String>,
-        /// NATS servers of the JetStream log, comma-separated (wins over
-        /// HERALD_JETSTREAM__SERVERS and the file).
-        #[arg(long, value_delimiter = ',')]
-        jetstream_servers: Vec<String>,
+        json: bool,
     },
     /// Publish one event: `herald publish alice/inbox/m1 new_mail -f message_class=IPM.Note`;
     /// or, with `--stdin`, one batch per input line (an event as JSON, or an array of them),
@@ -158,6 +151,48 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+}
+
+/// What `serve` loads its configuration from (shared with `doctor`, which checks the same).
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (wins over HERALD_LISTEN and the file).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (wins over HERALD_DATA_DIR and the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where the log lives: embedded or jetstream (wins over HERALD_LOG__BACKEND and the
+    /// file).
+    #[arg(long, value_parser = ["embedded", "jetstream"])]
+    log_backend: Option<String>,
+    /// NATS servers of the JetStream log, comma-separated (wins over
+    /// HERALD_JETSTREAM__SERVERS and the file).
+    #[arg(long, value_delimiter = ',')]
+    jetstream_servers: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The flags as configuration overrides (absent ones override nothing).
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            log: self.log_backend.as_deref().map(|b| LogOverride {
+                backend: if b == "jetstream" {
+                    LogBackend::Jetstream
+                } else {
+                    LogBackend::Embedded
+                },
+            }),
+            jetstream: (!self.jetstream_servers.is_empty()).then(|| JetStreamOverride {
+                servers: self.jetstream_servers.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -325,7 +360,7 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // One TLS provider for every outbound client (webhooks, EWS push, the CLI).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -333,30 +368,28 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            log_backend,
-            jetstream_servers,
-        } => {
-            let overrides = Overrides {
-                listen,
-                data_dir,
-                log: log_backend.map(|b| LogOverride {
-                    backend: if b == "jetstream" {
-                        LogBackend::Jetstream
-                    } else {
-                        LogBackend::Embedded
-                    },
-                }),
-                jetstream: (!jetstream_servers.is_empty()).then_some(JetStreamOverride {
-                    servers: jetstream_servers,
-                }),
-            };
-            let config =
-                Config::load(config.as_deref(), &overrides).context("loading the configuration")?;
+    if let Command::Doctor { serve, json } = &cli.command {
+        init_tracing("text", "warn");
+        // Hooks build their HTTP clients inside a runtime.
+        let _inside = runtime.enter();
+        let findings = herald_server::doctor::run(serve.config.as_deref(), &serve.overrides());
+        herald_server::doctor::print(&findings, *json, &mut std::io::stdout().lock())
+            .context("writing the findings")?;
+        return Ok(if herald_server::doctor::failed(&findings) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    command(cli.command, &runtime).map(|()| ExitCode::SUCCESS)
+}
+
+/// Every command but `doctor`.
+fn command(command: Command, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            let config = Config::load(args.config.as_deref(), &args.overrides())
+                .context("loading the configuration")?;
             init_tracing(&config.logging.format, &config.logging.filter);
             runtime.block_on(serve(config))
         }
@@ -647,7 +680,8 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                 println!("queue overflows: {}", s.queue_overflows);
             }
         }
-        Command::Serve { .. }
+        Command::Serve(_)
+        | Command::Doctor { .. }
         | Command::Keys { .. }
         | Command::Token { .. }
         | Command::Users { .. } => {
