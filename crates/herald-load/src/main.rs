@@ -14,6 +14,7 @@
 //! transport, churn, offline periods and a restart, checked for loss, duplicates and leaks
 //! (see `soak.rs` and `docs/soak.md`).
 
+mod progress;
 mod soak;
 
 use std::collections::HashSet;
@@ -29,6 +30,7 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use herald_testkit::{NatsConfig, NatsServer, free_port};
+use progress::Plan;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser, Clone)]
@@ -52,6 +54,10 @@ struct Args {
     /// Events in S1 (longer runs, e.g. to profile the server during one).
     #[arg(long, default_value_t = 200_000)]
     s1_events: u64,
+    /// Print each phase's progress on standard error as plain lines even when it is not a
+    /// terminal (on a terminal a bar is drawn anyway).
+    #[arg(long, global = true, env = "HERALD_PROGRESS", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    progress: bool,
 }
 
 /// Instead of the comparison scenarios.
@@ -116,6 +122,18 @@ impl Tally {
     fn max(&self) -> f64 {
         self.latency.lock().unwrap().max() as f64 / 1000.0
     }
+
+    /// Events received so far, for the progress display.
+    fn counter(self: &Arc<Tally>) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let tally = self.clone();
+        move || tally.received.load(Ordering::Relaxed)
+    }
+}
+
+/// A counter's value, for the progress display.
+fn reading(count: &Arc<AtomicU64>) -> impl Fn() -> u64 + Send + Sync + 'static {
+    let count = count.clone();
+    move || count.load(Ordering::Relaxed)
 }
 
 /// One subscriber's duplicate and loss check.
@@ -418,6 +436,7 @@ fn print_outcomes3(title: &str, how: &str, h: &Outcome, n: &Outcome, j: &Outcome
 
 struct Ctx {
     herald_bin: PathBuf,
+    progress: progress::Mode,
     quick: bool,
     herald_only: bool,
     s1_events: u64,
@@ -443,10 +462,17 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
         ready.clone(),
     ));
     wait_ready(&ready, 1).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S1 Herald",
+        Plan::Count(total),
+        tally.counter(),
+    );
     let a = sample(h.pid());
     herald_ordered_publish(&h.url(""), "s1/k", total).await?;
     wait_received(&tally, total, Duration::from_secs(120)).await;
     let b = sample(h.pid());
+    drop(phase);
     sub.abort();
     let herald = outcome(&tally, total, a, b);
     drop(h);
@@ -476,6 +502,12 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
         ready.clone(),
     ));
     wait_ready(&ready, 1).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S1 NATS core",
+        Plan::Count(total),
+        tally.counter(),
+    );
     let a = sample(n.pid());
     let publisher = async_nats::connect(n.url()).await?;
     for seq in 0..total {
@@ -486,6 +518,7 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     publisher.flush().await?;
     wait_received(&tally, total, Duration::from_secs(60)).await;
     let b = sample(n.pid());
+    drop(phase);
     sub.abort();
     let nats = outcome(&tally, total, a, b);
     drop(n);
@@ -493,7 +526,7 @@ async fn s1(ctx: &Ctx) -> anyhow::Result<()> {
     // JetStream, the like-for-like durable peer: `sync_interval: always` (fsync before every
     // acknowledgement), one publisher with up to 256 acknowledgements in flight, an ordered
     // consumer reading the stream as it grows.
-    let js = s1_jetstream(total).await?;
+    let js = s1_jetstream(total, ctx.progress).await?;
     print_outcomes3(
         "S1: 1 publisher → 1 subscriber, 128-byte events, as fast as possible",
         &format!(
@@ -659,7 +692,7 @@ async fn js_stream_on_new_connection(
 }
 
 /// S1 against JetStream with `sync_interval: always`: the outcome and the server's version.
-async fn s1_jetstream(total: u64) -> anyhow::Result<(Outcome, String)> {
+async fn s1_jetstream(total: u64, mode: progress::Mode) -> anyhow::Result<(Outcome, String)> {
     use async_nats::jetstream;
     let n = NatsServer::start(&NatsConfig {
         jetstream: true,
@@ -696,6 +729,7 @@ async fn s1_jetstream(total: u64) -> anyhow::Result<(Outcome, String)> {
             }
         })
     };
+    let phase = progress::phase(mode, "S1 JetStream", Plan::Count(total), tally.counter());
     let a = sample(n.pid());
     let mut acks = futures_util::stream::FuturesOrdered::new();
     for seq in 0..total {
@@ -712,6 +746,7 @@ async fn s1_jetstream(total: u64) -> anyhow::Result<(Outcome, String)> {
     }
     wait_received(&tally, total, Duration::from_secs(120)).await;
     let b = sample(n.pid());
+    drop(phase);
     sub.abort();
     Ok((outcome(&tally, total, a, b), version))
 }
@@ -779,6 +814,11 @@ async fn nats_paced(
     Ok(())
 }
 
+/// How long `total` events at `rate` per second take.
+fn paced(total: u64, rate: u64) -> Duration {
+    Duration::from_millis(total * 1000 / rate.max(1))
+}
+
 /// S2: 1 publisher → 1,000 subscribers on one key, 100 events/s for 10 s.
 async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
     let subs = ctx.scale(1000);
@@ -795,10 +835,17 @@ async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
         )));
     }
     wait_ready(&ready, subs).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S2 Herald",
+        Plan::For(paced(total, 100)),
+        tally.counter(),
+    );
     let a = sample(h.pid());
     herald_paced(&h, total, 100, |_| "s2/k".into()).await?;
     wait_received(&tally, total * subs, Duration::from_secs(60)).await;
     let b = sample(h.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let herald = outcome(&tally, total * subs, a, b);
     drop(h);
@@ -817,10 +864,17 @@ async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
         )));
     }
     wait_ready(&ready, subs).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S2 NATS core",
+        Plan::For(paced(total, 100)),
+        tally.counter(),
+    );
     let a = sample(n.pid());
     nats_paced(&n.url(), total, 100, |_| "s2.k".into()).await?;
     wait_received(&tally, total * subs, Duration::from_secs(60)).await;
     let b = sample(n.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let nats = outcome(&tally, total * subs, a, b);
     drop(n);
@@ -840,10 +894,17 @@ async fn s2(ctx: &Ctx) -> anyhow::Result<()> {
         )));
     }
     wait_ready(&ready, subs).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S2 JetStream",
+        Plan::For(paced(total, 100)),
+        tally.counter(),
+    );
     let a = sample(n.pid());
     js_paced(&js, total, 100, |_| "s2.k".into()).await?;
     wait_received(&tally, total * subs, Duration::from_secs(60)).await;
     let b = sample(n.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let jet = outcome(&tally, total * subs, a, b);
     print_outcomes3(
@@ -906,10 +967,17 @@ async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
         }));
     }
     wait_ready(&ready, conns).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S3 Herald",
+        Plan::For(paced(total, 1000)),
+        tally.counter(),
+    );
     let a = sample(h.pid());
     herald_paced(&h, total, 1000, |seq| format!("s3/k{}", seq % keys)).await?;
     wait_received(&tally, total, Duration::from_secs(60)).await;
     let b = sample(h.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let herald = outcome(&tally, total, a, b);
     drop(h);
@@ -931,10 +999,17 @@ async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
         }
     }
     wait_ready(&ready, keys).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S3 NATS core",
+        Plan::For(paced(total, 1000)),
+        tally.counter(),
+    );
     let a = sample(n.pid());
     nats_paced(&n.url(), total, 1000, |seq| format!("s3.k{}", seq % keys)).await?;
     wait_received(&tally, total, Duration::from_secs(60)).await;
     let b = sample(n.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let nats = outcome(&tally, total, a, b);
     drop(n);
@@ -960,10 +1035,17 @@ async fn s3(ctx: &Ctx) -> anyhow::Result<()> {
         wait_count(&ready, (c + 1) * per_conn).await?;
     }
     wait_ready(&ready, keys).await;
+    let phase = progress::phase(
+        ctx.progress,
+        "S3 JetStream",
+        Plan::For(paced(total, 1000)),
+        tally.counter(),
+    );
     let a = sample(n.pid());
     js_paced(&js, total, 1000, |seq| format!("s3.k{}", seq % keys)).await?;
     wait_received(&tally, total, Duration::from_secs(60)).await;
     let b = sample(n.pid());
+    drop(phase);
     tasks.iter().for_each(|t| t.abort());
     let jet = outcome(&tally, total, a, b);
     print_outcomes3(
@@ -986,6 +1068,12 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = sample(h.pid());
     let ready = Arc::new(AtomicU64::new(0));
+    let phase = progress::phase(
+        ctx.progress,
+        "S4 Herald connections",
+        Plan::Count(conns),
+        reading(&ready),
+    );
     let mut held = Vec::new();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -1008,6 +1096,7 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
         }
     }
     wait_ready(&ready, conns).await;
+    drop(phase);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sample(h.pid());
     let herald_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
@@ -1019,14 +1108,23 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = sample(n.pid());
     let mut clients = Vec::new();
+    let connected = Arc::new(AtomicU64::new(0));
+    let phase = progress::phase(
+        ctx.progress,
+        "S4 NATS core connections",
+        Plan::Count(conns),
+        reading(&connected),
+    );
     for i in 0..conns {
         let c = async_nats::connect(n.url()).await?;
         let sub = c.subscribe(format!("s4.k{i}")).await?;
         clients.push((c, sub));
+        connected.fetch_add(1, Ordering::Relaxed);
     }
     for (c, _) in &clients {
         c.flush().await?;
     }
+    drop(phase);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sample(n.pid());
     let nats_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
@@ -1041,6 +1139,12 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicU64::new(0));
     let tally = Tally::new();
     let mut tasks = Vec::new();
+    let phase = progress::phase(
+        ctx.progress,
+        "S4 JetStream connections",
+        Plan::Count(conns),
+        reading(&ready),
+    );
     for i in 0..conns {
         let stream = js_stream_on_new_connection(&n, "S4").await?;
         tasks.push(tokio::spawn(js_sub(
@@ -1051,6 +1155,7 @@ async fn s4(ctx: &Ctx) -> anyhow::Result<()> {
         )));
         wait_count(&ready, i + 1).await?;
     }
+    drop(phase);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sample(n.pid());
     let js_per = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / conns as f64;
@@ -1090,6 +1195,12 @@ async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
     for batch in [1u64, 64] {
         let h = HeraldProc::start(&ctx.herald_bin)?;
         let count = Arc::new(AtomicU64::new(0));
+        let phase = progress::phase(
+            ctx.progress,
+            format!("S5 Herald, batches of {batch}"),
+            Plan::For(Duration::from_secs(secs)),
+            reading(&count),
+        );
         let deadline = Instant::now() + Duration::from_secs(secs);
         let start = Instant::now();
         let http = reqwest::Client::new();
@@ -1116,6 +1227,7 @@ async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
             t.await?;
         }
         let herald = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        drop(phase);
         drop(h);
 
         let client = async_nats::connect(n.url()).await?;
@@ -1131,6 +1243,12 @@ async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
         })
         .await?;
         let count = Arc::new(AtomicU64::new(0));
+        let phase = progress::phase(
+            ctx.progress,
+            format!("S5 JetStream, batches of {batch}"),
+            Plan::For(Duration::from_secs(secs)),
+            reading(&count),
+        );
         let deadline = Instant::now() + Duration::from_secs(secs);
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -1159,6 +1277,7 @@ async fn s5(ctx: &Ctx) -> anyhow::Result<()> {
             t.await?;
         }
         let jet = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        drop(phase);
         println!(
             "| {batch} | {herald:.0} | {jet:.0} | {:.2}× |",
             herald / jet
@@ -1186,14 +1305,16 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let progress = progress::Mode::choose(args.progress);
     if let Some(Cmd::Soak(soak_args)) = args.command {
-        if !rt.block_on(soak::run(soak_args, herald_bin))? {
+        if !rt.block_on(soak::run(soak_args, herald_bin, progress))? {
             bail!("the soak failed (see the summary above)");
         }
         return Ok(());
     }
     let ctx = Ctx {
         herald_bin,
+        progress,
         quick: args.quick,
         herald_only: args.herald_only,
         s1_events: args.s1_events,

@@ -465,7 +465,11 @@ struct Outcome {
 }
 
 /// Runs the soak; `Ok(true)` if every check passed.
-pub(crate) async fn run(args: SoakArgs, bin: PathBuf) -> anyhow::Result<bool> {
+pub(crate) async fn run(
+    args: SoakArgs,
+    bin: PathBuf,
+    progress: crate::progress::Mode,
+) -> anyhow::Result<bool> {
     let plan = Plan::new(args.minutes);
     let tmp = tempfile::tempdir()?;
     let config = tmp.path().join("herald.toml");
@@ -509,7 +513,17 @@ pub(crate) async fn run(args: SoakArgs, bin: PathBuf) -> anyhow::Result<bool> {
         rate: args.rate,
         published: AtomicU64::new(0),
     });
+    let phase = crate::progress::phase(
+        progress,
+        "soak",
+        crate::progress::Plan::For(Duration::from_secs_f64(plan.total)),
+        {
+            let shared = shared.clone();
+            move || shared.published.load(Ordering::Relaxed)
+        },
+    );
     let result = drive(&args, plan, &mut server, shared.clone()).await;
+    drop(phase);
     shared.stop.cancel();
     shared.stop_producers.cancel();
     shared.stop_churn.cancel();

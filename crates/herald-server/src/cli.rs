@@ -14,6 +14,7 @@ use crate::api::{
     SubscriptionView,
 };
 use crate::json::EventJson;
+use crate::progress::{ProgressMode, Replay};
 
 /// Where the server is and how to authenticate.
 #[derive(Clone, Debug)]
@@ -197,10 +198,14 @@ impl Client {
     /// Streams events to `out` until interrupted, reconnecting after errors and resuming after
     /// the last watermark printed. Returns an error when the server says the position expired
     /// or is ahead of its log.
+    ///
+    /// With `progress` not off and a position to resume from, the replay up to the log's head
+    /// when it started (from `GET /v1/status`) is shown on standard error, then "caught up".
     pub async fn tail(
         &self,
         query: &TailQuery,
         json: bool,
+        progress: ProgressMode,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<()> {
         let client = self.herald_client(None)?;
@@ -217,9 +222,32 @@ impl Client {
         if let Some(w) = query.after {
             spec = spec.after(w);
         }
+        // The head is read before subscribing: everything up to it is history to replay.
+        let head = match (progress, query.after) {
+            (ProgressMode::Off, _) | (_, None) => None,
+            (_, Some(_)) => match self.status().await {
+                Ok(s) => Some(s.log_last),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no progress: the log's head is unknown");
+                    None
+                }
+            },
+        };
         let subscriber = client.subscriber();
         let mut events = subscriber.subscribe(spec).await?;
-        while let Some(event) = events.next().await {
+        let mut replay = head.map(|head| Replay::start(progress, events.started_after(), head));
+        loop {
+            let replaying = replay.as_ref().is_some_and(|r| !r.caught_up());
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tokio::time::sleep(REPLAY_QUIET), if replaying => {
+                    if let Some(r) = &mut replay {
+                        r.quiet();
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             let event = match event {
                 Ok(e) => e,
                 Err(
@@ -235,10 +263,17 @@ impl Client {
                 writeln!(out, "{}", human(&event.json))?;
             }
             out.flush()?;
+            if let Some(r) = &mut replay {
+                r.seen(event.watermark);
+            }
         }
         Ok(())
     }
 }
+
+/// How long a replay may go without a matching event before the rest of it up to the head
+/// is taken as not matching.
+const REPLAY_QUIET: Duration = Duration::from_secs(2);
 
 /// What `herald tail` follows.
 #[derive(Clone, Debug)]

@@ -20,6 +20,7 @@ pub use herald_proto::json;
 pub mod keys;
 pub mod mapi;
 pub mod metrics;
+pub mod progress;
 pub mod publisher;
 pub mod serve;
 pub mod stats;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use herald_server::cli::{Client, TailQuery, event_from_fields};
 use herald_server::config::{Config, JetStreamOverride, LogBackend, LogOverride, Overrides};
+use herald_server::progress::ProgressMode;
 use herald_server::{AppState, run};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -93,6 +94,10 @@ enum Command {
         /// Resume after this watermark.
         #[arg(long)]
         after: Option<u64>,
+        /// Show the replay's progress on standard error as plain lines even when it is not a
+        /// terminal (on a terminal a bar is drawn anyway).
+        #[arg(long, env = "HERALD_PROGRESS", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+        progress: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -560,6 +565,7 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
             children,
             kinds,
             after,
+            progress,
             client,
         } => {
             let c = Client::new(&client.server, client.token)?;
@@ -571,8 +577,9 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
                 kinds,
                 after,
             };
+            let progress = ProgressMode::choose(progress);
             tokio::select! {
-                r = c.tail(&query, client.json, &mut out) => r?,
+                r = c.tail(&query, client.json, progress, &mut out) => r?,
                 _ = tokio::signal::ctrl_c() => {}
             }
         }

@@ -328,3 +328,161 @@ fn publish_stdin_pipelines_lines_in_order_and_resumes_after_a_failure() {
     let status: Value = serde_json::from_str(status.trim()).unwrap();
     assert_eq!(status["log_last"], 307);
 }
+
+/// Lines of a child's output as they come.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `herald tail --after 0` over a long history: its replay's progress and then "caught up"
+/// on standard error, every event in order on standard output and nothing else there, and
+/// live events after it.
+#[test]
+fn tail_replay_shows_progress_on_stderr_and_keeps_stdout_to_events() {
+    const EVENTS: u64 = 20_000;
+    let server = Server::start();
+    let input: String = (0..EVENTS / 100)
+        .map(|b| {
+            let batch: Vec<Value> = (0..100)
+                .map(|i| serde_json::json!({"key": format!("t/e{}", b * 100 + i), "kind": "object_created"}))
+                .collect();
+            format!("{}\n", Value::Array(batch))
+        })
+        .collect();
+    // Not `publish_stdin`: with --json its answers (every watermark) would fill the pipe
+    // while the input is still being written.
+    let mut publish = herald()
+        .args(["publish", "--stdin"])
+        .env("HERALD_SERVER", server.base())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publish.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes())
+    });
+    let out = publish.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut tail = herald()
+        .args([
+            "tail",
+            "t",
+            "--subtree",
+            "--json",
+            "--after",
+            "0",
+            "--progress",
+        ])
+        .env("HERALD_SERVER", server.base())
+        .env_remove("HERALD_PROGRESS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(tail.stdout.take().unwrap());
+    let stderr = lines_of(tail.stderr.take().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut progress = Vec::new();
+    loop {
+        let line = stderr
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("no \"caught up\" on stderr; it said: {progress:#?}"));
+        let done = line.starts_with("caught up");
+        progress.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        progress.last().map(String::as_str),
+        Some("caught up at watermark 20000")
+    );
+    let replaying = &progress[..progress.len() - 1];
+    assert!(
+        replaying.len() >= 2
+            && replaying
+                .iter()
+                .all(|l| l.starts_with("replaying  ") && l.contains(" ev/s, eta ")),
+        "{progress:#?}"
+    );
+    assert!(
+        replaying[0].starts_with("replaying  0/20,000 events"),
+        "{progress:#?}"
+    );
+    assert!(
+        replaying
+            .last()
+            .unwrap()
+            .starts_with("replaying  20,000/20,000 events"),
+        "{progress:#?}"
+    );
+
+    // Live from here on.
+    assert!(run(&server, &["publish", "t/live", "object_created"]).0);
+    let mut watermarks = Vec::new();
+    while watermarks.last() != Some(&(EVENTS + 1)) {
+        let line = stdout
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("stdout stopped after {} events", watermarks.len()));
+        let event: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("stdout has a line that is not an event ({e}): {line}"));
+        watermarks.push(event["watermark"].as_u64().unwrap());
+    }
+    assert_eq!(watermarks, (1..=EVENTS + 1).collect::<Vec<_>>());
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert!(
+        stderr.try_iter().all(|l| !l.starts_with("replaying")),
+        "progress after catching up"
+    );
+
+    // Not a terminal and not asked: nothing on stderr. HERALD_PROGRESS=1 asks too.
+    for (env, shown) in [(None, false), (Some("1"), true)] {
+        let mut cmd = herald();
+        cmd.args(["tail", "t", "--subtree", "--json", "--after", "19990"])
+            .env("HERALD_SERVER", server.base())
+            .env_remove("HERALD_PROGRESS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(v) = env {
+            cmd.env("HERALD_PROGRESS", v);
+        }
+        let mut tail = cmd.spawn().unwrap();
+        let stdout = lines_of(tail.stdout.take().unwrap());
+        let stderr = lines_of(tail.stderr.take().unwrap());
+        for _ in 0..11 {
+            stdout.recv_timeout(WAIT).expect("the replayed events");
+        }
+        if shown {
+            let caught_up = stderr
+                .iter()
+                .find(|l| l.starts_with("caught up"))
+                .expect("caught up with HERALD_PROGRESS=1");
+            assert_eq!(caught_up, "caught up at watermark 20001");
+        }
+        let _ = tail.kill();
+        let _ = tail.wait();
+        if !shown {
+            let said: Vec<String> = stderr.iter().collect();
+            assert!(said.is_empty(), "stderr without a terminal: {said:#?}");
+        }
+    }
+}
