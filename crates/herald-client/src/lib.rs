@@ -219,31 +219,51 @@ impl Client {
 impl Client {
     /// Creates a durable subscription on the server (`POST /v1/subscriptions`, transport
     /// `poll`) with `spec`'s filter and start; returns its id for [`Subscribe::durable`].
+    ///
+    /// The servers are tried in turn while none can be reached (or one answers 503): a request
+    /// that was never sent created nothing. A request sent whose answer was lost is not
+    /// repeated — it may have created the subscription — and comes back as
+    /// [`Error::Unreachable`].
     pub async fn create_subscription(&self, spec: &Subscribe) -> Result<String, Error> {
-        let server = &self.config.servers[0];
-        let mut request = self
-            .config
-            .http
-            .post(format!("{server}/v1/subscriptions"))
-            .json(&spec.create_body());
-        if let Some(t) = &self.config.token {
-            request = request.bearer_auth(t);
+        let body = spec.create_body();
+        let mut attempt = connection::Attempts::new(&self.config);
+        loop {
+            let server = attempt.server().to_owned();
+            let mut request = self
+                .config
+                .http
+                .post(format!("{server}/v1/subscriptions"))
+                .json(&body);
+            if let Some(t) = &self.config.token {
+                request = request.bearer_auth(t);
+            }
+            let failure = match request.send().await {
+                Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    format!("{server} answered 503")
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let text = response.text().await.unwrap_or_default();
+                    if !status.is_success() {
+                        return Err(connection::refusal(status.as_u16(), &text));
+                    }
+                    let view: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
+                    return view["id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| Error::Protocol("the answer has no id".into()));
+                }
+                Err(e) if e.is_connect() => format!("{server}: {e}"),
+                Err(e) => {
+                    return Err(Error::Unreachable {
+                        waited: Duration::ZERO,
+                        last: format!("{server}: {e} (the subscription may have been created)"),
+                    });
+                }
+            };
+            attempt.failed(failure).await?;
         }
-        let response = request.send().await.map_err(|e| Error::Unreachable {
-            waited: Duration::ZERO,
-            last: e.to_string(),
-        })?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(connection::refusal(status.as_u16(), &text));
-        }
-        let view: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Protocol(e.to_string()))?;
-        view["id"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| Error::Protocol("the answer has no id".into()))
     }
 }
 

@@ -228,6 +228,29 @@ async fn a_durable_subscription_resumes_after_its_acknowledgement_in_a_new_clien
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_is_created_on_the_next_server_when_the_first_is_down() {
+    let server = Server::start();
+    let down = format!("http://127.0.0.1:{}", herald_testkit::free_port().unwrap());
+    let client = Client::builder()
+        .server(&down)
+        .server(&server.base())
+        .backoff(Backoff {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+        })
+        .build()
+        .unwrap();
+    let id = client
+        .create_subscription(&Subscribe::subtree("mail").after(0))
+        .await
+        .expect("created on the server that is up");
+    let view: serde_json::Value =
+        common::get_json(&server.url(&format!("/v1/subscriptions/{id}"))).await;
+    assert_eq!(view["filter"]["subtree"], "mail", "{view}");
+    assert_eq!(view["transport"], "poll", "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_the_log_cannot_serve_end_with_typed_errors() {
     let server = Server::start();
     let client = quick(&server);
