@@ -129,6 +129,16 @@ export class Api {
     return (await this.send("GET", path, undefined, signal)) as T;
   }
 
+  /** A listing (`GET /v1/connections`, `/v1/subscriptions`): the items and how many matched
+   * (`x-total-count`; the server cuts the list at `limit`). */
+  async list<T>(path: string): Promise<{ items: T[]; total: number }> {
+    const r = await fetch(this.base + path, { headers: this.headers(false) });
+    const text = await r.text();
+    if (!r.ok) throw errorOf(r.status, text);
+    const items = JSON.parse(text) as T[];
+    return { items, total: Number(r.headers.get("x-total-count") ?? items.length) };
+  }
+
   /** `method path` with an optional JSON body; the answer's JSON, or null when empty. */
   async send(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<unknown> {
     const r = await fetch(this.base + path, {

@@ -9,6 +9,8 @@ import { ago, confirmDialog, every, fill, h, num, shortId, span, toast, until } 
 
 /** Lag samples kept per subscription (two hours at one every two seconds... capped). */
 const HISTORY = 1800;
+/** Rows asked for at most (the server searches and cuts; each row costs it a short read). */
+const SHOWN = 200;
 /** Subscriptions whose lag is kept; past it, the oldest-seen are forgotten. */
 const TRACKED = 1000;
 
@@ -60,10 +62,12 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
   const lagChart = new Chart("Lag (events)", "", 150);
   const lagSeconds = new Chart("Lag (seconds)", " s", 150);
   const attempts = h("div");
-  const count = h("p", { class: "hint" });
+  const count = h("p", { class: "hint", "data-testid": "count" });
+  const search = h("input", { type: "search", placeholder: "Search id, key, owner, URL", "aria-label": "Search" });
   fill(
     root,
     h("h1", {}, "Subscriptions"),
+    h("div", { class: "filters" }, search),
     count,
     h(
       "div",
@@ -89,10 +93,11 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
   );
 
   let rows: Subscription[] = [];
+  let total = 0;
   let open: string | null = null;
 
   const draw = () => {
-    fill(count, rows.length ? `${rows.length} durable subscriptions. Select one for its lag chart.` : "");
+    fill(count, `${total} match${rows.length < total ? `, first ${rows.length} shown` : ""}. Select one for its lag chart.`);
     fill(
       body,
       rows.map((s) => {
@@ -222,13 +227,23 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
     }
   }
 
-  const stop = every(2000, async () => {
-    rows = await ctx.api.get<Subscription[]>("/v1/subscriptions");
+  // A refresh for an older search that answers late is dropped.
+  let latest = 0;
+  const refresh = async () => {
+    const mine = ++latest;
+    const q = new URLSearchParams({ limit: String(SHOWN) });
+    if (search.value.trim()) q.set("search", search.value.trim());
+    const page = await ctx.api.list<Subscription>(`/v1/subscriptions?${q}`);
+    if (mine !== latest) return;
+    rows = page.items;
+    total = page.total;
     const now = Date.now() / 1000;
     for (const s of rows) record(s, now);
     draw();
     await drawDetail();
-  });
+  };
+  search.addEventListener("input", () => void refresh());
+  const stop = every(2000, refresh);
   return () => {
     stop();
     lagChart.destroy();

@@ -196,6 +196,13 @@ it("shows a webhook's lag grow while its receiver is down and fall to zero when 
     const row = page.locator(`[data-testid="subscriptions"] tr[data-id="${id}"]`);
     await row.waitFor();
     const lag = async () => Number((await row.locator('[data-field="lag"]').innerText()).replace(/,/g, ""));
+    // The server searches: a search that matches nothing empties the table, clearing it
+    // brings the row back.
+    await page.getByLabel("Search").fill("no-such-subscription");
+    await row.waitFor({ state: "detached" });
+    await expect.poll(() => page.getByTestId("count").innerText()).toMatch(/^0 match/);
+    await page.getByLabel("Search").fill("lag@example");
+    await row.waitFor();
 
     up = false;
     await publish("lag@example.test/inbox", 5);

@@ -15,6 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use serde::Serialize;
 use utoipa::OpenApi;
 
 use crate::AppState;
@@ -191,6 +192,34 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(body_limit_as_json))
         .with_state(state)
+}
+
+/// The header of a listing that says how many items matched before `limit` cut the list.
+pub(crate) const TOTAL_COUNT: &str = "x-total-count";
+
+/// The most items a listing returns, whatever `limit` asks.
+pub(crate) const MAX_LIMIT: usize = 10_000;
+
+/// How many items a listing asked to return `limit` may hold.
+pub(crate) fn limit(limit: Option<usize>) -> usize {
+    limit.unwrap_or(MAX_LIMIT).min(MAX_LIMIT)
+}
+
+/// A listing cut to [`limit`] out of `total` matches, with [`TOTAL_COUNT`]: a console or a
+/// script shows the first of thousands of connections without fetching them all.
+pub(crate) fn listing<T: Serialize>(items: Vec<T>, total: usize) -> Response {
+    ([(TOTAL_COUNT, total.to_string())], axum::Json(items)).into_response()
+}
+
+/// Whether `needle` is empty or in any of `fields`, ignoring ASCII case.
+pub(crate) fn matches_search(needle: Option<&str>, fields: &[&str]) -> bool {
+    let Some(needle) = needle.filter(|n| !n.is_empty()) else {
+        return true;
+    };
+    let needle = needle.to_ascii_lowercase();
+    fields
+        .iter()
+        .any(|f| f.to_ascii_lowercase().contains(&needle))
 }
 
 /// Authenticates every `/v1` request and hands the handlers its [`Principal`]; a request

@@ -371,18 +371,23 @@ pub(super) struct ConnectionsQuery {
     transport: Option<String>,
     /// Only `online` or `offline` ones.
     state: Option<String>,
+    /// Only those whose id, owner or target contains this (ignoring case).
+    search: Option<String>,
+    /// At most this many, sorted by id (default and most: 10,000); `x-total-count` says how
+    /// many matched.
+    limit: Option<usize>,
 }
 
 /// The client connections Herald serves, with their state.
 #[utoipa::path(
     get, path = "/v1/connections", tag = "operate", params(ConnectionsQuery),
-    responses((status = 200, body = Vec<ConnectionView>))
+    responses((status = 200, body = Vec<ConnectionView>, headers(("x-total-count" = u64, description = "How many matched before `limit`"))))
 )]
 pub(super) async fn connections(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     JsonQuery(q): JsonQuery<ConnectionsQuery>,
-) -> Json<Vec<ConnectionView>> {
+) -> Response {
     let owner = match &principal {
         Principal::Token(c) => Some(c.sub.clone()),
         Principal::Open | Principal::Key(_) => q.owner,
@@ -397,8 +402,11 @@ pub(super) async fn connections(
     list.retain(|c| {
         q.transport.as_deref().is_none_or(|t| c.transport == t)
             && q.state.as_deref().is_none_or(|s| c.state == s)
+            && super::matches_search(q.search.as_deref(), &[&c.id, &c.owner, &c.target])
     });
-    Json(list)
+    let total = list.len();
+    list.truncate(super::limit(q.limit));
+    super::listing(list, total)
 }
 
 /// Closes a client's stream or session (a kick). Hooks hear it as a cancel, and may refuse

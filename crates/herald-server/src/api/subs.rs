@@ -450,25 +450,59 @@ pub(super) async fn rotate_secret(
     Ok(Json(v))
 }
 
+/// Which durable subscriptions.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ListQuery {
+    /// Only this transport's (`poll`, `webhook`, `udp`).
+    transport: Option<Transport>,
+    /// Only those whose id, filter key, owner or URL contains this (ignoring case).
+    search: Option<String>,
+    /// At most this many, sorted by id (default and most: 10,000); `x-total-count` says how
+    /// many matched. Each one returned reads the log for its lag; those cut are not read.
+    limit: Option<usize>,
+}
+
 /// Lists durable subscriptions (a token sees its own).
 #[utoipa::path(
-    get, path = "/v1/subscriptions", tag = "subscribe",
-    responses((status = 200, description = "Every durable subscription the caller may see", body = Vec<SubscriptionView>))
+    get, path = "/v1/subscriptions", tag = "subscribe", params(ListQuery),
+    responses((status = 200, description = "The durable subscriptions the caller may see", body = Vec<SubscriptionView>, headers(("x-total-count" = u64, description = "How many matched before `limit`"))))
 )]
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-) -> Json<Vec<SubscriptionView>> {
-    let mut views = Vec::new();
-    for d in state
+    JsonQuery(q): JsonQuery<ListQuery>,
+) -> Response {
+    let mut matching: Vec<DurableRef> = state
         .durables()
         .list()
-        .iter()
-        .filter(|d| principal.may_manage(d.owner().as_deref()))
-    {
+        .into_iter()
+        .filter(|d| {
+            let spec = d.spec();
+            let f = &spec.filter;
+            principal.may_manage(d.owner().as_deref())
+                && q.transport.is_none_or(|t| spec.transport == t)
+                && super::matches_search(
+                    q.search.as_deref(),
+                    &[
+                        d.id(),
+                        f.key.as_deref().unwrap_or_default(),
+                        f.subtree.as_deref().unwrap_or_default(),
+                        f.children.as_deref().unwrap_or_default(),
+                        spec.owner.as_deref().unwrap_or_default(),
+                        spec.webhook.as_ref().map_or("", |w| w.url.as_str()),
+                    ],
+                )
+        })
+        .collect();
+    matching.sort_by(|a, b| a.id().cmp(b.id()));
+    let total = matching.len();
+    matching.truncate(super::limit(q.limit));
+    let mut views = Vec::with_capacity(matching.len());
+    for d in &matching {
         views.push(view(&state, d).await);
     }
-    Json(views)
+    super::listing(views, total)
 }
 
 /// Shows one durable subscription.
