@@ -20,6 +20,7 @@ export interface Stats {
   node?: string | null;
   log_first: number;
   log_last: number;
+  log_bytes?: number;
   durable_subscriptions: number;
   connections: Record<string, number>;
   samples: Sample[];

@@ -56,6 +56,17 @@ export function span(ms: number): string {
   return `${Math.round(s / 86400)} d`;
 }
 
+/** 512 B, 3.4 KiB, 12 MiB, 1.2 GiB. */
+export function bytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i += 1;
+  }
+  return `${i === 0 ? n : n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+}
+
 /** A count with thousands separators. */
 export function num(n: number, digits = 0): string {
   return n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });

@@ -3,7 +3,7 @@
 import type { Ctx } from "./main.js";
 import type { ServerState, Stats } from "./api.js";
 import { Chart } from "./chart.js";
-import { confirmDialog, every, fill, h, num, span, toast } from "./dom.js";
+import { bytes, confirmDialog, every, fill, h, num, span, toast } from "./dom.js";
 
 export function overview(ctx: Ctx, root: HTMLElement): () => void {
   const cards = h("div", { class: "cards" });
@@ -138,7 +138,11 @@ function drawCards(cards: HTMLElement, s: Stats): void {
         ? [h("ul", { class: "by" }, Object.entries(s.connections).map(([t, n]) => h("li", {}, `${t} ${num(n)}`)))]
         : "none open",
     ),
-    card("Log", `${num(held)} events`, held ? `watermarks ${num(s.log_first)} … ${num(s.log_last)}` : "empty"),
+    card(
+      "Log",
+      `${num(held)} event${held === 1 ? "" : "s"}`,
+      held ? `${s.log_bytes !== undefined ? `${bytes(s.log_bytes)} · ` : ""}watermarks ${num(s.log_first)} … ${num(s.log_last)}` : "empty",
+    ),
     card("Durable subscriptions", num(s.durable_subscriptions), "poll, webhook and udp"),
   );
 }

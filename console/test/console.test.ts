@@ -100,6 +100,9 @@ it("asks for the API key, refuses a wrong one, and opens the overview with the r
   await page.getByRole("button", { name: "Log in" }).click();
   await page.locator('[data-card="Log"]').waitFor();
   await expect(page.getByTestId("state").textContent()).resolves.toBe("online");
+  // The log's card says how many events and bytes it holds, from the API's figures.
+  await api("POST", "/v1/events", { events: [{ key: "alice@example.test/inbox/first", kind: "new_mail" }] });
+  await expect.poll(() => page.locator('[data-card="Log"]').innerText(), { timeout: 10_000 }).toMatch(/1 event[\s\S]*\d+ B · watermarks 1 … 1/);
   await expect(page.getByTestId("header-state").textContent()).resolves.toBe("online");
   // The key is never on the page.
   expect(await page.locator("body").innerText()).not.toContain(KEY);

@@ -499,6 +499,12 @@ impl EventLog for EmbeddedLog {
         bounds_in(&txn)
     }
 
+    fn stored_bytes(&self) -> Option<u64> {
+        let txn = self.inner.db.begin_read().ok()?;
+        let meta = txn.open_table(META).ok()?;
+        Some(meta.get(META_BYTES).ok()?.map_or(0, |v| v.value()))
+    }
+
     fn hub(&self) -> &Hub {
         &self.inner.hub
     }

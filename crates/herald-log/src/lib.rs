@@ -361,6 +361,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// The watermarks the log holds now.
     fn bounds(&self) -> Result<LogBounds, LogError>;
 
+    /// The bytes of the events it holds (what `max_bytes` retention counts), when the backend
+    /// knows it without a round trip; `None` otherwise.
+    fn stored_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// The hub every durable batch is published to, in watermark order: the log's tail.
     fn hub(&self) -> &Hub;
 

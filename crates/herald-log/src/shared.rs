@@ -28,6 +28,7 @@ trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Notification>, ReadError>>;
     fn bounds(&self) -> Result<LogBounds, LogError>;
+    fn stored_bytes(&self) -> Option<u64>;
     fn pipelines_sequences(&self) -> bool;
     fn hub(&self) -> &Hub;
     fn shutdown(&self) -> BoxFuture<'_, Result<(), LogError>>;
@@ -63,6 +64,9 @@ impl<T: EventLog + SubscriptionStore> Backend for T {
     }
     fn bounds(&self) -> Result<LogBounds, LogError> {
         EventLog::bounds(self)
+    }
+    fn stored_bytes(&self) -> Option<u64> {
+        EventLog::stored_bytes(self)
     }
     fn pipelines_sequences(&self) -> bool {
         EventLog::pipelines_sequences(self)
@@ -145,6 +149,10 @@ impl EventLog for SharedLog {
 
     fn bounds(&self) -> Result<LogBounds, LogError> {
         self.0.bounds()
+    }
+
+    fn stored_bytes(&self) -> Option<u64> {
+        self.0.stored_bytes()
     }
 
     fn pipelines_sequences(&self) -> bool {

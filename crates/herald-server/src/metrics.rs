@@ -26,6 +26,9 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "herald_webhook_failures_total";
     /// Gauge: the log's last watermark.
     pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
+    /// Gauge: bytes of the events the log holds (embedded backend; set when `/metrics` is
+    /// rendered).
+    pub const LOG_BYTES: &str = "herald_log_bytes";
     /// Counter: hook calls, by phase and decision.
     pub const HOOK_CALLS: &str = "herald_hook_calls_total";
     /// Gauge: tasks alive on the server's tokio runtime (set when `/metrics` is rendered).
@@ -107,6 +110,11 @@ fn describe() {
     metrics::describe_gauge!(SERVER_ONLINE, "The server's state: 1 online, 0 offline.");
     metrics::describe_counter!(HOOK_CALLS, "Connection hook calls, by phase and decision.");
     metrics::describe_gauge!(LOG_LAST_WATERMARK, "The log's last watermark.");
+    metrics::describe_gauge!(
+        LOG_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of the events the log holds (what max_bytes retention counts)."
+    );
     metrics::describe_counter!(
         PRESENCE_OVERFLOWS,
         "Connects refused because the presence backlog was full."

@@ -43,6 +43,26 @@ async fn stats_show_rates_latency_and_connections_over_time() {
     assert_eq!(stats["connections"]["sse"], 1, "{stats}");
     assert_eq!(stats["state"], "online");
     assert!(stats["log_last"].as_u64() >= Some(1));
+    // The log's size in bytes grows with what it holds, and /metrics says the same.
+    let bytes = stats["log_bytes"].as_u64().expect("log_bytes");
+    assert!(bytes > 0, "{stats}");
+    publish_ok(&server, json!([created("alice/inbox/big")])).await;
+    let later: Value = get_json(&server.url("/v1/stats?seconds=0")).await;
+    assert!(later["log_bytes"].as_u64() > Some(bytes), "{later}");
+    let metrics = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_log_bytes "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no herald_log_bytes in\n{metrics}"));
+    assert!(exported >= later["log_bytes"].as_f64().unwrap());
     let last = stats["samples"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["connections"]["sse"], 1, "{last}");
     // `seconds` keeps only the recent samples.

@@ -54,6 +54,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
     metrics::counter!(names::QUEUE_OVERFLOWS).absolute(hub.overflows);
     metrics::gauge!(names::DURABLE_SUBSCRIPTIONS).set(state.durables().list().len() as f64);
     metrics::gauge!(names::LOG_LAST_WATERMARK).set(state.log_last() as f64);
+    if let Some(bytes) = state.log().stored_bytes() {
+        metrics::gauge!(names::LOG_BYTES).set(bytes as f64);
+    }
     metrics::gauge!(names::TOKIO_TASKS).set(
         tokio::runtime::Handle::current()
             .metrics()
@@ -131,6 +134,10 @@ pub struct StatsView {
     pub log_first: u64,
     /// The last watermark assigned.
     pub log_last: u64,
+    /// Bytes of the events the log holds (what `max_bytes` retention counts); absent when the
+    /// backend does not say (JetStream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
     /// Durable subscriptions.
     pub durable_subscriptions: usize,
     /// Client connections now, by transport.
@@ -181,6 +188,7 @@ pub(super) async fn stats(
         node: state.node_name(),
         log_first: bounds.map_or(0, |b| b.first.0),
         log_last: bounds.map_or(0, |b| b.last.0),
+        log_bytes: state.log().stored_bytes(),
         durable_subscriptions: state.durables().len(),
         connections,
         samples: state.stats().samples(since),
