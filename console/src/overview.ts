@@ -89,6 +89,7 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
     try {
       const stream = ctx.api.sse("/v1/state/advise?token=1", abort.signal);
       let requested = false;
+      let done = false;
       for await (const ev of stream) {
         if (ev.event === "advised") {
           step("watching the transition");
@@ -100,11 +101,19 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
         if (!requested) continue;
         const n = JSON.parse(ev.data) as { old: string; new: string };
         step(`${ev.event}: ${n.old} → ${n.new}`);
-        if (ev.event === "done") break;
+        if (ev.event === "done") {
+          done = true;
+          break;
+        }
       }
-      toast(`The server is ${target}.`);
+      if (done) toast(`The server is ${target}.`);
+      else toast("The progress stream ended before the transition was done; the state shown next is the server's.", "error");
     } catch (e) {
-      toast(`Could not go ${target}: ${(e as Error).message}`, "error");
+      // Aborted after 30 s without `done` (it was already there, or the transition hangs):
+      // say where the server is rather than why the wait ended.
+      const now = await ctx.api.get<ServerState>("/v1/state").catch(() => null);
+      if (now?.state === target && !now.transitioning) toast(`The server is ${target}.`);
+      else toast(`Could not go ${target}: ${(e as Error).message}`, "error");
     } finally {
       clearTimeout(timeout);
       abort.abort();
