@@ -106,6 +106,9 @@ export interface SseEvent {
 
 const KEY = "herald.console.key";
 
+/** How long a request may take before the page counts the server as not answering. */
+const TIMEOUT_MS = 10_000;
+
 /** The API of the server that served the page. */
 export class Api {
   readonly base = location.origin;
@@ -133,7 +136,7 @@ export class Api {
   /** A listing (`GET /v1/connections`, `/v1/subscriptions`): the items and how many matched
    * (`x-total-count`; the server cuts the list at `limit`). */
   async list<T>(path: string): Promise<{ items: T[]; total: number }> {
-    const r = await fetch(this.base + path, { headers: this.headers(false) });
+    const r = await fetch(this.base + path, { headers: this.headers(false), signal: AbortSignal.timeout(TIMEOUT_MS) });
     const text = await r.text();
     if (!r.ok) throw errorOf(r.status, text);
     const items = JSON.parse(text) as T[];
@@ -146,7 +149,7 @@ export class Api {
       method,
       headers: this.headers(body !== undefined),
       body: body === undefined ? undefined : JSON.stringify(body),
-      signal,
+      signal: signal ?? AbortSignal.timeout(TIMEOUT_MS),
     });
     const text = await r.text();
     if (!r.ok) throw errorOf(r.status, text);

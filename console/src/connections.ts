@@ -4,7 +4,7 @@
 // cost the page no more than a few.
 import type { Ctx } from "./main.js";
 import type { Connection } from "./api.js";
-import { ago, confirmDialog, every, fill, h, shortId, span, toast } from "./dom.js";
+import { ago, confirmDialog, every, fill, h, report, shortId, span, toast } from "./dom.js";
 
 /** Rows asked for at most. */
 const SHOWN = 500;
@@ -89,7 +89,7 @@ export function connections(ctx: Ctx, root: HTMLElement): () => void {
     open = all.total;
     draw();
   };
-  for (const el of [search, transport, state]) el.addEventListener("input", () => void refresh());
+  for (const el of [search, transport, state]) el.addEventListener("input", () => refresh().catch(report));
 
   async function kick(c: Connection): Promise<void> {
     const sure = await confirmDialog(

@@ -112,6 +112,12 @@ export function onTicks(error: (e: unknown) => void, success: () => void): void 
   onSuccess = success;
 }
 
+/** Reports an error of a request made outside `every` (a search typed, a row opened) the way
+ * a failed tick is: a banner, or back to the login on a 401. */
+export function report(e: unknown): void {
+  onError(e);
+}
+
 /** Calls `f` now and every `ms` until the returned function is called; skips while hidden. */
 export function every(ms: number, f: () => Promise<void> | void): () => void {
   let stopped = false;

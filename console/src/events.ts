@@ -15,7 +15,7 @@ export function events(ctx: Ctx, root: HTMLElement, params: URLSearchParams): ()
     { "aria-label": "Scope", name: "scope" },
     ["subtree", "key", "children"].map((s) => h("option", { value: s }, s)),
   );
-  const target = h("input", { name: "target", placeholder: "alice@example.test (empty: everything)", "aria-label": "Key" });
+  const target = h("input", { name: "target", required: true, placeholder: "a key, e.g. alice@example.test", "aria-label": "Key" });
   const kinds = h("input", { name: "kinds", placeholder: "kinds, e.g. new_mail,object_created", "aria-label": "Kinds" });
   const after = h("input", { name: "after", type: "number", min: 0, placeholder: "after watermark (empty: from now)", "aria-label": "After watermark" });
   const startButton = h("button", { class: "primary", type: "submit", "data-action": "tail" }, "Tail");
@@ -100,8 +100,7 @@ export function events(ctx: Ctx, root: HTMLElement, params: URLSearchParams): ()
     fill(list);
     const spec: SubscribeSpec = {};
     const t = target.value.trim();
-    if (t) spec[scope.value as "key" | "subtree" | "children"] = t;
-    else spec.subtree = "";
+    spec[scope.value as "key" | "subtree" | "children"] = t;
     if (kinds.value.trim()) spec.kinds = kinds.value.trim();
     if (after.value !== "") spec.after = Number(after.value);
     const q = new URLSearchParams();
@@ -124,6 +123,7 @@ export function events(ctx: Ctx, root: HTMLElement, params: URLSearchParams): ()
         while (list.rows.length > ROWS) list.lastElementChild?.remove();
         fill(status, `Live: ${num(n)} events, last watermark ${num(ev.watermark)}.`);
       }
+      if (mine === generation) fill(status, `The tail ended after ${num(n)} events.`);
     } catch (e) {
       if (mine !== generation) return;
       const why = e instanceof HeraldError ? `${e.kind}: ${e.message}` : (e as Error).message;

@@ -33,12 +33,17 @@ const VIEWS: [string, string, View][] = [
 
 const api = new Api();
 let client: Client | null = null;
+/** The key `client` was made with: another key (a new login) makes another client. */
+let clientToken: string | null = null;
 const app = document.getElementById("app")!;
 const badge = h("span", { class: "badge", "data-testid": "header-state" });
 const ctx: Ctx = {
   api,
   client() {
-    client ??= new Client({ servers: [api.base], token: api.token ?? undefined, giveUpAfter: null });
+    if (!client || clientToken !== api.token) {
+      clientToken = api.token;
+      client = new Client({ servers: [api.base], token: api.token ?? undefined, giveUpAfter: null });
+    }
     return client;
   },
   setState(state, node) {
@@ -49,8 +54,9 @@ const ctx: Ctx = {
 
 let unmount: (() => void) | null = null;
 
-/** Shows the view the hash names. */
+/** Shows the view the hash names (once logged in: before, there is no view to show). */
 function route(): void {
+  if (!document.getElementById("view")) return;
   const [name, query] = location.hash.slice(1).split("?", 2);
   const view = VIEWS.find(([id]) => id === name) ?? VIEWS[0]!;
   unmount?.();
@@ -92,7 +98,6 @@ function shell(): void {
     ),
     h("main", { id: "view" }),
   );
-  window.addEventListener("hashchange", route);
   route();
 }
 
@@ -136,6 +141,8 @@ async function check(): Promise<string | null> {
     return `The server did not answer: ${(e as Error).message}`;
   }
 }
+
+window.addEventListener("hashchange", route);
 
 // A key that stops working (revoked, or the server restarted with other keys) sends the
 // operator back to the login; a server that does not answer shows a banner until it does.

@@ -21,6 +21,8 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
   fill(root, h("h1", {}, "Overview"), stateBox, quiet, cards, chart.el);
 
   let flipping = false;
+  /** The progress stream of a switch in progress, closed when the view is left. */
+  let progress: AbortController | null = null;
   const stop = every(2000, async () => {
     const [stats, state] = await Promise.all([
       ctx.api.get<Stats>("/v1/stats?seconds=600"),
@@ -85,6 +87,7 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
     fill(stateBox, h("h2", {}, `Going ${target}`), steps);
     const step = (text: string) => steps.append(h("li", {}, `${new Date().toLocaleTimeString()} ${text}`));
     const abort = new AbortController();
+    progress = abort;
     const timeout = setTimeout(() => abort.abort(), 30_000);
     try {
       const stream = ctx.api.sse("/v1/state/advise?token=1", abort.signal);
@@ -99,6 +102,8 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
           continue;
         }
         if (!requested) continue;
+        // The stream is ending (the server stops, or this page read too slowly).
+        if (ev.event === "overflow" || ev.event === "shutdown") break;
         const n = JSON.parse(ev.data) as { old: string; new: string };
         step(`${ev.event}: ${n.old} → ${n.new}`);
         if (ev.event === "done") {
@@ -126,6 +131,7 @@ export function overview(ctx: Ctx, root: HTMLElement): () => void {
 
   return () => {
     stop();
+    progress?.abort();
     chart.destroy();
   };
 }

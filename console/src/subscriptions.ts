@@ -5,7 +5,7 @@
 import type { Ctx } from "./main.js";
 import type { DeliveryAttempt, Subscription } from "./api.js";
 import { Chart } from "./chart.js";
-import { ago, confirmDialog, every, fill, h, num, shortId, span, toast, until } from "./dom.js";
+import { ago, confirmDialog, every, fill, h, num, report, shortId, span, toast, until } from "./dom.js";
 
 /** Lag samples kept per subscription (two hours at one every two seconds... capped). */
 const HISTORY = 1800;
@@ -113,7 +113,7 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
               if ((e.target as Element).closest("button, a")) return;
               open = open === s.id ? null : s.id;
               draw();
-              void drawDetail();
+              drawDetail().catch(report);
             },
           },
           h("td", {}, shortId(s.id)),
@@ -162,6 +162,8 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
       return;
     }
     const list = await ctx.api.get<DeliveryAttempt[]>(`/v1/subscriptions/${encodeURIComponent(s.id)}/deliveries`);
+    // Another row was opened while this answer came.
+    if (open !== s.id) return;
     fill(
       attempts,
       h("h3", {}, "Last delivery attempts"),
@@ -217,13 +219,22 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
       "Rotate",
     );
     if (!sure) return;
+    let secret: string;
     try {
       const r = (await ctx.api.send("POST", `/v1/subscriptions/${encodeURIComponent(s.id)}/rotate-secret`)) as Subscription;
       if (!r.secret) throw new Error("the server returned no secret");
-      await navigator.clipboard.writeText(r.secret);
-      toast(`New secret for ${s.id} copied to the clipboard.`);
+      secret = r.secret;
     } catch (e) {
       toast(`Could not rotate the secret of ${s.id}: ${(e as Error).message}`, "error");
+      return;
+    }
+    try {
+      await navigator.clipboard.writeText(secret);
+      toast(`New secret for ${s.id} copied to the clipboard.`);
+    } catch {
+      // The browser refused a write that no longer follows the click (the dialog and the
+      // request came between): one more click copies it. The secret stays off the page.
+      await copyLater(s.id, secret);
     }
   }
 
@@ -242,11 +253,53 @@ export function subscriptions(ctx: Ctx, root: HTMLElement): () => void {
     draw();
     await drawDetail();
   };
-  search.addEventListener("input", () => void refresh());
+  search.addEventListener("input", () => refresh().catch(report));
   const stop = every(2000, refresh);
   return () => {
     stop();
     lagChart.destroy();
     lagSeconds.destroy();
   };
+}
+
+/** Holds a rotated secret until the operator clicks to copy it (it cannot be fetched again). */
+function copyLater(id: string, secret: string): Promise<void> {
+  return new Promise((resolve) => {
+    const status = h("p", { class: "hint" }, "It is not shown, and cannot be fetched again: copy it now.");
+    const dialog = h(
+      "dialog",
+      { class: "confirm", "aria-label": "Copy the new secret" },
+      h("h2", {}, `The secret of ${id} was rotated`),
+      status,
+      h(
+        "form",
+        { method: "dialog" },
+        h(
+          "button",
+          {
+            type: "button",
+            class: "primary",
+            "data-action": "copy-secret",
+            onclick: async () => {
+              try {
+                await navigator.clipboard.writeText(secret);
+                toast(`New secret for ${id} copied to the clipboard.`);
+                dialog.close();
+              } catch (e) {
+                fill(status, `The browser refused the clipboard (${(e as Error).message}). Rotate again from a browser that allows it, or with the API.`);
+              }
+            },
+          },
+          "Copy new secret",
+        ),
+        h("button", { value: "close", class: "secondary" }, "Close"),
+      ),
+    );
+    dialog.addEventListener("close", () => {
+      dialog.remove();
+      resolve();
+    });
+    document.body.append(dialog);
+    dialog.showModal();
+  });
 }

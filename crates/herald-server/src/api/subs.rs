@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -174,31 +176,58 @@ fn raw(json: bytes::Bytes) -> Option<Box<RawValue>> {
 /// waits for and find the age of the oldest.
 const LAG_SCAN: usize = 256;
 
-/// A subscription's lag: the matching events after its acknowledged watermark (counted among
-/// the next [`LAG_SCAN`] events; every event beyond them counts, an upper bound), and the age
-/// in seconds of the oldest of them.
+/// Lag reads a listing runs at once.
+const LAG_READS: usize = 16;
+
+/// A subscription's lag up to the log's last watermark `last`: the matching events after its
+/// acknowledged watermark (counted among the next [`LAG_SCAN`] events; every event beyond them
+/// counts, an upper bound; events retention removed before it got them count too), and the
+/// age in seconds of the oldest of them still held.
 async fn lag(state: &AppState, d: &DurableRef, last: u64) -> (u64, f64) {
-    let acked = d.acked();
-    if last <= acked.0 {
+    let acked = d.acked().0;
+    if last <= acked {
         return (0, 0.0);
     }
-    match herald_log::EventLog::read(state.log(), acked, LAG_SCAN).await {
-        Ok(events) => {
-            let beyond = match events.last() {
-                Some(e) if events.len() == LAG_SCAN => {
-                    last.saturating_sub(e.watermark.map_or(acked.0, |w| w.0))
-                }
-                _ => 0,
-            };
-            let waiting = events.iter().filter(|e| d.filter().matches(e));
-            let age = waiting.clone().next().map_or(0.0, |e| {
-                Timestamp::now().0.saturating_sub(e.timestamp.0) as f64 / 1e6
-            });
-            (waiting.count() as u64 + beyond, age)
-        }
-        // The log cannot be read now: every event after the acknowledged one may be waiting.
-        Err(_) => (last - acked.0, 0.0),
+    let (from, removed) =
+        match herald_log::EventLog::read(state.log(), Watermark(acked), LAG_SCAN).await {
+            Ok(events) => return count_waiting(d, &events, acked, last, 0),
+            // Retention removed the oldest it waits for: count them, and read what is held.
+            Err(herald_log::ReadError::Expired {
+                oldest_available, ..
+            }) => {
+                let from = oldest_available.0.saturating_sub(1).max(acked);
+                (from, from - acked)
+            }
+            // The log cannot be read now: every event after the acknowledged one may be waiting.
+            Err(_) => return (last - acked, 0.0),
+        };
+    match herald_log::EventLog::read(state.log(), Watermark(from), LAG_SCAN).await {
+        Ok(events) => count_waiting(d, &events, from, last, removed),
+        Err(_) => (last - acked, 0.0),
     }
+}
+
+/// The lag in `events`, read after `from`: those `d` matches up to `last`, those after what
+/// was read up to `last` (not read: counted), and `removed`; and the age of the oldest match.
+fn count_waiting(
+    d: &DurableRef,
+    events: &[herald_core::Notification],
+    from: u64,
+    last: u64,
+    removed: u64,
+) -> (u64, f64) {
+    let read_to = events
+        .last()
+        .and_then(|e| e.watermark)
+        .map_or(from, |w| w.0);
+    let beyond = last.saturating_sub(read_to);
+    let waiting = events
+        .iter()
+        .filter(|e| e.watermark.is_none_or(|w| w.0 <= last) && d.filter().matches(e));
+    let age = waiting.clone().next().map_or(0.0, |e| {
+        Timestamp::now().0.saturating_sub(e.timestamp.0) as f64 / 1e6
+    });
+    (removed + waiting.count() as u64 + beyond, age)
 }
 
 async fn view(state: &AppState, d: &DurableRef) -> SubscriptionView {
@@ -498,10 +527,15 @@ pub(super) async fn list(
     matching.sort_by(|a, b| a.id().cmp(b.id()));
     let total = matching.len();
     matching.truncate(super::limit(q.limit));
-    let mut views = Vec::with_capacity(matching.len());
-    for d in &matching {
-        views.push(view(&state, d).await);
-    }
+    // Each view reads the log for its lag: a few at a time, in order.
+    let views: Vec<SubscriptionView> = futures_util::stream::iter(matching)
+        .map(|d| {
+            let state = state.clone();
+            async move { view(&state, &d).await }
+        })
+        .buffered(LAG_READS)
+        .collect()
+        .await;
     super::listing(views, total)
 }
 
