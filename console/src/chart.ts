@@ -51,7 +51,8 @@ export class Chart {
         height: this.height,
         legend: { show: true },
         cursor: { drag: { x: false, y: false } },
-        scales: { x: { time: true }, y: { range: (_u, min, max) => [Math.min(0, min), Math.max(1, max * 1.1)] } },
+        // One sample alone would stretch the axis over years: show the minute around it.
+        scales: { x: { time: true, range: (u, min, max) => xRange(u.data[0].length, min, max) }, y: { range: (_u, min, max) => [Math.min(0, min), Math.max(1, max * 1.1)] } },
         axes: [{}, { values: (_u, ticks) => ticks.map((t) => `${compact(t)}${unit}`), size: 64 }],
         series: [
           {},
@@ -85,4 +86,14 @@ function compact(v: number): string {
   if (a >= 1e4) return `${Math.round(v / 1e3)}k`;
   if (a >= 1e3) return `${+(v / 1e3).toFixed(1)}k`;
   return `${+v.toFixed(2)}`;
+}
+
+/** The x range: the data's, or the minute around a lone sample (uPlot would stretch it over
+ * 86,400 of its time units, years when they are seconds), or the last minute without any. */
+function xRange(samples: number, min: number | null, max: number | null): [number, number] {
+  if (min === null || max === null || !Number.isFinite(min) || !Number.isFinite(max)) {
+    const now = Date.now() / 1000;
+    return [now - 60, now];
+  }
+  return samples <= 1 || max - min < 1 ? [min - 55, min + 5] : [min, max];
 }
