@@ -206,6 +206,8 @@ pub(crate) struct Position {
     pub(crate) known_last: AtomicU64,
     /// The oldest sequence the stream still holds, as last seen.
     pub(crate) first: AtomicU64,
+    /// The bytes the stream holds, as last seen (refreshed every second).
+    pub(crate) bytes: AtomicU64,
     /// Held while events are handed to the hub and `hub` moves (by the tail, and by appends
     /// handing over their own batches); holds, by first sequence, the batches of appends
     /// acknowledged before the batches that precede them reached the hub. Each entry lives
@@ -417,6 +419,7 @@ impl JetStreamLog {
             hub: watch::Sender::new(last),
             known_last: AtomicU64::new(last),
             first: AtomicU64::new(info.state.first_sequence.max(1)),
+            bytes: AtomicU64::new(info.state.bytes),
             feed: std::sync::Mutex::default(),
         });
         let prefix = options.subject_prefix();
@@ -792,6 +795,12 @@ impl EventLog for JetStreamLog {
             first: Watermark(p.first.load(Ordering::SeqCst).min(last + 1).max(1)),
             last: Watermark(last),
         })
+    }
+
+    /// The bytes the stream holds (messages with their subjects and headers), as of the last
+    /// stream info this node read (at most a second old).
+    fn stored_bytes(&self) -> Option<u64> {
+        Some(self.inner.position.bytes.load(Ordering::Relaxed))
     }
 
     fn hub(&self) -> &Hub {

@@ -134,6 +134,7 @@ async fn refresh(
             position
                 .first
                 .store(info.state.first_sequence.max(1), Ordering::SeqCst);
+            position.bytes.store(info.state.bytes, Ordering::Relaxed);
             position.saw_last(info.state.last_sequence);
         }
         if let Some((file, e)) = &mut epoch {

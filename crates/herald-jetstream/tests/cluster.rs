@@ -125,6 +125,16 @@ async fn events_published_on_one_node_are_followed_and_read_on_the_other() {
         b.read(Watermark(5000), 10).await,
         Err(ReadError::Ahead { .. })
     ));
+    // Each node says how many bytes the stream holds, refreshed within seconds of appends.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.stored_bytes() < Some(1000 * 20) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stored bytes after 1,000 events: {:?}",
+            b.stored_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -26,8 +26,7 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "herald_webhook_failures_total";
     /// Gauge: the log's last watermark.
     pub const LOG_LAST_WATERMARK: &str = "herald_log_last_watermark";
-    /// Gauge: bytes of the events the log holds (embedded backend; set when `/metrics` is
-    /// rendered).
+    /// Gauge: bytes the log holds (set when `/metrics` is rendered).
     pub const LOG_BYTES: &str = "herald_log_bytes";
     /// Counter: hook calls, by phase and decision.
     pub const HOOK_CALLS: &str = "herald_hook_calls_total";

@@ -134,8 +134,8 @@ pub struct StatsView {
     pub log_first: u64,
     /// The last watermark assigned.
     pub log_last: u64,
-    /// Bytes of the events the log holds (what `max_bytes` retention counts); absent when the
-    /// backend does not say (JetStream).
+    /// Bytes the log holds (embedded: the events' records, what `max_bytes` retention counts;
+    /// JetStream: the stream's, as of its last info, at most a second old).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
     /// Durable subscriptions.
