@@ -36,7 +36,7 @@ pub struct Published {
     pub replayed: bool,
 }
 
-/// Publishes batches in order with many in flight; see the [module docs](self). Cloning
+/// Publishes batches in order with many in flight; see the [crate docs](crate). Cloning
 /// shares the connection and its order.
 #[derive(Clone, Debug)]
 pub struct Publisher {

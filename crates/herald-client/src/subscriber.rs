@@ -135,7 +135,7 @@ pub struct Event {
     pub json: EventJson,
 }
 
-/// Opens subscriptions on one WebSocket; see the [module docs](self). Dropping it ends the
+/// Opens subscriptions on one WebSocket; see the [crate docs](crate). Dropping it ends the
 /// connection once every [`Subscription`] made from it is dropped too.
 #[derive(Clone, Debug)]
 pub struct Subscriber {

@@ -6,7 +6,7 @@
 //! - `<stream>_LEASES` keeps entries for at most the lease time (the bucket's `max_age`): a
 //!   lease is held by whoever wrote its key last, renewed by a compare-and-set on its own
 //!   revision, and free again when its holder stops renewing. The holder stops acting on it
-//!   before the server could let it go (see [`Lease::valid`]).
+//!   before the server could let it go (see [`Cluster::valid`]).
 //! - `<stream>_NODES` holds one entry per node, rewritten at every heartbeat. A node whose
 //!   entry's revision did not move for a lease time, as one observer measures it on its own
 //!   clock, is dead; one survivor claims it (a compare-and-set) and speaks for it.

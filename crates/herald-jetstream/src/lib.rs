@@ -6,10 +6,10 @@
 //!   events are contiguous; the commit's acknowledgement gives the last sequence and the
 //!   count, so the first follows.
 //! - Each node runs one ordered consumer from its own position into its [`Hub`]
-//!   ([`tail`]); reads never return past what the node's hub has seen, so a follower that
+//!   (`tail`); reads never return past what the node's hub has seen, so a follower that
 //!   catches up from the log and then goes live has no gap, whichever replica answered.
 //! - Idempotency keys and durable subscriptions live in JetStream key-value buckets, changed
-//!   with compare-and-set ([`idempotency`], [`subscriptions`]).
+//!   with compare-and-set (`idempotency`, `subscriptions`).
 //!
 //! See `docs/design/cluster.md`.
 

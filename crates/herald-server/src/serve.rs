@@ -37,7 +37,7 @@ fn set_lease(stream: &tokio::net::TcpStream, lease: Duration) -> std::io::Result
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then waits up to `drain` for
 /// open connections to finish. Returns whether they all did. With `lease`, dead peers are
-/// detected within about that long (see [`set_lease`]).
+/// detected within about that long (see `set_lease`).
 pub async fn serve_http1(
     listener: TcpListener,
     router: Router,
