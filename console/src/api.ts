@@ -136,15 +136,24 @@ export class Api {
   /** A listing (`GET /v1/connections`, `/v1/subscriptions`): the items and how many matched
    * (`x-total-count`; the server cuts the list at `limit`). */
   async list<T>(path: string): Promise<{ items: T[]; total: number }> {
-    const r = await fetch(this.base + path, { headers: this.headers(false), signal: AbortSignal.timeout(TIMEOUT_MS) });
-    const text = await r.text();
-    if (!r.ok) throw errorOf(r.status, text);
-    const items = JSON.parse(text) as T[];
-    return { items, total: Number(r.headers.get("x-total-count") ?? items.length) };
+    const { json, headers } = await this.request("GET", path);
+    const items = json as T[];
+    return { items, total: Number(headers.get("x-total-count") ?? items.length) };
   }
 
   /** `method path` with an optional JSON body; the answer's JSON, or null when empty. */
   async send(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<unknown> {
+    return (await this.request(method, path, body, signal)).json;
+  }
+
+  /** One request, timed out after TIMEOUT_MS unless `signal` says otherwise; an answer other
+   * than 2xx is thrown as an ApiError. */
+  private async request(
+    method: string,
+    path: string,
+    body?: unknown,
+    signal?: AbortSignal,
+  ): Promise<{ json: unknown; headers: Headers }> {
     const r = await fetch(this.base + path, {
       method,
       headers: this.headers(body !== undefined),
@@ -153,7 +162,7 @@ export class Api {
     });
     const text = await r.text();
     if (!r.ok) throw errorOf(r.status, text);
-    return text ? JSON.parse(text) : null;
+    return { json: text ? JSON.parse(text) : null, headers: r.headers };
   }
 
   /** A Server-Sent Events stream read with fetch (so the key goes in a header). */

@@ -79,14 +79,16 @@ export function connections(ctx: Ctx, root: HTMLElement): () => void {
     if (search.value.trim()) q.set("search", search.value.trim());
     if (transport.value) q.set("transport", transport.value);
     if (state.value) q.set("state", state.value);
+    const filtered = q.size > 1;
     const [page, all] = await Promise.all([
       ctx.api.list<Connection>(`/v1/connections?${q}`),
-      ctx.api.list<Connection>("/v1/connections?limit=0"),
+      // How many are open at all: the same count unless a filter is set.
+      filtered ? ctx.api.list<Connection>("/v1/connections?limit=0") : null,
     ]);
     if (mine !== latest) return;
     rows = page.items;
     total = page.total;
-    open = all.total;
+    open = all?.total ?? page.total;
     draw();
   };
   for (const el of [search, transport, state]) el.addEventListener("input", () => refresh().catch(report));

@@ -132,6 +132,17 @@ pub(crate) struct Config {
     pub(crate) http: reqwest::Client,
 }
 
+impl Config {
+    /// A `POST` of `path` on `server`, with the token when there is one.
+    fn post(&self, server: &str, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.post(format!("{server}{path}"));
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+}
+
 /// Builds a [`Client`].
 #[derive(Debug)]
 pub struct ClientBuilder {
@@ -181,15 +192,11 @@ impl Client {
         let mut attempt = connection::Attempts::new(&self.config);
         loop {
             let server = attempt.server().to_owned();
-            let mut request = self
+            let request = self
                 .config
-                .http
-                .post(format!("{server}/v1/events"))
+                .post(&server, "/v1/events")
                 .header("Idempotency-Key", &key)
                 .json(&body);
-            if let Some(t) = &self.config.token {
-                request = request.bearer_auth(t);
-            }
             let failure = match request.send().await {
                 Ok(response) if response.status().is_success() => {
                     let answer: herald_proto::http::PublishResponse = response
@@ -229,14 +236,7 @@ impl Client {
         let mut attempt = connection::Attempts::new(&self.config);
         loop {
             let server = attempt.server().to_owned();
-            let mut request = self
-                .config
-                .http
-                .post(format!("{server}/v1/subscriptions"))
-                .json(&body);
-            if let Some(t) = &self.config.token {
-                request = request.bearer_auth(t);
-            }
+            let request = self.config.post(&server, "/v1/subscriptions").json(&body);
             let failure = match request.send().await {
                 Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
                     format!("{server} answered 503")

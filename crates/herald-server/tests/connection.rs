@@ -328,16 +328,7 @@ async fn offline_pauses_every_delivery_and_online_resumes_each_from_its_watermar
     })
     .await;
 
-    let metrics = || async {
-        client()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || async { get_text(&server.url("/metrics")).await };
     assert!(metrics().await.contains("herald_server_online 1"));
     assert_eq!(put_state(&server, "offline", true).await.0, 200);
     assert!(metrics().await.contains("herald_server_online 0"));

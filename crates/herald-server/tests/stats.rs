@@ -49,14 +49,7 @@ async fn stats_show_rates_latency_and_connections_over_time() {
     publish_ok(&server, json!([created("alice/inbox/big")])).await;
     let later: Value = get_json(&server.url("/v1/stats?seconds=0")).await;
     assert!(later["log_bytes"].as_u64() > Some(bytes), "{later}");
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.url("/metrics")).await;
     let exported = metrics
         .lines()
         .find_map(|l| l.strip_prefix("herald_log_bytes "))
@@ -103,14 +96,7 @@ async fn the_grafana_dashboard_uses_only_metrics_herald_exports() {
             break;
         }
     }
-    let metrics = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.url("/metrics")).await;
     for name in &used {
         assert!(
             metrics

@@ -171,7 +171,7 @@ pub(super) async fn stats(
     let mut connections = std::collections::BTreeMap::new();
     for c in state.delivery().connections().list(None) {
         *connections
-            .entry(crate::api::ConnectionView::from(c).transport)
+            .entry(c.transport.as_str().to_owned())
             .or_insert(0u64) += 1;
     }
     let since = q.seconds.map(|s| {

@@ -144,7 +144,6 @@ pub fn client() -> ::reqwest::Client {
     ::reqwest::Client::builder().timeout(WAIT).build().unwrap()
 }
 
-/// Publishes events (given as JSON values) and returns the response.
 /// `GET url` as JSON (panics on a transport error or a body that is not JSON).
 pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
     client()
@@ -157,6 +156,19 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
         .unwrap()
 }
 
+/// `GET url` as text (panics on a transport error), e.g. `/metrics`.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Publishes events (given as JSON values) and returns the response.
 pub async fn publish(server: &Server, events: serde_json::Value) -> ::reqwest::Response {
     client()
         .post(server.url("/v1/events"))
