@@ -216,11 +216,20 @@ pub fn send_notification_result(status: SubscriptionStatus) -> String {
     )
 }
 
+/// An attribute value, escaped so that it reads back the same: a parser normalizes a literal
+/// tab, newline or carriage return in an attribute to a space, so they go as references.
+fn attr(v: &str) -> String {
+    escape(v)
+        .replace('\t', "&#x9;")
+        .replace('\n', "&#xA;")
+        .replace('\r', "&#xD;")
+}
+
 fn id_element(name: &str, id: &Id) -> String {
     format!(
         r#"<t:{name} Id="{}" ChangeKey="{}"/>"#,
-        escape(&id.id),
-        escape(&id.change_key)
+        attr(&id.id),
+        attr(&id.change_key)
     )
 }
 
@@ -290,20 +299,16 @@ fn event(e: &EwsEvent) -> String {
 fn folder_ref(f: &FolderRef) -> String {
     match f {
         FolderRef::Id { id, change_key } => match change_key {
-            Some(c) => format!(
-                r#"<t:FolderId Id="{}" ChangeKey="{}"/>"#,
-                escape(id),
-                escape(c)
-            ),
-            None => format!(r#"<t:FolderId Id="{}"/>"#, escape(id)),
+            Some(c) => format!(r#"<t:FolderId Id="{}" ChangeKey="{}"/>"#, attr(id), attr(c)),
+            None => format!(r#"<t:FolderId Id="{}"/>"#, attr(id)),
         },
         FolderRef::Distinguished { id, mailbox } => match mailbox {
             Some(m) => format!(
                 r#"<t:DistinguishedFolderId Id="{}"><t:Mailbox><t:EmailAddress>{}</t:EmailAddress><t:RoutingType>SMTP</t:RoutingType><t:MailboxType>Mailbox</t:MailboxType></t:Mailbox></t:DistinguishedFolderId>"#,
-                escape(id),
+                attr(id),
                 escape(m)
             ),
-            None => format!(r#"<t:DistinguishedFolderId Id="{}"/>"#, escape(id)),
+            None => format!(r#"<t:DistinguishedFolderId Id="{}"/>"#, attr(id)),
         },
     }
 }
@@ -445,6 +450,23 @@ mod tests {
         assert_eq!(read[0].events[0], EwsEvent::status("HWC"));
         let again = parse_notification(&send_notification(&read[0])).unwrap();
         assert_eq!(again, read);
+    }
+
+    /// Found by the fuzzer: an id whose attribute holds a newline reference (`&#xa;`) read
+    /// as a newline, was written back as a literal newline, and read again as a space.
+    #[test]
+    fn attribute_values_with_newlines_tabs_and_returns_read_back_the_same() {
+        let xml =
+            include_str!("../../../fuzz/corpus/ews_notification/regression-attribute-newline");
+        let read = parse_notification(xml).unwrap();
+        let again = parse_notification(&send_notification(&read[0])).unwrap();
+        assert_eq!(again, read);
+        let id = Id {
+            id: "a\nb\tc\rd".into(),
+            change_key: "k\n".into(),
+        };
+        let written = id_element("ItemId", &id);
+        assert!(!written.contains('\n') && !written.contains('\t') && !written.contains('\r'));
     }
 
     #[test]
